@@ -1,0 +1,174 @@
+"""Public functional ops: dense attention with LSE, block mass, block-sparse attention.
+
+On CUDA tensors they run the Triton kernels of :mod:`adaspa_compile.kernels`; elsewhere, or for
+inputs the kernels do not support, the pure-PyTorch reference of :mod:`adaspa_compile.reference`
+(with one log line per reason).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import reference
+from .blockmask import BlockMask
+from .logs import log_once
+
+__all__ = ["attention_with_lse", "block_mass", "block_sparse_attention", "key_valid_from_mask"]
+
+logger = logging.getLogger(__name__)
+
+# An additive key-padding mask marks a padded key with a value at or below this.
+PADDING_BIAS = -1.0e4
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor] = None) -> None:
+    tensors = (q, k) if v is None else (q, k, v)
+    if any(t.dim() != 4 for t in tensors):
+        raise ValueError(f"q, k, v must be [B, H, L, D]; got shapes {[tuple(t.shape) for t in tensors]}")
+    if k.shape != q.shape or (v is not None and v.shape[:3] != q.shape[:3]):
+        raise ValueError("q, k (and v) must share [B, H, L] and q, k their head dim; got "
+                         f"{[tuple(t.shape) for t in tensors]}. Grouped-query attention is not "
+                         "supported: repeat k and v over heads first")
+    if not q.is_floating_point() or any(t.dtype != q.dtype for t in tensors):
+        raise ValueError(f"q, k, v must share one floating dtype, got {[t.dtype for t in tensors]}")
+
+
+def key_valid_from_mask(mask: Optional[torch.Tensor], batch: int, length: int) -> Optional[torch.Tensor]:
+    """Turn a key-padding mask into bool ``[B, L]`` (True = attend), or ``None``.
+
+    Accepts bool (True = attend, as SDPA) or additive float masks (a value <= -1e4 marks padding),
+    shaped ``[B, L]``, ``[B, 1, 1, L]`` or anything broadcastable to ``[B, 1, 1, L]``.
+    """
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        mask = mask[:, None, None, :]
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[3] != length \
+            or mask.shape[0] not in (1, batch):
+        raise ValueError(f"key_padding_mask must be [B, L] or broadcastable [B, 1, 1, L] with "
+                         f"B={batch}, L={length}; got {tuple(mask.shape)}")
+    valid = mask if mask.dtype == torch.bool else mask > PADDING_BIAS
+    return valid[:, 0, 0, :].expand(batch, length)
+
+
+def _resolve_scale(scale: Optional[float], q: torch.Tensor) -> float:
+    return float(scale) if scale is not None else q.shape[-1] ** -0.5
+
+
+def _kernels_for(q: torch.Tensor, block_size: int):
+    """The kernels module when it can run ``q``, else ``None`` (logged once per reason)."""
+    if not q.is_cuda:
+        return None
+    from . import kernels
+
+    ok, reason = kernels.kernel_support(q, block_size)
+    if ok:
+        return kernels
+    log_once(logger, f"adaspa: CUDA input runs the PyTorch reference: {reason}")
+    return None
+
+
+def fused_search(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, block_size: int,
+                 key_valid: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense output, LSE and block mass in one pass (one kernel on CUDA)."""
+    kernels = _kernels_for(q, block_size)
+    if kernels is not None:
+        return kernels.fused_search(q, k, v, scale, block_size, key_valid, with_mass=True)
+    out, lse = reference.attention_with_lse_ref(q, k, v, scale, key_valid, block_size)
+    return out, lse, reference.block_mass_ref(q, k, lse, scale, block_size, key_valid)
+
+
+def cached_search(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float,
+                  block_size: int, key_valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """Block mass from a cached LSE (no V, no output)."""
+    kernels = _kernels_for(q, block_size)
+    if kernels is not None:
+        return kernels.cached_search(q, k, lse, scale, block_size, key_valid)
+    return reference.block_mass_ref(q, k, lse, scale, block_size, key_valid)
+
+
+def sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask,
+                   scale: float, key_valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """Block-sparse attention over the kept blocks of ``mask``."""
+    counts, indices = mask.to_indices()
+    kernels = _kernels_for(q, mask.block_size)
+    if kernels is not None:
+        return kernels.block_sparse_attention(q, k, v, counts, indices, scale, mask.block_size,
+                                              key_valid)
+    return reference.block_sparse_attention_ref(q, k, v, counts, indices, scale, mask.block_size,
+                                                key_valid)
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                       scale: Optional[float] = None,
+                       key_padding_mask: Optional[torch.Tensor] = None
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention that also returns the per-row log-sum-exp.
+
+    Args:
+        q, k, v: ``[B, H, L, D]``.
+        scale: softmax scale, default ``D ** -0.5``.
+        key_padding_mask: bool (True = attend) or additive, ``[B, L]`` or ``[B, 1, 1, L]``.
+
+    Returns:
+        ``(out, lse)``: ``out`` like ``q``; ``lse`` fp32 ``[B, H, L]``, natural log, ``-inf`` for
+        rows with no valid key (their output is 0).
+    """
+    _check_qkv(q, k, v)
+    s = _resolve_scale(scale, q)
+    valid = key_valid_from_mask(key_padding_mask, q.shape[0], q.shape[2])
+    kernels = _kernels_for(q, 64)
+    if kernels is not None:
+        out, lse, _ = kernels.fused_search(q, k, v, s, 64, valid, with_mass=False)
+        return out, lse
+    return reference.attention_with_lse_ref(q, k, v, s, valid)
+
+
+def block_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block_size: int,
+               scale: Optional[float] = None,
+               key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Exact attention probability mass of every (query block, key block): fp32 ``[B,H,nq,nk]``.
+
+    ``lse`` is the one :func:`attention_with_lse` returns (it may come from an earlier step: the
+    cached-LSE search). Each row of the result sums to the number of valid rows in the block.
+    """
+    _check_qkv(q, k)
+    if lse.shape != q.shape[:3]:
+        raise ValueError(f"lse must be [B, H, L] = {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
+    _check_block_size(block_size)
+    valid = key_valid_from_mask(key_padding_mask, q.shape[0], q.shape[2])
+    return cached_search(q, k, lse.float(), _resolve_scale(scale, q), block_size, valid)
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           block_mask: Union[torch.Tensor, BlockMask], *, block_size: int,
+                           scale: Optional[float] = None,
+                           key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention that visits only the kept key blocks of each query block.
+
+    ``block_mask`` is a bool ``[B, H, nq, nk]`` tensor (True = keep) or a :class:`BlockMask`.
+    A query row whose kept keys are all padded gets output 0.
+    """
+    _check_qkv(q, k, v)
+    _check_block_size(block_size)
+    B, H, L, _ = q.shape
+    nb = -(-L // block_size)
+    if isinstance(block_mask, torch.Tensor):
+        if block_mask.dtype != torch.bool or tuple(block_mask.shape) != (B, H, nb, nb):
+            raise ValueError(f"block_mask must be bool [B, H, nq, nk] = {(B, H, nb, nb)} for "
+                             f"L={L}, block_size={block_size}; got {block_mask.dtype} "
+                             f"{tuple(block_mask.shape)}")
+        block_mask = BlockMask.from_dense(block_mask, block_size=block_size, seq_len=L)
+    elif block_mask.shape != (B, H, nb, nb) or block_mask.block_size != block_size:
+        raise ValueError(f"BlockMask {block_mask!r} does not fit q {tuple(q.shape)} with "
+                         f"block_size={block_size}")
+    valid = key_valid_from_mask(key_padding_mask, B, L)
+    return sparse_forward(q, k, v, block_mask, _resolve_scale(scale, q), valid)
+
+
+def _check_block_size(block_size: int) -> None:
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")

@@ -1,0 +1,74 @@
+"""Read the Dynamo graph's inputs: the timestep, the user inputs and the text length."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.fx
+
+__all__ = ["GraphInputs", "TIMESTEP_NAMES"]
+
+# Argument names under which models receive the denoising timestep (diffusers: ``timestep``).
+TIMESTEP_NAMES = ("timestep", "timesteps", "t")
+TEXT_INPUT_NAME = "encoder_hidden_states"
+
+
+def _local_name(node: torch.fx.Node) -> Optional[str]:
+    """The forward argument a placeholder came from (``L['timestep']`` -> ``timestep``)."""
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    name = getattr(source, "local_name", None)
+    return name if type(source).__name__ == "LocalSource" else None
+
+
+def _example(node: torch.fx.Node):
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+@dataclass(frozen=True)
+class GraphInputs:
+    """Where the graph's interesting inputs sit among its flat arguments.
+
+    ``user_indices`` are the placeholders that are forward arguments (not parameters or
+    buffers): their shapes form the call signature that detects a new generation.
+    """
+
+    timestep_index: Optional[int]
+    timestep_name: Optional[str]
+    user_indices: Tuple[int, ...]
+    text_len: Optional[int]
+    names: Tuple[Optional[str], ...]
+
+    @classmethod
+    def from_graph(cls, gm: torch.fx.GraphModule) -> "GraphInputs":
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        names = tuple(_local_name(n) for n in placeholders)
+        user = tuple(i for i, name in enumerate(names) if name is not None)
+        timestep_index = next((i for i in user if names[i] in TIMESTEP_NAMES
+                               and isinstance(_example(placeholders[i]), torch.Tensor)), None)
+        text_len = None
+        for i in user:
+            example = _example(placeholders[i])
+            if names[i] == TEXT_INPUT_NAME and isinstance(example, torch.Tensor) \
+                    and example.dim() == 3 and isinstance(example.shape[1], int):
+                text_len = example.shape[1]
+        return cls(timestep_index=timestep_index,
+                   timestep_name=None if timestep_index is None else names[timestep_index],
+                   user_indices=user, text_len=text_len, names=names)
+
+    def has_input(self, name: str) -> bool:
+        return name in self.names
+
+    def timestep(self, args: Sequence) -> Optional[float]:
+        """The timestep of this call as a float (one host sync when it lives on the GPU)."""
+        if self.timestep_index is None:
+            return None
+        t = args[self.timestep_index]
+        return float(t.reshape(-1)[0]) if t.numel() else None
+
+    def signature(self, args: Sequence) -> Tuple:
+        """Shapes (and int values) of the forward arguments: a change starts a new generation."""
+        return tuple(tuple(args[i].shape) if isinstance(args[i], torch.Tensor) else args[i]
+                     for i in self.user_indices)

@@ -1,0 +1,103 @@
+"""`Report`: what the backend did at every attention site, as data and as a table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+__all__ = ["Report", "SiteReport"]
+
+
+@dataclass
+class SiteReport:
+    """One SDPA call found in a compiled graph.
+
+    ``phases`` maps a CFG branch to one letter per step of the current generation:
+    D dense, F fused search, C cached search, S sparse. ``density`` and ``recall`` are
+    ``[B][H]`` lists from the last search; ``search_ms`` the wall time of each search.
+    """
+
+    site_id: Optional[int]
+    name: str
+    shape: str
+    eligible: bool
+    reason: str = ""
+    text: str = ""
+    phases: Dict[int, str] = field(default_factory=dict)
+    density: Optional[List[List[float]]] = None
+    recall: Optional[List[List[float]]] = None
+    search_ms: List[float] = field(default_factory=list)
+    cache_bytes: int = 0
+
+    def mean_density(self) -> Optional[float]:
+        return _mean(self.density)
+
+    def mean_recall(self) -> Optional[float]:
+        return _mean(self.recall)
+
+
+@dataclass
+class Report:
+    """Every site of every graph compiled with ``backend="adaspa"`` in this process."""
+
+    sites: List[SiteReport]
+    clock: str
+    generation: int
+    step: int
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def rewritten(self) -> List[SiteReport]:
+        return [s for s in self.sites if s.eligible]
+
+    @property
+    def skipped(self) -> List[SiteReport]:
+        return [s for s in self.sites if not s.eligible]
+
+    def __str__(self) -> str:
+        lines = [f"adaspa report: {len(self.rewritten)} site(s) rewritten, {len(self.skipped)} "
+                 f"left dense; steps counted by {self.clock}; generation {self.generation}, "
+                 f"step {self.step}"]
+        header = ("site", "name", "shape [B,H,L,D]", "text", "density", "recall", "search ms",
+                  "phases (D dense, F fused search, C cached search, S sparse)")
+        rows = [_site_cells(s) for s in self.sites]
+        widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)] if rows else []
+        if rows:
+            lines.append("  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip())
+            lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        for note in self.notes:
+            lines.append(f"note: {note}")
+        return "\n".join(lines)
+
+
+def _site_cells(s: SiteReport) -> tuple:
+    site = "-" if s.site_id is None else str(s.site_id)
+    if not s.eligible:
+        return (site, s.name, s.shape, s.text, "-", "-", "-", f"dense: {s.reason}")
+    phases = " ".join(f"b{b}:{_run_length(p)}" for b, p in s.phases.items()) or "not run yet"
+    if s.reason:
+        phases += f" (dense: {s.reason})"
+    density, recall = s.mean_density(), s.mean_recall()
+    return (site, s.name, s.shape, s.text,
+            "-" if density is None else f"{density:.3f}",
+            "-" if recall is None else f"{recall:.3f}",
+            " ".join(f"{t:.1f}" for t in s.search_ms) or "-", phases)
+
+
+def _run_length(letters: str) -> str:
+    """``"DDDFSS"`` -> ``"D3 F S2"``."""
+    out, i = [], 0
+    while i < len(letters):
+        j = i
+        while j < len(letters) and letters[j] == letters[i]:
+            j += 1
+        out.append(letters[i] + (str(j - i) if j - i > 1 else ""))
+        i = j
+    return " ".join(out)
+
+
+def _mean(rows: Optional[List[List[float]]]) -> Optional[float]:
+    if not rows:
+        return None
+    values = [v for row in rows for v in row]
+    return sum(values) / len(values) if values else None

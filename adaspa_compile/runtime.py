@@ -1,0 +1,267 @@
+"""Runtime state of the backend: the step clock and one `Site` per rewritten attention call.
+
+Everything that changes between model calls lives in the single `Runtime` object returned by
+:func:`get_runtime`: the clock, and per site its LSE and mask caches (one per CFG branch), the
+phases it ran and what its last search found. ``report()`` reads it and ``reset()`` clears it.
+
+The graph calls one custom op, ``adaspa::attention``, whose last argument is the site id; the op
+looks the site up here and branches on the current phase at run time, so one compiled graph
+serves every step and generation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from . import ops
+from .blockmask import BlockMask
+from .config import AdaSpaConfig
+from .logs import log_once
+from .report import Report, SiteReport
+from .schedule import Phase, StepClock, phase_for_step
+from .selection import BlockLayout, select_blocks
+
+__all__ = ["SiteInfo", "Site", "Runtime", "get_runtime"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """What the FX pass found out about one SDPA call."""
+
+    name: str
+    shape: str
+    eligible: bool
+    reason: str = ""
+    text_position: Optional[str] = None  # "first" | "last" | None
+    text_len: int = 0
+    text_source: str = "none"
+
+    def text_span(self, seq_len: int) -> Optional[Tuple[int, int]]:
+        if not self.text_position or self.text_len <= 0:
+            return None
+        return (0, self.text_len) if self.text_position == "first" else \
+            (seq_len - self.text_len, seq_len)
+
+    def text_description(self) -> str:
+        if not self.text_position:
+            return f"none ({self.text_source})"
+        return f"{self.text_position} {self.text_len} ({self.text_source})"
+
+
+@dataclass
+class _BranchCache:
+    shape: Tuple[int, ...]
+    lse: Optional[torch.Tensor] = None
+    mask: Optional[BlockMask] = None
+
+
+@dataclass
+class Site:
+    """One rewritten attention call: its settings, caches and history."""
+
+    site_id: int
+    info: SiteInfo
+    cfg: AdaSpaConfig
+    dense_reason: str = ""
+    caches: Dict[int, _BranchCache] = field(default_factory=dict)
+    phases: Dict[int, List[Phase]] = field(default_factory=dict)
+    density: Optional[torch.Tensor] = None
+    recall: Optional[torch.Tensor] = None
+    search_ms: List[float] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.caches.clear()
+        self.phases.clear()
+
+    def cache_bytes(self) -> int:
+        return sum((c.lse.numel() * 4 if c.lse is not None else 0)
+                   + (c.mask.nbytes() if c.mask is not None else 0) for c in self.caches.values())
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attn_mask: Optional[torch.Tensor], scale: Optional[float],
+                clock: StepClock) -> torch.Tensor:
+        """Run the phase the clock asks for; the output keeps ``q``'s strides."""
+        cache = self._cache_for(clock.branch, q)
+        phase = self._phase(clock.step, cache, q, attn_mask)
+        self.phases.setdefault(clock.branch, []).append(phase)
+        if phase is Phase.DENSE:
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                                   scale=scale)
+            return _with_strides_of(out, q)
+        s = float(scale) if scale is not None else q.shape[-1] ** -0.5
+        key_valid = ops.key_valid_from_mask(_as_4d(attn_mask), q.shape[0], q.shape[2])
+        if phase is Phase.FUSED_SEARCH:
+            start = _timer_start(q)
+            out, cache.lse, mass = ops.fused_search(q, k, v, s, self.cfg.block_size, key_valid)
+            self._select(mass, key_valid, cache, q, start)
+            return _with_strides_of(out, q)
+        if phase is Phase.CACHED_SEARCH:
+            start = _timer_start(q)
+            mass = ops.cached_search(q, k, cache.lse, s, self.cfg.block_size, key_valid)
+            self._select(mass, key_valid, cache, q, start)
+        return _with_strides_of(ops.sparse_forward(q, k, v, cache.mask, s, key_valid), q)
+
+    def _cache_for(self, branch: int, q: torch.Tensor) -> _BranchCache:
+        cache = self.caches.get(branch)
+        if cache is None or cache.shape != tuple(q.shape):
+            cache = self.caches[branch] = _BranchCache(shape=tuple(q.shape))
+        return cache
+
+    def _phase(self, step: int, cache: _BranchCache, q: torch.Tensor,
+               attn_mask: Optional[torch.Tensor]) -> Phase:
+        if q.shape[2] < self.cfg.min_seq_len:
+            self._stay_dense(f"sequence length {q.shape[2]} < min_seq_len={self.cfg.min_seq_len}")
+        if self.dense_reason:
+            return Phase.DENSE
+        phase = phase_for_step(step, self.cfg.search_steps)
+        if phase is Phase.FUSED_SEARCH or (phase is Phase.CACHED_SEARCH and cache.lse is None) \
+                or (phase is Phase.SPARSE and cache.mask is None):
+            if not _is_padding_mask(attn_mask):
+                self._stay_dense("the additive attn_mask holds values other than 0 and padding "
+                                 f"(<= {ops.PADDING_BIAS:g}): not a key-padding mask")
+                return Phase.DENSE
+            return Phase.FUSED_SEARCH
+        return phase
+
+    def _stay_dense(self, reason: str) -> None:
+        if not self.dense_reason:
+            self.dense_reason = reason
+            log_once(logger, f"adaspa: {self.info.name} stays dense: {reason}")
+
+    def _select(self, mass: torch.Tensor, key_valid: Optional[torch.Tensor], cache: _BranchCache,
+                q: torch.Tensor, start: float) -> None:
+        layout = BlockLayout(seq_len=q.shape[2], block_size=self.cfg.block_size,
+                             text_span=self.info.text_span(q.shape[2]), key_valid=key_valid)
+        chosen = select_blocks(mass, layout, self.cfg)
+        cache.mask = chosen.mask
+        self.density, self.recall = chosen.density.cpu(), chosen.recall.cpu()
+        if q.is_cuda:
+            torch.cuda.synchronize(q.device)
+        self.search_ms.append((time.perf_counter() - start) * 1e3)
+
+    def report_row(self) -> SiteReport:
+        return SiteReport(
+            site_id=self.site_id, name=self.info.name, shape=self.info.shape, eligible=True,
+            reason=self.dense_reason, text=self.info.text_description(),
+            phases={b: "".join(p.letter for p in ps) for b, ps in sorted(self.phases.items())},
+            density=_as_list(self.density), recall=_as_list(self.recall),
+            search_ms=list(self.search_ms), cache_bytes=self.cache_bytes())
+
+
+class Runtime:
+    """The one place that holds runtime state: the clock and the sites, keyed by site id."""
+
+    def __init__(self) -> None:
+        self.clock = StepClock()
+        self._sites: Dict[int, Site] = {}
+        self._skipped: List[SiteInfo] = []
+        self._notes: List[str] = []
+
+    def add_site(self, info: SiteInfo, cfg: AdaSpaConfig) -> int:
+        site_id = len(self._sites) + len(self._skipped)
+        self._sites[site_id] = Site(site_id=site_id, info=info, cfg=cfg)
+        return site_id
+
+    def add_skipped(self, info: SiteInfo) -> None:
+        self._skipped.append(info)
+        log_once(logger, f"adaspa: {info.name} left dense: {info.reason}", logging.INFO)
+
+    def note(self, message: str) -> None:
+        """A graph-level remark for the report (logged once)."""
+        if message not in self._notes:
+            self._notes.append(message)
+            log_once(logger, f"adaspa: {message}")
+
+    def site(self, site_id: int) -> Site:
+        try:
+            return self._sites[site_id]
+        except KeyError:
+            raise RuntimeError(f"adaspa site {site_id} is unknown: adaspa_compile.reset("
+                               "forget_sites=True) dropped it while its compiled graph lives on; "
+                               "call torch._dynamo.reset() as well") from None
+
+    def begin_call(self, driver: object, timestep: Optional[float], signature: Tuple) -> None:
+        """Move the clock at the start of a compiled graph's call."""
+        if timestep is None:
+            new_generation = self.clock.observe_call(signature)
+        else:
+            new_generation = self.clock.observe_timestep(driver, timestep, signature)
+        if new_generation:
+            for site in self._sites.values():
+                site.clear()
+
+    def reset(self, forget_sites: bool = False) -> None:
+        """Start a new generation at the next call; optionally forget every site."""
+        self.clock.reset()
+        for site in self._sites.values():
+            site.clear()
+        if forget_sites:
+            self._sites.clear()
+            self._skipped.clear()
+            self._notes.clear()
+
+    def report(self) -> Report:
+        rows = [s.report_row() for s in self._sites.values()]
+        rows += [SiteReport(site_id=None, name=i.name, shape=i.shape, eligible=False,
+                            reason=i.reason, text=i.text_description()) for i in self._skipped]
+        return Report(sites=rows, clock=self.clock.source, generation=self.clock.generation,
+                      step=self.clock.step, notes=list(self._notes))
+
+
+_RUNTIME = Runtime()
+
+
+def get_runtime() -> Runtime:
+    """The process-wide runtime shared by every graph compiled with ``backend="adaspa"``."""
+    return _RUNTIME
+
+
+def _with_strides_of(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if out.stride() == like.stride():
+        return out
+    return torch.empty_like(like).copy_(out)
+
+
+def _as_4d(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """An SDPA mask broadcast-shaped to 4-D, as SDPA reads it (``[L]`` -> ``[1, 1, 1, L]``)."""
+    if mask is None or mask.dim() == 4:
+        return mask
+    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+
+
+def _is_padding_mask(mask: Optional[torch.Tensor]) -> bool:
+    """True for no mask, a bool mask, or an additive one of only 0 and padding values (syncs)."""
+    if mask is None or mask.dtype == torch.bool:
+        return True
+    return bool(((mask == 0) | (mask <= ops.PADDING_BIAS)).all())
+
+
+def _timer_start(q: torch.Tensor) -> float:
+    if q.is_cuda:
+        torch.cuda.synchronize(q.device)
+    return time.perf_counter()
+
+
+def _as_list(x: Optional[torch.Tensor]) -> Optional[List[List[float]]]:
+    return None if x is None else [[round(float(v), 4) for v in row] for row in x]
+
+
+@torch.library.custom_op("adaspa::attention", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 attn_mask: Optional[torch.Tensor], scale: Optional[float],
+                 site_id: int) -> torch.Tensor:
+    """SDPA at an adaspa site: dense, search or block-sparse depending on the step."""
+    runtime = get_runtime()
+    return runtime.site(site_id).forward(q, k, v, attn_mask, scale, runtime.clock)
+
+
+@attention_op.register_fake
+def _attention_op_fake(q, k, v, attn_mask, scale, site_id):
+    return torch.empty_like(q)
