@@ -50,7 +50,7 @@ def attention_with_lse_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     acc = _acc_dtype(q)
     kf, vf = k.to(acc), v.to(acc)
     valid = None if key_valid is None else key_valid[:, None, None, :]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty_like(q)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     for lo, hi in _query_blocks(q.shape[2], block_size):
         s = _scores(q[:, :, lo:hi].to(acc), kf, scale, valid)
@@ -100,7 +100,7 @@ def block_sparse_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     b_idx = torch.arange(B, device=q.device)[:, None, None]
     h_idx = torch.arange(H, device=q.device)[None, :, None]
     slots = torch.arange(indices.shape[-1], device=q.device)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty_like(q)
     for i, (lo, hi) in enumerate(_query_blocks(L, block_size)):
         idx = indices[:, :, i].long()
         kept = slots < counts[:, :, i, None]

@@ -1,0 +1,27 @@
+"""Shared test setup: hypothesis profiles and a clean Dynamo/adaspa state per test."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", max_examples=12, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=60, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def fresh_compile():
+    """Reset Dynamo and forget every adaspa site before and after a test."""
+    import torch
+    import adaspa_compile
+
+    torch._dynamo.reset()
+    adaspa_compile.reset(forget_sites=True)
+    yield
+    torch._dynamo.reset()
+    adaspa_compile.reset(forget_sites=True)

@@ -1,0 +1,50 @@
+import pytest
+
+from adaspa_compile import AdaSpaConfig
+
+
+def test_defaults_follow_the_paper():
+    cfg = AdaSpaConfig()
+    assert (cfg.sparsity, cfg.block_size, cfg.search_steps) == (0.8, 64, (9, 29))
+    assert cfg.head_adaptive and cfg.text_sink and cfg.mode == "sparsity"
+
+
+def test_options_build_a_config():
+    cfg = AdaSpaConfig.from_options({"sparsity": 0.9, "search_steps": [3, 7],
+                                     "text_tokens": ["last", 256]})
+    assert cfg.sparsity == 0.9 and cfg.search_steps == (3, 7) and cfg.text_tokens == ("last", 256)
+    assert AdaSpaConfig.from_options(None) == AdaSpaConfig()
+
+
+@pytest.mark.parametrize("options, key", [
+    ({"sparsity": 1.0}, "sparsity"),
+    ({"sparsity": -0.1}, "sparsity"),
+    ({"sparsity": True}, "sparsity"),
+    ({"block_size": 48}, "block_size"),
+    ({"block_size": 512}, "block_size"),
+    ({"search_steps": ()}, "search_steps"),
+    ({"search_steps": (5, 3)}, "search_steps"),
+    ({"search_steps": (2, 2)}, "search_steps"),
+    ({"search_steps": (-1,)}, "search_steps"),
+    ({"mode": "topk"}, "mode"),
+    ({"recall": 0.0}, "recall"),
+    ({"recall": 1.5}, "recall"),
+    ({"min_seq_len": 0}, "min_seq_len"),
+    ({"inner_backend": "tensorrt"}, "inner_backend"),
+    ({"text_tokens": ("middle", 4)}, "text_tokens"),
+    ({"text_tokens": 12}, "text_tokens"),
+    ({"head_adaptive": 1}, "head_adaptive"),
+])
+def test_bad_values_name_the_key(options, key):
+    with pytest.raises(ValueError, match=key):
+        AdaSpaConfig.from_options(options)
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ValueError, match="unknown adaspa option.*sparsty.*valid keys.*sparsity"):
+        AdaSpaConfig.from_options({"sparsty": 0.9})
+
+
+def test_options_must_be_a_mapping():
+    with pytest.raises(ValueError, match="dict"):
+        AdaSpaConfig.from_options([("sparsity", 0.9)])
