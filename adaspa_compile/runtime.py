@@ -77,8 +77,11 @@ class Site:
     search_ms: List[float] = field(default_factory=list)
 
     def clear(self) -> None:
+        """Forget the current generation: caches, phases and search results."""
         self.caches.clear()
         self.phases.clear()
+        self.search_ms.clear()
+        self.density = self.recall = None
 
     def cache_bytes(self) -> int:
         return sum((c.lse.numel() * 4 if c.lse is not None else 0)
@@ -203,6 +206,7 @@ class Runtime:
         for site in self._sites.values():
             site.clear()
         if forget_sites:
+            self.clock = StepClock()
             self._sites.clear()
             self._skipped.clear()
             self._notes.clear()

@@ -3,7 +3,7 @@
 Per (batch, head) and query-block row:
 - text sink: every block whose query or key side touches a text token is kept, outside the budget;
 - row-wise top-k: each row keeps the same number ``k_h`` of video key blocks, the diagonal first;
-- head-adaptive tiers: heads ranked by recall get sparsity ``(1+s)/2``, ``s`` or ``(3s-1)/2``;
+- head-adaptive tiers: heads ranked by recall get sparsity ``s + d``, ``s`` or ``s - d``;
 - ``mode="recall"``: each head keeps the fewest blocks per row that reach the target recall;
 - blocks made only of padded keys are dropped.
 
@@ -74,15 +74,18 @@ class Selection:
 def tier_sparsities(recall_at_s: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Head-adaptive sparsity per (batch, head) from each head's recall at ``sparsity``.
 
-    With ``n`` heads above recall 0.8 (at most half the heads), the ``n`` best get
-    ``(1+s)/2``, the ``n`` worst ``max(0, (3s-1)/2)``, the rest ``s``.
+    With ``n`` heads above recall 0.8 (at most half the heads), the ``n`` best get ``s + d``, the
+    ``n`` worst ``s - d``, the rest ``s``, where ``d = (1 - s) / 2`` as in the paper (0.9 / 0.8 /
+    0.7 for ``s = 0.8``). ``d`` is capped at ``s`` so no head goes below 0 and the mean stays
+    ``s``; at ``s = 0`` every head is dense.
     """
     B, H = recall_at_s.shape
+    delta = min((1 - sparsity) / 2, sparsity)
     n = (recall_at_s > EASY_HEAD_RECALL).sum(-1).clamp(max=H // 2)
     rank = torch.argsort(torch.argsort(recall_at_s, dim=-1, descending=True), dim=-1)
     out = torch.full_like(recall_at_s, sparsity)
-    out = torch.where(rank < n[:, None], torch.full_like(out, (1 + sparsity) / 2), out)
-    out = torch.where(rank >= H - n[:, None], torch.full_like(out, max(0.0, (3 * sparsity - 1) / 2)), out)
+    out = torch.where(rank < n[:, None], torch.full_like(out, sparsity + delta), out)
+    out = torch.where(rank >= H - n[:, None], torch.full_like(out, sparsity - delta), out)
     return out
 
 
