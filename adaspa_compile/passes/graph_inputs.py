@@ -16,11 +16,21 @@ TEXT_INPUT_NAME = "encoder_hidden_states"
 
 
 def _local_name(node: torch.fx.Node) -> Optional[str]:
-    """The forward argument a placeholder came from (``L['timestep']`` -> ``timestep``)."""
+    """The forward argument a placeholder came from, or ``None`` for parameters and buffers.
+
+    ``L['timestep']`` -> ``timestep``; ``L['kwargs']['timestep']`` (a decorated forward taking
+    ``**kwargs``) -> ``timestep``.
+    """
     grapharg = node.meta.get("grapharg")
     source = getattr(grapharg, "source", None)
-    name = getattr(source, "local_name", None)
-    return name if type(source).__name__ == "LocalSource" else None
+    if type(source).__name__ == "LocalSource":
+        return source.local_name
+    base = getattr(source, "base", None)
+    index = getattr(source, "index", None)
+    if type(base).__name__ == "LocalSource" and base.local_name == "kwargs" \
+            and isinstance(index, str):
+        return index
+    return None
 
 
 def _example(node: torch.fx.Node):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Tuple
 
@@ -57,15 +58,14 @@ def find_sdpa_calls(gm: torch.fx.GraphModule) -> Iterator[SdpaCall]:
 
 
 def site_name(node: torch.fx.Node) -> str:
-    """A readable place for the call: the owning module's path, else the node name."""
+    """A readable place for the call: the owning module's path, then the node name."""
     stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        for prefix in ("L['self'].", "L['self']"):
-            if path.startswith(prefix):
-                path = path[len(prefix):]
-        return f"{path or 'self'}:{node.name}"
-    return node.name
+    if not stack:
+        return node.name
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"\[['\"]?([\w.]+)['\"]?\]", r".\1", path)  # L['self'].x['y'][0] -> L.self.x.y.0
+    path = re.sub(r"(^|\.)(L|self|__dict__|_modules)(?=\.|$)", "", path).strip(".")
+    return f"{path or 'self'}:{node.name}"
 
 
 def _val(x: Any) -> Any:
