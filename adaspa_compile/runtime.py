@@ -32,6 +32,33 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class TextSpan:
+    """Where the text tokens sit in a site's sequence: ``position`` ``"first"``, ``"last"`` or
+    ``None`` (no text), known through ``text_len`` or, for unpadded text of varying length,
+    through ``video_len``."""
+
+    position: Optional[str]
+    text_len: int = 0
+    video_len: int = 0
+    source: str = "-"
+
+    def tokens(self, seq_len: int) -> Optional[Tuple[int, int]]:
+        """The half-open token range of the text in a sequence of ``seq_len``."""
+        if self.position is None:
+            return None
+        count = self.text_len if self.text_len else seq_len - self.video_len
+        if count <= 0:
+            return None
+        return (0, count) if self.position == "first" else (seq_len - count, seq_len)
+
+    def __str__(self) -> str:
+        if self.position is None:
+            return f"none ({self.source})"
+        count = self.text_len if self.text_len else f"L-{self.video_len}"
+        return f"{self.position} {count} ({self.source})"
+
+
+@dataclass(frozen=True)
 class SiteInfo:
     """What the FX pass found out about one SDPA call."""
 
@@ -39,20 +66,7 @@ class SiteInfo:
     shape: str
     eligible: bool
     reason: str = ""
-    text_position: Optional[str] = None  # "first" | "last" | None
-    text_len: int = 0
-    text_source: str = "none"
-
-    def text_span(self, seq_len: int) -> Optional[Tuple[int, int]]:
-        if not self.text_position or self.text_len <= 0:
-            return None
-        return (0, self.text_len) if self.text_position == "first" else \
-            (seq_len - self.text_len, seq_len)
-
-    def text_description(self) -> str:
-        if not self.text_position:
-            return f"none ({self.text_source})"
-        return f"{self.text_position} {self.text_len} ({self.text_source})"
+    text: TextSpan = TextSpan(None)
 
 
 @dataclass
@@ -141,7 +155,7 @@ class Site:
     def _select(self, mass: torch.Tensor, key_valid: Optional[torch.Tensor], cache: _BranchCache,
                 q: torch.Tensor, start: float) -> None:
         layout = BlockLayout(seq_len=q.shape[2], block_size=self.cfg.block_size,
-                             text_span=self.info.text_span(q.shape[2]), key_valid=key_valid)
+                             text_span=self.info.text.tokens(q.shape[2]), key_valid=key_valid)
         chosen = select_blocks(mass, layout, self.cfg)
         cache.mask = chosen.mask
         self.density, self.recall = chosen.density.cpu(), chosen.recall.cpu()
@@ -152,7 +166,7 @@ class Site:
     def report_row(self) -> SiteReport:
         return SiteReport(
             site_id=self.site_id, name=self.info.name, shape=self.info.shape, eligible=True,
-            reason=self.dense_reason, text=self.info.text_description(),
+            reason=self.dense_reason, text=str(self.info.text),
             phases={b: "".join(p.letter for p in ps) for b, ps in sorted(self.phases.items())},
             density=_as_list(self.density), recall=_as_list(self.recall),
             search_ms=list(self.search_ms), cache_bytes=self.cache_bytes())
@@ -214,7 +228,7 @@ class Runtime:
     def report(self) -> Report:
         rows = [s.report_row() for s in self._sites.values()]
         rows += [SiteReport(site_id=None, name=i.name, shape=i.shape, eligible=False,
-                            reason=i.reason, text=i.text_description()) for i in self._skipped]
+                            reason=i.reason, text=str(i.text)) for i in self._skipped]
         return Report(sites=rows, clock=self.clock.source, generation=self.clock.generation,
                       step=self.clock.step, notes=list(self._notes))
 

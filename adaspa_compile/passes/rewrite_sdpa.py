@@ -8,7 +8,7 @@ import torch
 import torch.fx
 
 from ..config import AdaSpaConfig
-from ..runtime import SiteInfo, get_runtime
+from ..runtime import SiteInfo, TextSpan, get_runtime
 from .graph_inputs import GraphInputs
 from .sdpa_sites import SdpaCall, can_rewrite, find_sdpa_calls, shape_text, site_name
 from .text_span import find_text_span
@@ -25,10 +25,9 @@ def rewrite_sdpa(gm: torch.fx.GraphModule, cfg: AdaSpaConfig,
     rewritten = 0
     for call in list(find_sdpa_calls(gm)):
         ok, reason = can_rewrite(call, cfg, inputs)
-        position, text_len, text_source = find_text_span(call, cfg, inputs) if ok else (None, 0, "-")
+        text = find_text_span(call, cfg, inputs) if ok else TextSpan(None)
         info = SiteInfo(name=site_name(call.node), shape=shape_text(call), eligible=ok,
-                        reason=reason, text_position=position, text_len=text_len,
-                        text_source=text_source)
+                        reason=reason, text=text)
         if not ok:
             runtime.add_skipped(info)
             continue

@@ -72,11 +72,19 @@ def _val(x: Any) -> Any:
     return x.meta.get("val", x.meta.get("example_value")) if isinstance(x, torch.fx.Node) else x
 
 
-def _hint(size: Any) -> int:
-    """A concrete int for a possibly symbolic size (its example value)."""
+def _hint(size: Any) -> Optional[int]:
+    """A concrete int for a size: itself, a dynamic size's example value, or ``None`` when it is
+    data-dependent (an unbacked SymInt, as after ``torch.nonzero``)."""
     if isinstance(size, torch.SymInt):
-        return size.node.hint if size.node.hint is not None else 0
+        return size.node.hint
     return int(size)
+
+
+def _same_size(a: Any, b: Any) -> bool:
+    ha, hb = _hint(a), _hint(b)
+    if ha is None or hb is None:
+        return str(a) == str(b)
+    return ha == hb
 
 
 def shape_text(call: SdpaCall) -> str:
@@ -104,13 +112,14 @@ def can_rewrite(call: SdpaCall, cfg: AdaSpaConfig, inputs: GraphInputs) -> Tuple
     if call.enable_gqa is not False or q.shape[1] != k.shape[1]:
         return False, f"grouped-query attention ({q.shape[1]} query heads, {k.shape[1]} key heads)"
     lq, lk = q.shape[2], k.shape[2]
-    if _hint(lq) != _hint(lk):
+    if not _same_size(lq, lk):
         return False, f"cross-attention (Lq={lq}, Lk={lk})"
-    if _hint(q.shape[3]) != _hint(v.shape[3]):
+    if not _same_size(q.shape[3], v.shape[3]):
         return False, f"value head dim {v.shape[3]} differs from query head dim {q.shape[3]}"
-    if _hint(lq) < cfg.min_seq_len:
+    length = _hint(lq)  # None when data-dependent: the runtime checks min_seq_len then
+    if length is not None and length < cfg.min_seq_len:
         return False, f"sequence length {lq} < min_seq_len={cfg.min_seq_len}"
-    if inputs.text_len is not None and _hint(lq) == inputs.text_len:
+    if inputs.text_len is not None and length == inputs.text_len:
         return False, f"attention over the {lq} text tokens only (e.g. a token refiner)"
     return _mask_ok(call.attn_mask, q)
 
@@ -122,10 +131,9 @@ def _mask_ok(mask_node: Any, q: torch.Tensor) -> Tuple[bool, str]:
     if not isinstance(mask, torch.Tensor):
         return False, "attn_mask has no tensor metadata"
     shape = (1,) * (4 - mask.dim()) + tuple(mask.shape) if mask.dim() <= 4 else tuple(mask.shape)
-    batch, length = _hint(q.shape[0]), _hint(q.shape[2])
-    dims = tuple(_hint(s) for s in shape)
-    if len(dims) != 4 or dims[1] != 1 or dims[2] != 1 or dims[3] != length \
-            or dims[0] not in (1, batch):
+    if len(shape) != 4 or _hint(shape[1]) != 1 or _hint(shape[2]) != 1 \
+            or not _same_size(shape[3], q.shape[2]) \
+            or not (_hint(shape[0]) == 1 or _same_size(shape[0], q.shape[0])):
         return False, (f"attn_mask {tuple(mask.shape)} is not a key-padding mask "
                        f"(broadcastable [B, 1, 1, L])")
     if mask.dtype != torch.bool and not mask.is_floating_point():

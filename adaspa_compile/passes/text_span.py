@@ -3,19 +3,24 @@
 Joint-attention models concatenate video and text along the sequence before (or inside) the
 attention: HunyuanVideo and Mochi put text last, CogVideoX first. The text length is the sequence
 length of the ``encoder_hidden_states`` input. Walking back from the query, the first ``cat``
-whose parts add up to the attention length and whose first or last part has the text length
-gives the side.
+whose parts add up to the attention length and whose first or last part is the text gives the
+side. The text part is the one of the text length or, where the model gathers the unpadded text
+tokens (Mochi, ``torch.nonzero``), the one whose length is data-dependent; then the span is known
+through the other part, the video length.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Optional, Tuple
+from typing import Any, Optional
+
+import sympy
 
 import torch
 import torch.fx
 
 from ..config import AdaSpaConfig
+from ..runtime import TextSpan
 from .graph_inputs import GraphInputs
 from .sdpa_sites import SdpaCall, _hint, _val
 
@@ -26,32 +31,28 @@ CAT_TARGETS = (torch.cat, torch.concat, torch.concatenate, torch.ops.aten.cat.de
 MAX_NODES_VISITED = 400
 
 
-def find_text_span(call: SdpaCall, cfg: AdaSpaConfig,
-                   inputs: GraphInputs) -> Tuple[Optional[str], int, str]:
-    """``(position, text_len, source)``: position is ``"first"``, ``"last"`` or ``None``."""
+def find_text_span(call: SdpaCall, cfg: AdaSpaConfig, inputs: GraphInputs) -> TextSpan:
+    """Where the text sits in this call's sequence (``position is None``: no text)."""
     if cfg.text_tokens is not None:
         if cfg.text_tokens == 0:
-            return None, 0, "override"
+            return TextSpan(None, source="override")
         position, count = cfg.text_tokens
-        return position, count, "override"
+        return TextSpan(position, text_len=count, source="override")
     if inputs.text_len is None:
-        return None, 0, "no encoder_hidden_states input"
-    q = _val(call.query)
-    seq_len = _hint(q.shape[2])
-    position = _cat_position(call.query, seq_len, inputs.text_len)
-    if position is None:
-        return None, 0, "no video/text concat feeds q"
-    return position, inputs.text_len, "graph"
+        return TextSpan(None, source="no encoder_hidden_states input")
+    seq_len = _val(call.query).shape[2]
+    span = _cat_span(call.query, seq_len, inputs.text_len)
+    return span if span is not None else TextSpan(None, source="no video/text concat feeds q")
 
 
-def _cat_position(start: torch.fx.Node, seq_len: int, text_len: int) -> Optional[str]:
+def _cat_span(start: torch.fx.Node, seq_len: Any, text_len: int) -> Optional[TextSpan]:
     seen, queue = {start}, deque([start])
     while queue and len(seen) < MAX_NODES_VISITED:
         node = queue.popleft()
         if node.op == "call_function" and node.target in CAT_TARGETS:
-            position = _text_side(node, seq_len, text_len)
-            if position is not None:
-                return position
+            span = _text_part(node, seq_len, text_len)
+            if span is not None:
+                return span
         for parent in node.all_input_nodes:
             if parent not in seen:
                 seen.add(parent)
@@ -59,22 +60,25 @@ def _cat_position(start: torch.fx.Node, seq_len: int, text_len: int) -> Optional
     return None
 
 
-def _text_side(cat: torch.fx.Node, seq_len: int, text_len: int) -> Optional[str]:
+def _expr(size: Any) -> sympy.Expr:
+    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
+
+
+def _text_part(cat: torch.fx.Node, seq_len: Any, text_len: int) -> Optional[TextSpan]:
     parts = cat.args[0] if cat.args else cat.kwargs.get("tensors")
     dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
     vals = [_val(p) for p in parts] if isinstance(parts, (list, tuple)) else []
     if len(vals) < 2 or not all(isinstance(v, torch.Tensor) for v in vals) \
             or not isinstance(dim, int):
         return None
-    sizes = [_hint(v.shape[dim]) for v in vals]
-    if sum(sizes) != seq_len:
+    sizes = [v.shape[dim] for v in vals]
+    if sympy.simplify(sum(_expr(s) for s in sizes) - _expr(seq_len)) != 0:
         return None
-    return _side_of(sizes, text_len)
-
-
-def _side_of(sizes: Any, text_len: int) -> Optional[str]:
-    if sizes[-1] == text_len and sizes[0] != text_len:
-        return "last"
-    if sizes[0] == text_len and sizes[-1] != text_len:
-        return "first"
+    for position, text, other in (("last", sizes[-1], sizes[0]), ("first", sizes[0], sizes[-1])):
+        if _hint(text) == text_len and _hint(other) != text_len:
+            return TextSpan(position, text_len=text_len, source="graph")
+    if len(sizes) == 2:
+        for position, text, video in (("last", sizes[1], sizes[0]), ("first", sizes[0], sizes[1])):
+            if _hint(text) is None and _hint(video) is not None:
+                return TextSpan(position, video_len=_hint(video), source="graph, unpadded text")
     return None

@@ -1,0 +1,125 @@
+"""Launcher helpers shared by the three kernels: input checks, tile choice, key-padding tables.
+
+Nothing here is a Triton kernel; each kernel lives in its own file beside its launcher.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_BLOCK_SIZES = (64, 128)
+MAX_HEAD_DIM = 128
+
+_LOG2E = 1.4426950408889634
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def padded_head_dim(d: int) -> int:
+    """The power of two (at least 16, the smallest ``tl.dot`` K) that the kernels tile ``d`` to."""
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def check_qk(q: torch.Tensor, k: torch.Tensor, block_size: int,
+             v: Optional[torch.Tensor] = None) -> None:
+    """Raise ``ValueError`` for inputs the kernels cannot take (before any launch)."""
+    tensors = (q, k) if v is None else (q, k, v)
+    names = "q, k" if v is None else "q, k, v"
+    if any(t.dim() != 4 for t in tensors):
+        raise ValueError(f"{names} must be [B, H, L, D]; got {[tuple(t.shape) for t in tensors]}")
+    if any(t.shape != q.shape for t in tensors):
+        raise ValueError(f"{names} must have one shape [B, H, L, D] (repeat k and v over heads for "
+                         f"grouped-query attention); got {[tuple(t.shape) for t in tensors]}")
+    if q.dtype not in SUPPORTED_DTYPES or any(t.dtype != q.dtype for t in tensors):
+        raise ValueError(f"{names} must share one dtype among fp16, bf16, fp32; got "
+                         f"{[t.dtype for t in tensors]}")
+    if any(t.device != q.device for t in tensors):
+        raise ValueError(f"{names} must be on one device; got {[t.device for t in tensors]}")
+    d = q.shape[-1]
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d} is not supported by the Triton kernels (1..{MAX_HEAD_DIM}); "
+                         "use the reference in adaspa_compile.reference")
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES} for the Triton "
+                         f"kernels, got {block_size!r}")
+    if any(t.stride(-1) != 1 for t in tensors):
+        raise ValueError(f"{names} need a unit stride on the head dim; got strides "
+                         f"{[t.stride() for t in tensors]}")
+
+
+def check_key_valid(key_valid: Optional[torch.Tensor], q: torch.Tensor) -> None:
+    if key_valid is None:
+        return
+    B, _, L, _ = q.shape
+    if key_valid.dtype != torch.bool or tuple(key_valid.shape) != (B, L):
+        raise ValueError(f"key_valid must be bool [B, L] = [{B}, {L}] (True = attend); got "
+                         f"{key_valid.dtype} {tuple(key_valid.shape)}")
+    if key_valid.device != q.device:
+        raise ValueError(f"key_valid is on {key_valid.device}, q on {q.device}")
+
+
+def check_out(name: str, t: Optional[torch.Tensor], shape: Tuple[int, ...], dtype: torch.dtype,
+              device: torch.device) -> None:
+    """Check a caller-provided output buffer (used by tests to poison outputs)."""
+    if t is None:
+        return
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device:
+        raise ValueError(f"{name} must be {dtype} {tuple(shape)} on {device}; got {t.dtype} "
+                         f"{tuple(t.shape)} on {t.device}")
+
+
+def key_tables(key_valid: Optional[torch.Tensor], batch: int, seq_len: int, block_n: int,
+               device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-key additive bias and per-key-tile "needs masking" flags.
+
+    Returns ``bias`` fp32 ``[B, nk * block_n]`` (0 for a valid key, ``-inf`` for a padded key or a
+    position past ``seq_len``) and ``flags`` int32 ``[B, nk]`` (1 when tile ``j`` holds any
+    ``-inf``). Interior tiles with flag 0 skip the mask arithmetic in the kernels.
+    """
+    nk = -(-seq_len // block_n)
+    padded = nk * block_n
+    valid = torch.zeros(batch, padded, dtype=torch.bool, device=device)
+    if key_valid is None:
+        valid[:, :seq_len] = True
+    else:
+        valid[:, :seq_len] = key_valid
+    bias = torch.zeros(batch, padded, dtype=torch.float32, device=device)
+    bias.masked_fill_(~valid, float("-inf"))
+    flags = (~valid).view(batch, nk, block_n).any(-1).to(torch.int32)
+    return bias, flags
+
+
+def log2_scale(scale: float) -> float:
+    """Softmax scale with log2(e) folded in, so kernels use ``exp2``."""
+    return float(scale) * _LOG2E
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get IEEE fp32 dots (no tf32), 16-bit inputs the tensor cores' native path."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# (num_warps, num_stages) per kernel and (padded head dim, block size). Chosen on an H100 by
+# ``benchmarks/kernels.py --tune``; anything missing falls back to ``_DEFAULT_LAUNCH``.
+LAUNCH_CONFIGS = {
+    ("fused", 128, 64): (8, 2), ("fused", 128, 128): (8, 2),
+    ("fused", 64, 64): (8, 3), ("fused", 64, 128): (8, 3),
+    ("cached", 128, 64): (8, 2), ("cached", 128, 128): (8, 2),
+    ("cached", 64, 64): (8, 3), ("cached", 64, 128): (8, 3),
+    ("sparse", 128, 64): (4, 3), ("sparse", 128, 128): (8, 2),
+    ("sparse", 64, 64): (4, 3), ("sparse", 64, 128): (8, 3),
+}
+_DEFAULT_LAUNCH = (4, 2)
+
+
+def launch_config(kernel: str, head_dim_pad: int, block_size: int) -> Tuple[int, int]:
+    """``(num_warps, num_stages)`` for one kernel; small head dims take the 64 entry."""
+    key = (kernel, max(64, head_dim_pad), block_size)
+    return LAUNCH_CONFIGS.get(key, _DEFAULT_LAUNCH)

@@ -1,0 +1,60 @@
+"""Triton device helpers shared by the three kernels: tile loads and the per-tile updates.
+
+Conventions: scores are kept in base 2, ``qk * QK_SCALE`` with ``QK_SCALE = scale * log2(e)``;
+a key tile whose flag is 0 holds only valid keys and skips the bias add (the mask arithmetic);
+a flagged tile adds the ``0 / -inf`` bias row of :func:`_common.key_tables`.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_rows(base, rows, offs_d, stride_row, stride_d, seq_len,
+              HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    """Load ``[len(rows), HEAD_DIM_PAD]``; rows past ``seq_len`` and padded dims read 0."""
+    ptrs = base + rows[:, None] * stride_row + offs_d[None, :] * stride_d
+    if HEAD_DIM == HEAD_DIM_PAD:
+        tile = tl.load(ptrs, mask=rows[:, None] < seq_len, other=0.0)
+    else:
+        tile = tl.load(ptrs, mask=(rows[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM),
+                       other=0.0)
+    return tile
+
+
+@triton.jit
+def store_rows(base, tile, rows, offs_d, stride_row, stride_d, seq_len,
+               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    ptrs = base + rows[:, None] * stride_row + offs_d[None, :] * stride_d
+    if HEAD_DIM == HEAD_DIM_PAD:
+        tl.store(ptrs, tile, mask=rows[:, None] < seq_len)
+    else:
+        tl.store(ptrs, tile, mask=(rows[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def scaled_scores(q, k, bias_ptr, flag, cols, qk_scale, DOT_PREC: tl.constexpr):
+    """``q @ k^T * QK_SCALE`` (base 2), with the key bias added only on flagged tiles."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    if flag != 0:
+        bias = tl.load(bias_ptr + cols)
+        qk = qk * qk_scale + bias[None, :]
+    else:
+        qk = qk * qk_scale
+    return qk
+
+
+@triton.jit
+def online_softmax_step(acc, l_i, m_i, qk, v, DOT_PREC: tl.constexpr):
+    """One flash-attention update with scores ``qk`` (base 2) and values ``v``.
+
+    ``m_i`` starts at a large finite negative, so fully masked tiles give ``p = 0`` and
+    ``alpha = 1`` (never ``inf - inf``).
+    """
+    m_ij = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, l_i, m_ij

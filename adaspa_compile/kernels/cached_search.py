@@ -1,0 +1,148 @@
+"""LSE-cached search: the block attention mass from a cached LSE, no V and no output.
+
+``mass[b, h, i, j] = sum over rows r of query block i, keys c of key block j of
+exp(scale * q_r . k_c - lse_r)``, fp32 ``[B, H, nq, nk]``, reduced over rows inside the kernel
+(no row x block buffer). Semantics are those of :func:`adaspa_compile.reference.block_mass_ref`.
+
+- dtypes: q, k fp16 / bf16 (fp32 accumulation) or fp32 (IEEE fp32 dots; the interpreter path).
+- head dims 1..128; 64 and 128 are the tuned ones, others are padded to a power of two (>= 16)
+  inside the kernel by masked loads.
+- block sizes 64 and 128. With ``block_size=64`` one program covers two query blocks
+  (``BLOCK_M = 128``) and writes two rows of the mass map.
+- rows whose cached LSE is ``-inf`` (no valid key) and padded keys contribute 0.
+- q and k are read through their strides (BSHD memory viewed as BHSD is fine).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._tiles import load_rows, scaled_scores
+
+__all__ = ["cached_search"]
+
+
+# ----------------------------------------------------------------------------- inner loop
+@triton.jit
+def _mass_loop(q, lse2, k_base, bias_base, flag_base, mass_row0, mass_row1, has_row1,
+               offs_m_local, offs_n, offs_d, stride_kn, stride_kd, seq_len, n_k_blocks, qk_scale,
+               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+               SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Walk every key block once, summing ``exp2(qk - lse2)`` over the block's rows and columns.
+
+    ``lse2`` is the base-2 LSE in units of ``qk * QK_SCALE``; ``+inf`` for rows that must add
+    nothing (no valid key, or past the sequence end).
+    """
+    for j in range(0, n_k_blocks):
+        cols = j * BLOCK_SIZE + offs_n
+        k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, seq_len, HEAD_DIM, HEAD_DIM_PAD)
+        flag = tl.load(flag_base + j)
+        qk = scaled_scores(q, k, bias_base, flag, cols, qk_scale, DOT_PREC)
+        p = tl.math.exp2(qk - lse2[:, None])
+        row_sums = tl.sum(p, 1)
+        if SPLIT == 1:
+            tl.store(mass_row0 + j, tl.sum(row_sums, 0))
+        else:
+            top = tl.sum(tl.where(offs_m_local < BLOCK_SIZE, row_sums, 0.0), 0)
+            bottom = tl.sum(tl.where(offs_m_local >= BLOCK_SIZE, row_sums, 0.0), 0)
+            tl.store(mass_row0 + j, top)
+            tl.store(mass_row1 + j, bottom, mask=has_row1)
+
+
+# ----------------------------------------------------------------------------- kernel
+@triton.jit
+def _cached_search_kernel(Q, K, LSE, Bias, Flags, Mass,
+                          stride_qz, stride_qh, stride_qm, stride_qd,
+                          stride_kz, stride_kh, stride_kn, stride_kd,
+                          stride_lz, stride_lh, stride_lm,
+                          H, seq_len, n_q_blocks, n_k_blocks, qk_scale,
+                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                          BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr,
+                          DOT_PREC: tl.constexpr):
+    BLOCK_M: tl.constexpr = BLOCK_SIZE * SPLIT
+    tl.static_assert(SPLIT == 1 or SPLIT == 2)
+    pid_m = tl.program_id(0)
+    pid_zh = tl.program_id(1)
+    off_z = (pid_zh // H).to(tl.int64)
+    off_h = (pid_zh % H).to(tl.int64)
+
+    offs_m_local = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + offs_m_local
+    offs_n = tl.arange(0, BLOCK_SIZE)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+
+    q = load_rows(Q + off_z * stride_qz + off_h * stride_qh, offs_m, offs_d, stride_qm,
+                  stride_qd, seq_len, HEAD_DIM, HEAD_DIM_PAD)
+    lse = tl.load(LSE + off_z * stride_lz + off_h * stride_lh + offs_m * stride_lm,
+                  mask=offs_m < seq_len, other=float("-inf"))
+    lse2 = tl.where(lse > float("-inf"), lse * 1.4426950408889634, float("inf"))
+
+    q_block = pid_m * SPLIT
+    mass_row0 = Mass + (pid_zh.to(tl.int64) * n_q_blocks + q_block) * n_k_blocks
+    _mass_loop(q, lse2, K + off_z * stride_kz + off_h * stride_kh,
+               Bias + off_z * n_k_blocks * BLOCK_SIZE, Flags + off_z * n_k_blocks,
+               mass_row0, mass_row0 + n_k_blocks, q_block + 1 < n_q_blocks,
+               offs_m_local, offs_n, offs_d, stride_kn, stride_kd, seq_len, n_k_blocks, qk_scale,
+               HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, DOT_PREC)
+
+
+# ----------------------------------------------------------------------------- launcher
+def _launch(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, block_size: int,
+            key_valid: Optional[torch.Tensor], mass: Optional[torch.Tensor],
+            num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> torch.Tensor:
+    _common.check_qk(q, k, block_size)
+    _common.check_key_valid(key_valid, q)
+    B, H, L, D = q.shape
+    if lse.dtype != torch.float32 or tuple(lse.shape) != (B, H, L) or lse.device != q.device:
+        raise ValueError(f"lse must be fp32 [B, H, L] = {(B, H, L)} on {q.device}; got "
+                         f"{lse.dtype} {tuple(lse.shape)} on {lse.device}")
+    nb = -(-L // block_size)
+    _common.check_out("mass", mass, (B, H, nb, nb), torch.float32, q.device)
+    if mass is None:
+        mass = torch.empty(B, H, nb, nb, dtype=torch.float32, device=q.device)
+    elif not mass.is_contiguous():
+        raise ValueError("mass must be contiguous")
+    if L == 0 or B * H == 0:
+        return mass
+
+    split = 2 if block_size == 64 else 1
+    block_m = block_size * split
+    head_dim_pad = _common.padded_head_dim(D)
+    bias, flags = _common.key_tables(key_valid, B, L, block_size, q.device)
+    default_warps, default_stages = _common.launch_config("cached", head_dim_pad, block_size)
+    grid = (triton.cdiv(L, block_m), B * H)
+    _cached_search_kernel[grid](
+        q, k, lse, bias, flags, mass,
+        q.stride(0), q.stride(1), q.stride(2), q.stride(3),
+        k.stride(0), k.stride(1), k.stride(2), k.stride(3),
+        lse.stride(0), lse.stride(1), lse.stride(2),
+        H, L, nb, nb, _common.log2_scale(scale),
+        HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, SPLIT=split,
+        DOT_PREC=_common.dot_precision(q.dtype),
+        num_warps=num_warps or default_warps,
+        num_stages=num_stages or default_stages,
+    )
+    return mass
+
+
+# ----------------------------------------------------------------------------- public
+def cached_search(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float,
+                  block_size: int, key_valid: Optional[torch.Tensor], *,
+                  mass: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Block attention mass fp32 ``[B, H, nq, nk]`` from the cached natural-log ``lse``.
+
+    Args:
+        q, k: ``[B, H, L, D]``, fp16 / bf16 / fp32, any strides with a unit head-dim stride
+            preferred.
+        lse: fp32 ``[B, H, L]``, natural log, ``-inf`` for rows with no valid key.
+        scale: softmax scale.
+        block_size: 64 or 128.
+        key_valid: ``None`` or bool ``[B, L]`` (True = attend).
+        mass: optional preallocated contiguous output (tests poison it).
+    """
+    return _launch(q, k, lse, scale, block_size, key_valid, mass)
