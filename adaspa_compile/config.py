@@ -10,6 +10,7 @@ __all__ = ["AdaSpaConfig", "TextTokens"]
 
 MODES = ("sparsity", "recall")
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
+SELECTORS = ("adaspa", "window", "pooled")
 TEXT_POSITIONS = ("first", "last")
 
 # ``text_tokens`` override: ``0`` (no text in self-attention) or ``("first" | "last", count)``.
@@ -35,6 +36,12 @@ class AdaSpaConfig:
             ``("first" | "last", count)``.
         inner_backend: what compiles the rest of the graph: ``"inductor"``, ``"aot_eager"``
             or ``"eager"``.
+        selector: how blocks are ranked: ``"adaspa"`` (exact block mass), ``"pooled"``
+            (mean-pooled q.k per block) or ``"window"`` (static 3D local window).
+        video_grid: the video's token grid ``(frames, height, width)`` for
+            ``selector="window"``; without it the window is 1D along the sequence.
+        lse_cache: re-search from the LSE cached at the first search step; ``False`` runs a
+            fused search at every search step (an ablation).
     """
 
     sparsity: float = 0.8
@@ -47,11 +54,15 @@ class AdaSpaConfig:
     min_seq_len: int = 1024
     text_tokens: Optional[TextTokens] = None
     inner_backend: str = "inductor"
+    selector: str = "adaspa"
+    video_grid: Optional[Tuple[int, int, int]] = None
+    lse_cache: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "search_steps", tuple(self.search_steps))
-        if isinstance(self.text_tokens, list):
-            object.__setattr__(self, "text_tokens", tuple(self.text_tokens))
+        for key in ("text_tokens", "video_grid"):
+            if isinstance(getattr(self, key), list):
+                object.__setattr__(self, key, tuple(getattr(self, key)))
         _validate(self)
 
     @classmethod
@@ -99,7 +110,7 @@ def _validate(cfg: AdaSpaConfig) -> None:
         or list(steps) != sorted(set(steps))
     ):
         _fail("search_steps", steps, "a non-empty, strictly increasing tuple of step indexes >= 0")
-    for key in ("head_adaptive", "text_sink"):
+    for key in ("head_adaptive", "text_sink", "lse_cache"):
         if not isinstance(getattr(cfg, key), bool):
             _fail(key, getattr(cfg, key), "True or False")
     if cfg.mode not in MODES:
@@ -110,6 +121,12 @@ def _validate(cfg: AdaSpaConfig) -> None:
         _fail("min_seq_len", cfg.min_seq_len, "an int >= 1")
     if cfg.inner_backend not in INNER_BACKENDS:
         _fail("inner_backend", cfg.inner_backend, " | ".join(INNER_BACKENDS))
+    if cfg.selector not in SELECTORS:
+        _fail("selector", cfg.selector, " | ".join(SELECTORS))
+    grid = cfg.video_grid
+    if grid is not None and (not isinstance(grid, tuple) or len(grid) != 3
+                             or not all(_is_int(g) and g >= 1 for g in grid)):
+        _fail("video_grid", grid, "None or (frames, height, width) of ints >= 1")
     _validate_text_tokens(cfg.text_tokens)
 
 

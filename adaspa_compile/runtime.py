@@ -25,6 +25,7 @@ from .logs import log_once
 from .report import Report, SiteReport
 from .schedule import Phase, StepClock, phase_for_step
 from .selection import BlockLayout, select_blocks
+from .selectors import block_recall, selector_scores
 
 __all__ = ["SiteInfo", "Site", "Runtime", "get_runtime"]
 
@@ -117,12 +118,12 @@ class Site:
         if phase is Phase.FUSED_SEARCH:
             start = _timer_start(q)
             out, cache.lse, mass = ops.fused_search(q, k, v, s, self.cfg.block_size, key_valid)
-            self._select(mass, key_valid, cache, q, start)
+            self._select(mass, key_valid, cache, q, k, s, start)
             return _with_strides_of(out, q)
         if phase is Phase.CACHED_SEARCH:
             start = _timer_start(q)
             mass = ops.cached_search(q, k, cache.lse, s, self.cfg.block_size, key_valid)
-            self._select(mass, key_valid, cache, q, start)
+            self._select(mass, key_valid, cache, q, k, s, start)
         return _with_strides_of(ops.sparse_forward(q, k, v, cache.mask, s, key_valid), q)
 
     def _cache_for(self, branch: int, q: torch.Tensor) -> _BranchCache:
@@ -138,6 +139,8 @@ class Site:
         if self.dense_reason:
             return Phase.DENSE
         phase = phase_for_step(step, self.cfg.search_steps)
+        if phase is Phase.CACHED_SEARCH and not self.cfg.lse_cache:
+            phase = Phase.FUSED_SEARCH
         if phase is Phase.FUSED_SEARCH or (phase is Phase.CACHED_SEARCH and cache.lse is None) \
                 or (phase is Phase.SPARSE and cache.mask is None):
             if not _is_padding_mask(attn_mask):
@@ -153,12 +156,19 @@ class Site:
             log_once(logger, f"adaspa: {self.info.name} stays dense: {reason}")
 
     def _select(self, mass: torch.Tensor, key_valid: Optional[torch.Tensor], cache: _BranchCache,
-                q: torch.Tensor, start: float) -> None:
-        layout = BlockLayout(seq_len=q.shape[2], block_size=self.cfg.block_size,
+                q: torch.Tensor, k: torch.Tensor, scale: float, start: float) -> None:
+        """Choose this branch's mask from the exact ``mass`` and the configured selector."""
+        cfg = self.cfg
+        layout = BlockLayout(seq_len=q.shape[2], block_size=cfg.block_size,
                              text_span=self.info.text.tokens(q.shape[2]), key_valid=key_valid)
-        chosen = select_blocks(mass, layout, self.cfg)
+        scores = selector_scores(cfg.selector, mass, q, k, scale, layout, cfg.video_grid)
+        if cfg.selector == "window":
+            cfg = cfg.replace(head_adaptive=False)  # a static window has no recall to rank by
+        chosen = select_blocks(scores, layout, cfg)
         cache.mask = chosen.mask
-        self.density, self.recall = chosen.density.cpu(), chosen.recall.cpu()
+        recall = chosen.recall if cfg.selector == "adaspa" else \
+            block_recall(chosen.mask.to_dense(), mass)
+        self.density, self.recall = chosen.density.cpu(), recall.cpu()
         if q.is_cuda:
             torch.cuda.synchronize(q.device)
         self.search_ms.append((time.perf_counter() - start) * 1e3)
