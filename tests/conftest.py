@@ -4,6 +4,19 @@ from __future__ import annotations
 
 import os
 
+import torch
+
+# Triton decides at decoration time whether a kernel is interpreted, so the interpreter must be on
+# before anything imports adaspa_compile.kernels: here, the first conftest pytest loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:
+        from tests.kernels import _interp_shim
+
+        _interp_shim.install()
+    except ImportError:  # no triton: the kernel tests skip themselves
+        pass
+
 import pytest
 from hypothesis import HealthCheck, settings
 

@@ -49,9 +49,6 @@ def check_qk(q: torch.Tensor, k: torch.Tensor, block_size: int,
     if block_size not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES} for the Triton "
                          f"kernels, got {block_size!r}")
-    if any(t.stride(-1) != 1 for t in tensors):
-        raise ValueError(f"{names} need a unit stride on the head dim; got strides "
-                         f"{[t.stride() for t in tensors]}")
 
 
 def check_key_valid(key_valid: Optional[torch.Tensor], q: torch.Tensor) -> None:
@@ -75,25 +72,27 @@ def check_out(name: str, t: Optional[torch.Tensor], shape: Tuple[int, ...], dtyp
                          f"{tuple(t.shape)} on {t.device}")
 
 
-def key_tables(key_valid: Optional[torch.Tensor], batch: int, seq_len: int, block_n: int,
-               device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-key additive bias and per-key-tile "needs masking" flags.
-
-    Returns ``bias`` fp32 ``[B, nk * block_n]`` (0 for a valid key, ``-inf`` for a padded key or a
-    position past ``seq_len``) and ``flags`` int32 ``[B, nk]`` (1 when tile ``j`` holds any
-    ``-inf``). Interior tiles with flag 0 skip the mask arithmetic in the kernels.
-    """
+def key_bias(key_valid: Optional[torch.Tensor], batch: int, seq_len: int, block_n: int,
+             device: torch.device) -> torch.Tensor:
+    """Additive key bias fp32 ``[B, nk * block_n]``: 0 for a valid key, ``-inf`` for a padded key
+    or a position past ``seq_len``."""
     nk = -(-seq_len // block_n)
-    padded = nk * block_n
-    valid = torch.zeros(batch, padded, dtype=torch.bool, device=device)
+    bias = torch.full((batch, nk * block_n), float("-inf"), dtype=torch.float32, device=device)
     if key_valid is None:
-        valid[:, :seq_len] = True
+        bias[:, :seq_len] = 0.0
     else:
-        valid[:, :seq_len] = key_valid
-    bias = torch.zeros(batch, padded, dtype=torch.float32, device=device)
-    bias.masked_fill_(~valid, float("-inf"))
-    flags = (~valid).view(batch, nk, block_n).any(-1).to(torch.int32)
-    return bias, flags
+        bias[:, :seq_len].masked_fill_(key_valid, 0.0)
+    return bias
+
+
+MASK_NONE, MASK_LAST, MASK_ALL = 0, 1, 2
+
+
+def mask_mode(key_valid: Optional[torch.Tensor], seq_len: int, block_n: int) -> int:
+    """Which key tiles need the bias: none, only the ragged last one, or all (see ``_tiles``)."""
+    if key_valid is not None:
+        return MASK_ALL
+    return MASK_NONE if seq_len % block_n == 0 else MASK_LAST
 
 
 def log2_scale(scale: float) -> float:
@@ -107,14 +106,17 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 # (num_warps, num_stages) per kernel and (padded head dim, block size). Chosen on an H100 by
-# ``benchmarks/kernels.py --tune``; anything missing falls back to ``_DEFAULT_LAUNCH``.
+# ``benchmarks/kernels.py --tune`` (block_size 64, bf16; the block_size 128 rows are untuned
+# guesses); anything missing falls back to ``_DEFAULT_LAUNCH``.
 LAUNCH_CONFIGS = {
-    ("fused", 128, 64): (8, 2), ("fused", 128, 128): (8, 2),
-    ("fused", 64, 64): (8, 3), ("fused", 64, 128): (8, 3),
+    ("fused", 128, 64): (8, 3), ("fused", 128, 128): (8, 3),
+    ("fused", 64, 64): (4, 3), ("fused", 64, 128): (4, 3),
+    ("attn", 128, 64): (8, 3), ("attn", 128, 128): (8, 3),
+    ("attn", 64, 64): (8, 3), ("attn", 64, 128): (8, 3),
     ("cached", 128, 64): (8, 2), ("cached", 128, 128): (8, 2),
-    ("cached", 64, 64): (8, 3), ("cached", 64, 128): (8, 3),
-    ("sparse", 128, 64): (4, 3), ("sparse", 128, 128): (8, 2),
-    ("sparse", 64, 64): (4, 3), ("sparse", 64, 128): (8, 3),
+    ("cached", 64, 64): (4, 3), ("cached", 64, 128): (4, 3),
+    ("sparse", 128, 64): (4, 2), ("sparse", 128, 128): (8, 2),
+    ("sparse", 64, 64): (4, 2), ("sparse", 64, 128): (8, 2),
 }
 _DEFAULT_LAUNCH = (4, 2)
 

@@ -1,8 +1,16 @@
 """Triton device helpers shared by the three kernels: tile loads and the per-tile updates.
 
-Conventions: scores are kept in base 2, ``qk * QK_SCALE`` with ``QK_SCALE = scale * log2(e)``;
-a key tile whose flag is 0 holds only valid keys and skips the bias add (the mask arithmetic);
-a flagged tile adds the ``0 / -inf`` bias row of :func:`_common.key_tables`.
+Conventions: scores are kept in base 2, ``qk * QK_SCALE`` with ``QK_SCALE = scale * log2(e)``.
+Key masking is an additive ``0 / -inf`` bias row (:func:`_common.key_bias`), applied only where
+``APPLY_BIAS`` says so. Which tiles need it is decided per launch (:func:`_common.mask_mode`):
+
+- ``MASK_NONE``: no key padding and ``L`` a multiple of the block: no tile is masked;
+- ``MASK_LAST``: no key padding, ragged ``L``: only the last key block is masked, and the loops
+  peel it off (it is the last one visited, since index lists are ascending);
+- ``MASK_ALL``: a key-padding mask was given: every tile adds the bias.
+
+(A run-time branch per tile would be cheaper still, but Triton 3.6's software pipeliner fails on
+an ``scf.if`` yielding the score tile inside the loop.)
 """
 
 import triton
@@ -32,11 +40,17 @@ def store_rows(base, tile, rows, offs_d, stride_row, stride_d, seq_len,
         tl.store(ptrs, tile, mask=(rows[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM))
 
 
+MASK_NONE = tl.constexpr(0)
+MASK_LAST = tl.constexpr(1)
+MASK_ALL = tl.constexpr(2)
+
+
 @triton.jit
-def scaled_scores(q, k, bias_ptr, flag, cols, qk_scale, DOT_PREC: tl.constexpr):
-    """``q @ k^T * QK_SCALE`` (base 2), with the key bias added only on flagged tiles."""
+def scaled_scores(q, k, bias_ptr, cols, qk_scale, APPLY_BIAS: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
+    """``q @ k^T * QK_SCALE`` (base 2), plus the key bias when ``APPLY_BIAS``."""
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-    if flag != 0:
+    if APPLY_BIAS:
         bias = tl.load(bias_ptr + cols)
         qk = qk * qk_scale + bias[None, :]
     else:

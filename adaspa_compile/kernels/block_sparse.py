@@ -12,8 +12,9 @@ keep their (batch, head, block) order, which keeps a head's K/V hot in L2. Seman
 - head dims 1..128; 64 and 128 are tuned, others are padded to a power of two (>= 16) by masks.
 - block sizes 64 and 128; the kernel's tiles are the mask's blocks (``BLOCK_M = BLOCK_N``).
 - a row whose kept keys are all padded (or that keeps no block) gets output 0.
-- caveat: index entries below the count must lie in ``[0, nk)``; they are not range-checked on
-  the device (that would need a host sync).
+- caveat: index entries below the count must lie in ``[0, nk)`` and ascend (as
+  ``BlockMask.to_indices`` gives them); they are not checked on the device (that would need a
+  host sync). Without key padding, a ragged last key block is masked only in the last slot.
 """
 
 from __future__ import annotations
@@ -25,23 +26,23 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import load_rows, online_softmax_step, scaled_scores, store_rows
+from ._tiles import MASK_ALL, MASK_LAST, load_rows, online_softmax_step, scaled_scores, store_rows
 
 __all__ = ["block_sparse_attention"]
 
 
 # ----------------------------------------------------------------------------- inner loop
 @triton.jit
-def _sparse_loop(acc, l_i, m_i, q, k_base, v_base, bias_base, flag_base, idx_base, count,
-                 offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_ik, seq_len,
-                 qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                 BLOCK_SIZE: tl.constexpr, DOT_PREC: tl.constexpr):
-    for t in range(0, count):
+def _sparse_loop(acc, l_i, m_i, q, k_base, v_base, bias_base, idx_base, t_start, t_end, offs_n,
+                 offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_ik, seq_len, qk_scale,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 APPLY_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Kept blocks ``indices[t_start:t_end]`` of one row."""
+    for t in range(t_start, t_end):
         j = tl.load(idx_base + t * stride_ik)
         cols = j * BLOCK_SIZE + offs_n
         k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, seq_len, HEAD_DIM, HEAD_DIM_PAD)
-        flag = tl.load(flag_base + j)
-        qk = scaled_scores(q, k, bias_base, flag, cols, qk_scale, DOT_PREC)
+        qk = scaled_scores(q, k, bias_base, cols, qk_scale, APPLY_BIAS, DOT_PREC)
         v = load_rows(v_base, cols, offs_d, stride_vn, stride_vd, seq_len, HEAD_DIM, HEAD_DIM_PAD)
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, DOT_PREC)
     return acc, l_i, m_i
@@ -49,7 +50,7 @@ def _sparse_loop(acc, l_i, m_i, q, k_base, v_base, bias_base, flag_base, idx_bas
 
 # ----------------------------------------------------------------------------- kernel
 @triton.jit
-def _block_sparse_kernel(Q, K, V, Out, Counts, Indices, Order, Bias, Flags,
+def _block_sparse_kernel(Q, K, V, Out, Counts, Indices, Order, Bias,
                          stride_qz, stride_qh, stride_qm, stride_qd,
                          stride_kz, stride_kh, stride_kn, stride_kd,
                          stride_vz, stride_vh, stride_vn, stride_vd,
@@ -58,7 +59,8 @@ def _block_sparse_kernel(Q, K, V, Out, Counts, Indices, Order, Bias, Flags,
                          stride_iz, stride_ih, stride_im, stride_ik,
                          H, seq_len, n_q_blocks, n_k_blocks, qk_scale,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, DOT_PREC: tl.constexpr):
+                         BLOCK_SIZE: tl.constexpr, MASK_MODE: tl.constexpr,
+                         DOT_PREC: tl.constexpr):
     item = tl.load(Order + tl.program_id(0))
     q_block = item % n_q_blocks
     pid_zh = item // n_q_blocks
@@ -76,12 +78,26 @@ def _block_sparse_kernel(Q, K, V, Out, Counts, Indices, Order, Bias, Flags,
     m_i = tl.full([BLOCK_SIZE], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     acc = tl.zeros([BLOCK_SIZE, HEAD_DIM_PAD], dtype=tl.float32)
-    acc, l_i, m_i = _sparse_loop(acc, l_i, m_i, q, K + off_z * stride_kz + off_h * stride_kh,
-                                 V + off_z * stride_vz + off_h * stride_vh,
-                                 Bias + off_z * n_k_blocks * BLOCK_SIZE, Flags + off_z * n_k_blocks,
-                                 idx_base, count, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
-                                 stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM, HEAD_DIM_PAD,
-                                 BLOCK_SIZE, DOT_PREC)
+    k_base = K + off_z * stride_kz + off_h * stride_kh
+    v_base = V + off_z * stride_vz + off_h * stride_vh
+    bias_base = Bias + off_z * n_k_blocks * BLOCK_SIZE
+    if MASK_MODE == MASK_ALL:
+        acc, l_i, m_i = _sparse_loop(acc, l_i, m_i, q, k_base, v_base, bias_base, idx_base, 0,
+                                     count, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+                                     stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM,
+                                     HEAD_DIM_PAD, BLOCK_SIZE, True, DOT_PREC)
+    else:
+        # Ascending lists put the ragged last key block, if kept, in the last slot.
+        n_clean = tl.maximum(count - 1, 0) if MASK_MODE == MASK_LAST else count
+        acc, l_i, m_i = _sparse_loop(acc, l_i, m_i, q, k_base, v_base, bias_base, idx_base, 0,
+                                     n_clean, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+                                     stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM,
+                                     HEAD_DIM_PAD, BLOCK_SIZE, False, DOT_PREC)
+        if MASK_MODE == MASK_LAST:
+            acc, l_i, m_i = _sparse_loop(acc, l_i, m_i, q, k_base, v_base, bias_base, idx_base,
+                                         n_clean, count, offs_n, offs_d, stride_kn, stride_kd,
+                                         stride_vn, stride_vd, stride_ik, seq_len, qk_scale,
+                                         HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, True, DOT_PREC)
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     store_rows(Out + off_z * stride_oz + off_h * stride_oh, out.to(Out.dtype.element_ty), offs_m,
                offs_d, stride_om, stride_od, seq_len, HEAD_DIM, HEAD_DIM_PAD)
@@ -129,11 +145,11 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Ten
     if order is None:
         order = work_order(counts)
     head_dim_pad = _common.padded_head_dim(D)
-    bias, flags = _common.key_tables(key_valid, B, L, block_size, q.device)
+    bias = _common.key_bias(key_valid, B, L, block_size, q.device)
     default_warps, default_stages = _common.launch_config("sparse", head_dim_pad, block_size)
     grid = (B * H * nb,)
     _block_sparse_kernel[grid](
-        q, k, v, out, counts, indices, order, bias, flags,
+        q, k, v, out, counts, indices, order, bias,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
@@ -142,7 +158,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Ten
         indices.stride(0), indices.stride(1), indices.stride(2), indices.stride(3),
         H, L, nb, nb, _common.log2_scale(scale),
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size,
-        DOT_PREC=_common.dot_precision(q.dtype),
+        MASK_MODE=_common.mask_mode(key_valid, L, block_size), DOT_PREC=_common.dot_precision(q.dtype),
         num_warps=num_warps or default_warps,
         num_stages=num_stages or default_stages,
     )
@@ -158,8 +174,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     Args:
         q, k, v: ``[B, H, L, D]``, one dtype among fp16 / bf16 / fp32, any strides.
-        counts: int32 ``[B, H, nq]``; indices: int32 ``[B, H, nq, max_kept]`` (ascending is not
-            required; each entry below the count must be a key block in ``[0, nk)``).
+        counts: int32 ``[B, H, nq]``; indices: int32 ``[B, H, nq, max_kept]``, ascending key
+            blocks in ``[0, nk)`` below each count.
         scale: softmax scale.
         block_size: 64 or 128.
         key_valid: ``None`` or bool ``[B, L]`` (True = attend).

@@ -22,27 +22,26 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import load_rows, scaled_scores
+from ._tiles import MASK_ALL, MASK_LAST, load_rows, scaled_scores
 
 __all__ = ["cached_search"]
 
 
 # ----------------------------------------------------------------------------- inner loop
 @triton.jit
-def _mass_loop(q, lse2, k_base, bias_base, flag_base, mass_row0, mass_row1, has_row1,
-               offs_m_local, offs_n, offs_d, stride_kn, stride_kd, seq_len, n_k_blocks, qk_scale,
+def _mass_loop(q, lse2, k_base, bias_base, mass_row0, mass_row1, has_row1, offs_m_local, offs_n,
+               offs_d, stride_kn, stride_kd, seq_len, j_start, j_end, qk_scale,
                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-               SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Walk every key block once, summing ``exp2(qk - lse2)`` over the block's rows and columns.
+               SPLIT: tl.constexpr, APPLY_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Key blocks ``j_start .. j_end - 1``: sum ``exp2(qk - lse2)`` over each block's rows and columns.
 
     ``lse2`` is the base-2 LSE in units of ``qk * QK_SCALE``; ``+inf`` for rows that must add
     nothing (no valid key, or past the sequence end).
     """
-    for j in range(0, n_k_blocks):
+    for j in range(j_start, j_end):
         cols = j * BLOCK_SIZE + offs_n
         k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, seq_len, HEAD_DIM, HEAD_DIM_PAD)
-        flag = tl.load(flag_base + j)
-        qk = scaled_scores(q, k, bias_base, flag, cols, qk_scale, DOT_PREC)
+        qk = scaled_scores(q, k, bias_base, cols, qk_scale, APPLY_BIAS, DOT_PREC)
         p = tl.math.exp2(qk - lse2[:, None])
         row_sums = tl.sum(p, 1)
         if SPLIT == 1:
@@ -54,16 +53,39 @@ def _mass_loop(q, lse2, k_base, bias_base, flag_base, mass_row0, mass_row1, has_
             tl.store(mass_row1 + j, bottom, mask=has_row1)
 
 
+@triton.jit
+def _mass_all_blocks(q, lse2, k_base, bias_base, mass_row0, mass_row1, has_row1, offs_m_local,
+                     offs_n, offs_d, stride_kn, stride_kd, seq_len, n_k_blocks, qk_scale,
+                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                     BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr, MASK_MODE: tl.constexpr,
+                     DOT_PREC: tl.constexpr):
+    """Every key block once; the bias only where ``MASK_MODE`` needs it (the last block peeled)."""
+    if MASK_MODE == MASK_ALL:
+        _mass_loop(q, lse2, k_base, bias_base, mass_row0, mass_row1, has_row1, offs_m_local,
+                   offs_n, offs_d, stride_kn, stride_kd, seq_len, 0, n_k_blocks, qk_scale,
+                   HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, True, DOT_PREC)
+    else:
+        n_clean = n_k_blocks - 1 if MASK_MODE == MASK_LAST else n_k_blocks
+        _mass_loop(q, lse2, k_base, bias_base, mass_row0, mass_row1, has_row1, offs_m_local,
+                   offs_n, offs_d, stride_kn, stride_kd, seq_len, 0, n_clean, qk_scale,
+                   HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, False, DOT_PREC)
+        if MASK_MODE == MASK_LAST:
+            _mass_loop(q, lse2, k_base, bias_base, mass_row0, mass_row1, has_row1,
+                       offs_m_local, offs_n, offs_d, stride_kn, stride_kd, seq_len, n_clean,
+                       n_k_blocks, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, True,
+                       DOT_PREC)
+
+
 # ----------------------------------------------------------------------------- kernel
 @triton.jit
-def _cached_search_kernel(Q, K, LSE, Bias, Flags, Mass,
+def _cached_search_kernel(Q, K, LSE, Bias, Mass,
                           stride_qz, stride_qh, stride_qm, stride_qd,
                           stride_kz, stride_kh, stride_kn, stride_kd,
                           stride_lz, stride_lh, stride_lm,
                           H, seq_len, n_q_blocks, n_k_blocks, qk_scale,
                           HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                           BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr,
-                          DOT_PREC: tl.constexpr):
+                          MASK_MODE: tl.constexpr, DOT_PREC: tl.constexpr):
     BLOCK_M: tl.constexpr = BLOCK_SIZE * SPLIT
     tl.static_assert(SPLIT == 1 or SPLIT == 2)
     pid_m = tl.program_id(0)
@@ -84,11 +106,11 @@ def _cached_search_kernel(Q, K, LSE, Bias, Flags, Mass,
 
     q_block = pid_m * SPLIT
     mass_row0 = Mass + (pid_zh.to(tl.int64) * n_q_blocks + q_block) * n_k_blocks
-    _mass_loop(q, lse2, K + off_z * stride_kz + off_h * stride_kh,
-               Bias + off_z * n_k_blocks * BLOCK_SIZE, Flags + off_z * n_k_blocks,
-               mass_row0, mass_row0 + n_k_blocks, q_block + 1 < n_q_blocks,
-               offs_m_local, offs_n, offs_d, stride_kn, stride_kd, seq_len, n_k_blocks, qk_scale,
-               HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, DOT_PREC)
+    _mass_all_blocks(q, lse2, K + off_z * stride_kz + off_h * stride_kh,
+                     Bias + off_z * n_k_blocks * BLOCK_SIZE, mass_row0, mass_row0 + n_k_blocks,
+                     q_block + 1 < n_q_blocks, offs_m_local, offs_n, offs_d, stride_kn,
+                     stride_kd, seq_len, n_k_blocks, qk_scale, HEAD_DIM, HEAD_DIM_PAD,
+                     BLOCK_SIZE, SPLIT, MASK_MODE, DOT_PREC)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -113,16 +135,17 @@ def _launch(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, b
     split = 2 if block_size == 64 else 1
     block_m = block_size * split
     head_dim_pad = _common.padded_head_dim(D)
-    bias, flags = _common.key_tables(key_valid, B, L, block_size, q.device)
+    bias = _common.key_bias(key_valid, B, L, block_size, q.device)
     default_warps, default_stages = _common.launch_config("cached", head_dim_pad, block_size)
     grid = (triton.cdiv(L, block_m), B * H)
     _cached_search_kernel[grid](
-        q, k, lse, bias, flags, mass,
+        q, k, lse, bias, mass,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
         H, L, nb, nb, _common.log2_scale(scale),
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, SPLIT=split,
+        MASK_MODE=_common.mask_mode(key_valid, L, block_size),
         DOT_PREC=_common.dot_precision(q.dtype),
         num_warps=num_warps or default_warps,
         num_stages=num_stages or default_stages,

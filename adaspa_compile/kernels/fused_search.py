@@ -26,22 +26,22 @@ import triton.language as tl
 
 from . import _common
 from ._tiles import load_rows, online_softmax_step, scaled_scores, store_rows
-from .cached_search import _mass_loop
+from ._tiles import MASK_ALL, MASK_LAST
+from .cached_search import _mass_all_blocks
 
 __all__ = ["fused_search"]
 
 
 # ----------------------------------------------------------------------------- inner loop
 @triton.jit
-def _forward_loop(acc, l_i, m_i, q, k_base, v_base, bias_base, flag_base, offs_n, offs_d,
-                  stride_kn, stride_kd, stride_vn, stride_vd, seq_len, n_k_tiles, qk_scale,
+def _forward_loop(acc, l_i, m_i, q, k_base, v_base, bias_base, offs_n, offs_d, stride_kn,
+                  stride_kd, stride_vn, stride_vd, seq_len, j_start, j_end, qk_scale,
                   HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
-    for j in range(0, n_k_tiles):
+                  APPLY_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+    for j in range(j_start, j_end):
         cols = j * BLOCK_N + offs_n
         k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, seq_len, HEAD_DIM, HEAD_DIM_PAD)
-        flag = tl.load(flag_base + j)
-        qk = scaled_scores(q, k, bias_base, flag, cols, qk_scale, DOT_PREC)
+        qk = scaled_scores(q, k, bias_base, cols, qk_scale, APPLY_BIAS, DOT_PREC)
         v = load_rows(v_base, cols, offs_d, stride_vn, stride_vd, seq_len, HEAD_DIM, HEAD_DIM_PAD)
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, DOT_PREC)
     return acc, l_i, m_i
@@ -49,7 +49,7 @@ def _forward_loop(acc, l_i, m_i, q, k_base, v_base, bias_base, flag_base, offs_n
 
 # ----------------------------------------------------------------------------- kernel
 @triton.jit
-def _fused_search_kernel(Q, K, V, Out, LSE, Bias, Flags, MassBias, MassFlags, Mass,
+def _fused_search_kernel(Q, K, V, Out, LSE, Bias, MassBias, Mass,
                          stride_qz, stride_qh, stride_qm, stride_qd,
                          stride_kz, stride_kh, stride_kn, stride_kd,
                          stride_vz, stride_vh, stride_vn, stride_vd,
@@ -58,7 +58,7 @@ def _fused_search_kernel(Q, K, V, Out, LSE, Bias, Flags, MassBias, MassFlags, Ma
                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, WITH_MASS: tl.constexpr,
-                         DOT_PREC: tl.constexpr):
+                         MASK_MODE: tl.constexpr, DOT_PREC: tl.constexpr):
     SPLIT: tl.constexpr = BLOCK_M // BLOCK_SIZE
     tl.static_assert(BLOCK_M % BLOCK_SIZE == 0)
     pid_m = tl.program_id(0)
@@ -77,11 +77,24 @@ def _fused_search_kernel(Q, K, V, Out, LSE, Bias, Flags, MassBias, MassFlags, Ma
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    acc, l_i, m_i = _forward_loop(acc, l_i, m_i, q, k_base, V + off_z * stride_vz + off_h * stride_vh,
-                                  Bias + off_z * n_k_tiles * BLOCK_N, Flags + off_z * n_k_tiles,
-                                  offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                                  seq_len, n_k_tiles, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N,
-                                  DOT_PREC)
+    v_base = V + off_z * stride_vz + off_h * stride_vh
+    bias_base = Bias + off_z * n_k_tiles * BLOCK_N
+    if MASK_MODE == MASK_ALL:
+        acc, l_i, m_i = _forward_loop(acc, l_i, m_i, q, k_base, v_base, bias_base, offs_n, offs_d,
+                                      stride_kn, stride_kd, stride_vn, stride_vd, seq_len, 0,
+                                      n_k_tiles, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True,
+                                      DOT_PREC)
+    else:
+        n_clean = n_k_tiles - 1 if MASK_MODE == MASK_LAST else n_k_tiles
+        acc, l_i, m_i = _forward_loop(acc, l_i, m_i, q, k_base, v_base, bias_base, offs_n, offs_d,
+                                      stride_kn, stride_kd, stride_vn, stride_vd, seq_len, 0,
+                                      n_clean, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False,
+                                      DOT_PREC)
+        if MASK_MODE == MASK_LAST:  # the ragged last tile, peeled
+            acc, l_i, m_i = _forward_loop(acc, l_i, m_i, q, k_base, v_base, bias_base, offs_n,
+                                          offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                                          seq_len, n_clean, n_k_tiles, qk_scale, HEAD_DIM,
+                                          HEAD_DIM_PAD, BLOCK_N, True, DOT_PREC)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -95,11 +108,10 @@ def _fused_search_kernel(Q, K, V, Out, LSE, Bias, Flags, MassBias, MassFlags, Ma
         lse2 = tl.where(has_keys & (offs_m < seq_len), lse2, float("inf"))
         q_block = pid_m * SPLIT
         mass_row0 = Mass + (pid_zh.to(tl.int64) * n_q_blocks + q_block) * n_k_blocks
-        _mass_loop(q, lse2, k_base, MassBias + off_z * n_k_blocks * BLOCK_SIZE,
-                   MassFlags + off_z * n_k_blocks, mass_row0, mass_row0 + n_k_blocks,
-                   q_block + 1 < n_q_blocks, offs_m_local, offs_n, offs_d, stride_kn, stride_kd,
-                   seq_len, n_k_blocks, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT,
-                   DOT_PREC)
+        _mass_all_blocks(q, lse2, k_base, MassBias + off_z * n_k_blocks * BLOCK_SIZE, mass_row0,
+                         mass_row0 + n_k_blocks, q_block + 1 < n_q_blocks, offs_m_local,
+                         offs_n, offs_d, stride_kn, stride_kd, seq_len, n_k_blocks, qk_scale,
+                         HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, MASK_MODE, DOT_PREC)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -132,15 +144,14 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, blo
     # The mass loop walks blocks of block_size; the forward loop may use another tile width.
     block_n = block_n or block_size
     head_dim_pad = _common.padded_head_dim(D)
-    bias, flags = _common.key_tables(key_valid, B, L, block_n, q.device)
     if with_mass and block_n != block_size:
-        mass_bias, mass_flags = _common.key_tables(key_valid, B, L, block_size, q.device)
-    else:
-        mass_bias, mass_flags = bias, flags
-    default_warps, default_stages = _common.launch_config("fused", head_dim_pad, block_size)
+        raise ValueError("the mass loop needs block_n == block_size")
+    bias = _common.key_bias(key_valid, B, L, block_n, q.device)
+    default_warps, default_stages = _common.launch_config(
+        "fused" if with_mass else "attn", head_dim_pad, block_size)
     grid = (triton.cdiv(L, block_m), B * H)
     _fused_search_kernel[grid](
-        q, k, v, out, lse, bias, flags, mass_bias, mass_flags,
+        q, k, v, out, lse, bias, bias,
         mass if with_mass else lse,  # unused when WITH_MASS is False
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
@@ -148,7 +159,8 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, blo
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         H, L, triton.cdiv(L, block_n), nb, nb, _common.log2_scale(scale),
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_SIZE=block_size, WITH_MASS=with_mass, DOT_PREC=_common.dot_precision(q.dtype),
+        BLOCK_SIZE=block_size, WITH_MASS=with_mass,
+        MASK_MODE=_common.mask_mode(key_valid, L, block_n), DOT_PREC=_common.dot_precision(q.dtype),
         num_warps=num_warps or default_warps,
         num_stages=num_stages or default_stages,
     )

@@ -13,6 +13,9 @@ __all__ = ["GraphInputs", "TIMESTEP_NAMES"]
 # Argument names under which models receive the denoising timestep (diffusers: ``timestep``).
 TIMESTEP_NAMES = ("timestep", "timesteps", "t")
 TEXT_INPUT_NAME = "encoder_hidden_states"
+VIDEO_INPUT_NAME = "hidden_states"
+# How many producers ``main_input`` follows before giving up.
+MAX_MAIN_PATH = 2000
 
 
 def _local_name(node: torch.fx.Node) -> Optional[str]:
@@ -30,6 +33,23 @@ def _local_name(node: torch.fx.Node) -> Optional[str]:
     if type(base).__name__ == "LocalSource" and base.local_name == "kwargs" \
             and isinstance(index, str):
         return index
+    return None
+
+
+def main_input(node: torch.fx.Node) -> Optional[str]:
+    """The forward argument reached by following each op's first tensor input.
+
+    That is the residual stream through linears, norms, adds and reshapes, so it tells which
+    input a joint-attention stream started from; ``None`` when the path forks into a list (a
+    ``cat``) or ends anywhere but at a forward argument.
+    """
+    for _ in range(MAX_MAIN_PATH):
+        if node.op == "placeholder":
+            return _local_name(node)
+        first = node.args[0] if node.args else None
+        if not isinstance(first, torch.fx.Node):
+            return None
+        node = first
     return None
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.fx
 
 from ..config import AdaSpaConfig
-from .graph_inputs import GraphInputs
+from .graph_inputs import VIDEO_INPUT_NAME, GraphInputs, main_input
 
 __all__ = ["SdpaCall", "find_sdpa_calls", "can_rewrite", "site_name"]
 
@@ -119,7 +119,8 @@ def can_rewrite(call: SdpaCall, cfg: AdaSpaConfig, inputs: GraphInputs) -> Tuple
     length = _hint(lq)  # None when data-dependent: the runtime checks min_seq_len then
     if length is not None and length < cfg.min_seq_len:
         return False, f"sequence length {lq} < min_seq_len={cfg.min_seq_len}"
-    if inputs.text_len is not None and length == inputs.text_len:
+    if inputs.text_len is not None and length == inputs.text_len \
+            and main_input(call.query) != VIDEO_INPUT_NAME:
         return False, f"attention over the {lq} text tokens only (e.g. a token refiner)"
     return _mask_ok(call.attn_mask, q)
 

@@ -21,7 +21,7 @@ import torch.fx
 
 from ..config import AdaSpaConfig
 from ..runtime import TextSpan
-from .graph_inputs import GraphInputs
+from .graph_inputs import TEXT_INPUT_NAME, VIDEO_INPUT_NAME, GraphInputs, main_input
 from .sdpa_sites import SdpaCall, _hint, _val
 
 __all__ = ["find_text_span"]
@@ -77,6 +77,12 @@ def _text_part(cat: torch.fx.Node, seq_len: Any, text_len: int) -> Optional[Text
     for position, text, other in (("last", sizes[-1], sizes[0]), ("first", sizes[0], sizes[-1])):
         if _hint(text) == text_len and _hint(other) != text_len:
             return TextSpan(position, text_len=text_len, source="graph")
+    if _hint(sizes[0]) == _hint(sizes[-1]) == text_len:  # equal lengths: follow the data
+        origins = [main_input(p) for p in (parts[0], parts[-1])]
+        if origins == [TEXT_INPUT_NAME, VIDEO_INPUT_NAME]:
+            return TextSpan("first", text_len=text_len, source="graph, by data flow")
+        if origins == [VIDEO_INPUT_NAME, TEXT_INPUT_NAME]:
+            return TextSpan("last", text_len=text_len, source="graph, by data flow")
     if len(sizes) == 2:
         for position, text, video in (("last", sizes[1], sizes[0]), ("first", sizes[0], sizes[1])):
             if _hint(text) is None and _hint(video) is not None:

@@ -89,11 +89,14 @@ def test_compile_repeated_blocks_is_refused_with_advice():
 
 def test_non_sdpa_attention_backend_warns_that_nothing_is_accelerated(caplog):
     model, kwargs = ALL_TINY_MODELS["wan"]()
-    model.set_attention_backend("flex")
-    compiled = torch.compile(model, backend="adaspa", fullgraph=True,
-                             options=dict(OPTIONS, inner_backend="eager"))
-    with torch.no_grad():
-        compiled(**kwargs)
+    model.set_attention_backend("flex")  # also diffusers' process-wide active backend
+    try:
+        compiled = torch.compile(model, backend="adaspa", fullgraph=True,
+                                 options=dict(OPTIONS, inner_backend="eager"))
+        with torch.no_grad():
+            compiled(**kwargs)
+    finally:
+        model.set_attention_backend("native")
     report = adaspa_compile.report()
     assert not report.sites
     assert any("nothing in it is accelerated" in n and "flex_attention" in n for n in report.notes)

@@ -119,3 +119,23 @@ def test_rewritten_node_keeps_metadata_and_strides():
         torch.compile(f, backend=backend, fullgraph=True)(torch.randn(1, 128, 16))
     val = metas[0]["example_value"]
     assert tuple(val.shape) == (1, 2, 128, 8) and val.stride() == (2048, 8, 16, 1)
+
+
+@pytest.mark.parametrize("text_first, expected", [(False, "last 64 (graph, by data flow)"),
+                                                  (True, "first 64 (graph, by data flow)")])
+def test_text_side_follows_the_data_when_lengths_are_equal(text_first, expected):
+    def joint_projected(hidden_states, encoder_hidden_states, weight):
+        video, text = hidden_states @ weight, encoder_hidden_states @ weight
+        return joint(video, text, text_first=text_first)
+
+    capture(joint_projected, torch.randn(1, 64, 16), torch.randn(1, 64, 16), torch.randn(16, 16))
+    assert adaspa_compile.report().rewritten[0].text == expected
+
+
+def test_video_self_attention_as_long_as_the_text_is_not_text_only():
+    def video_only(hidden_states, encoder_hidden_states):
+        x = hidden_states.view(1, -1, 2, 8).transpose(1, 2)
+        return F.scaled_dot_product_attention(x, x, x), encoder_hidden_states
+
+    capture(video_only, torch.randn(1, 80, 16), torch.randn(1, 80, 16))
+    assert len(adaspa_compile.report().rewritten) == 1

@@ -1,0 +1,869 @@
+"""End-to-end benchmark of issue 5: whole transformer forwards of real diffusers video DiTs.
+
+Builds diffusers' own model classes at full width with random bf16 weights (parameters cast as
+``from_pretrained(torch_dtype=bf16)`` does, fp32-kept modules included), truncated in depth,
+and drives them with each pipeline's call pattern: one falling timestep per step; HunyuanVideo
+one call per step (guidance-distilled) with a padded text mask; Wan two calls per step (CFG as
+two calls, batch 1); CogVideoX one call with the CFG pair as batch 2. Methods compared in one
+process on one device:
+
+- ``eager``: the model's own SDPA (cuDNN where torch picks it);
+- ``inductor``: ``torch.compile(model, fullgraph=True)``, dense;
+- ``adaspa-0.8``, ``adaspa-0.9``, ``adaspa-recall``: ``torch.compile(model, backend="adaspa")``.
+
+For adaspa, phases are forced through the schedule itself: ``search_steps=(2, 4)`` over an 8-step
+generation gives dense, dense, fused search, sparse, cached search, sparse x3; the phase of every
+call is read from ``adaspa_compile.report()``. One warmup generation (compile, kernel JIT) comes
+first, then ``adaspa_compile.reset()`` and the timed generation. Every call is timed alone (CUDA
+events, host syncs included, as a pipeline sees them) and each phase reports the median of its
+calls. Reported per model and method: forward ms per phase, the projected 50-step time with the
+default schedule (9 dense, 1 fused, 1 cached, 39 sparse steps), speedups over inductor, search
+overhead, peak memory, the bytes held by LSE and mask caches (extrapolated to the full depth),
+compile time (first call minus a steady call; cold caches on CUDA) and graphs / recompiles
+(``torch._dynamo.utils.counters``). Correctness: the dense and fused-search steps must match the
+eager output within twice inductor's own bf16 error, at least 1e-2 (3e-2 when inductor is not run).
+
+    python benchmarks/e2e.py                          # H100, all three models (meant for one
+                                                      # 9-minute device call; not yet timed)
+    python benchmarks/e2e.py --models hunyuan_video --hunyuan-layers 4,8
+    python benchmarks/e2e.py --quick                  # tiny widths, CPU smoke test, ~1 minute
+
+Writes ``benchmarks/results/e2e.json`` (``e2e_quick.json`` with ``--quick``; the models of this
+run replace their entries, so runs of one model each add up), the chart ``e2e.png`` (needs
+matplotlib), and copies both to ``$OUT`` when set. Results are written after every method, and
+methods that would start after ``--time-limit`` seconds are skipped, so a run cut short by the
+device still leaves numbers. Exits 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import adaspa_compile  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PHASE_NAMES = {"D": "dense", "F": "fused_search", "C": "cached_search", "S": "sparse"}
+# The default schedule of a 50-step generation: search_steps=(9, 29).
+DEFAULT_SCHEDULE = {"dense": 9, "fused_search": 1, "cached_search": 1, "sparse": 39}
+BENCH_SEARCH_STEPS = (2, 4)
+TIMED_STEPS = 8  # D D F S C S S S
+WARMUP_STEPS = 5  # D D F S C: every phase once before timing
+METHODS = ("eager", "inductor", "adaspa-0.8", "adaspa-0.9", "adaspa-recall")
+ADASPA_OPTIONS = {
+    "adaspa-0.8": {"sparsity": 0.8},
+    "adaspa-0.9": {"sparsity": 0.9},
+    "adaspa-recall": {"mode": "recall", "recall": 0.95},
+}
+# Relative L2 error allowed against eager: twice inductor's own, at least BF16_FLOOR (a few
+# bf16 roundings of the output); FALLBACK_TOL when inductor is not run.
+BF16_FLOOR = 1e-2
+FALLBACK_TOL = 3e-2
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- models
+@dataclass
+class ModelSpec:
+    """One benchmarked model: how to build it and the inputs of each call of one step."""
+
+    name: str
+    heads: int
+    head_dim: int
+    video_tokens: int
+    text_tokens: int  # text inside self-attention (0: cross-attention only)
+    layers: int  # self-attention sites built
+    layers_label: str
+    full_layers: int  # self-attention sites of the full model
+    batch: int
+    timestep_dtype: torch.dtype
+    build: Callable[[], torch.nn.Module]
+    inputs: Callable[[torch.nn.Module, torch.device, torch.dtype], List[Dict[str, Any]]]
+    notes: str = ""
+
+    @property
+    def tokens(self) -> int:
+        return self.video_tokens + self.text_tokens
+
+    @property
+    def calls_per_step(self) -> int:
+        return 2 if self.name == "wan" else 1
+
+
+def _randn(g: torch.Generator, shape, device, dtype) -> torch.Tensor:
+    return torch.randn(shape, generator=g, device="cpu").to(device=device, dtype=dtype)
+
+
+def hunyuan_spec(quick: bool, dual: int, single: int) -> ModelSpec:
+    """HunyuanVideo 720p, 129 frames: latent 33 x 90 x 160, 256 text tokens with padding."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    if quick:
+        cfg = dict(num_attention_heads=2, attention_head_dim=32, text_embed_dim=64,
+                   pooled_projection_dim=32, rope_axes_dim=(8, 12, 12), mlp_ratio=2.0)
+        latent, text, valid = (4, 16, 32), 64, 20
+    else:
+        cfg = dict(num_attention_heads=24, attention_head_dim=128, text_embed_dim=4096,
+                   pooled_projection_dim=768, rope_axes_dim=(16, 56, 56), mlp_ratio=4.0)
+        latent, text, valid = (33, 90, 160), 256, 67
+    cfg.update(in_channels=16, out_channels=16, num_layers=dual, num_single_layers=single,
+               num_refiner_layers=2, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
+               guidance_embeds=True, rope_theta=256.0)
+
+    def inputs(model, device, dtype):
+        g = torch.Generator().manual_seed(1)
+        mask = (torch.arange(text) < valid).to(device=device, dtype=dtype)[None]  # pipeline: dtype
+        return [dict(hidden_states=_randn(g, (1, 16, *latent), device, dtype),
+                     encoder_hidden_states=_randn(g, (1, text, cfg["text_embed_dim"]), device,
+                                                  dtype),
+                     encoder_attention_mask=mask,
+                     pooled_projections=_randn(g, (1, cfg["pooled_projection_dim"]), device,
+                                               dtype),
+                     guidance=torch.full((1,), 6.0, device=device, dtype=dtype) * 1000.0)]
+
+    f, h, w = latent
+    return ModelSpec(
+        name="hunyuan_video", heads=cfg["num_attention_heads"], head_dim=cfg["attention_head_dim"],
+        video_tokens=f * (h // 2) * (w // 2), text_tokens=text, layers=dual + single,
+        layers_label=f"{dual} dual + {single} single", full_layers=60, batch=1,
+        timestep_dtype=torch.float32, build=lambda: HunyuanVideoTransformer3DModel(**cfg),
+        inputs=inputs, notes=f"text padded to {text}, {valid} valid tokens")
+
+
+def wan_spec(quick: bool, layers: int) -> ModelSpec:
+    """Wan2.1-14B 720p, 81 frames: latent 21 x 90 x 160; 512 text tokens via cross-attention."""
+    from diffusers import WanTransformer3DModel
+
+    if quick:
+        cfg = dict(num_attention_heads=2, attention_head_dim=24, ffn_dim=96, text_dim=64,
+                   freq_dim=32)
+        latent, text = (4, 16, 32), 32
+    else:
+        cfg = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, text_dim=4096,
+                   freq_dim=256)
+        latent, text = (21, 90, 160), 512
+    cfg.update(patch_size=(1, 2, 2), in_channels=16, out_channels=16, num_layers=layers,
+               cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+               rope_max_seq_len=1024)
+
+    def inputs(model, device, dtype):
+        g = torch.Generator().manual_seed(2)
+        x = _randn(g, (1, 16, *latent), device, dtype)
+        cond = _randn(g, (1, text, cfg["text_dim"]), device, dtype)
+        # The pipeline zero-pads T5 embeddings past the prompt; the negative prompt is shorter.
+        uncond = _randn(g, (1, text, cfg["text_dim"]), device, dtype)
+        uncond[:, text // 8:] = 0
+        return [dict(hidden_states=x, encoder_hidden_states=cond),
+                dict(hidden_states=x, encoder_hidden_states=uncond)]
+
+    f, h, w = latent
+    return ModelSpec(
+        name="wan", heads=cfg["num_attention_heads"], head_dim=cfg["attention_head_dim"],
+        video_tokens=f * (h // 2) * (w // 2), text_tokens=0, layers=layers,
+        layers_label=f"{layers}", full_layers=40, batch=1, timestep_dtype=torch.int64,
+        build=lambda: WanTransformer3DModel(**cfg), inputs=inputs,
+        notes="CFG as two calls per step (cond, uncond), each batch 1")
+
+
+def cogvideox_spec(quick: bool, layers: int) -> ModelSpec:
+    """CogVideoX1.5-5B 768 x 1360, 81 frames: latent 22 x 96 x 170 (21 padded to the temporal
+    patch), 226 text tokens first; CFG batched (B=2)."""
+    from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    if quick:
+        cfg = dict(num_attention_heads=2, attention_head_dim=32, time_embed_dim=32,
+                   text_embed_dim=64, sample_height=16, sample_width=32, sample_frames=13)
+        frames, text = 8, 32
+    else:
+        cfg = dict(num_attention_heads=48, attention_head_dim=64, time_embed_dim=512,
+                   text_embed_dim=4096, sample_height=96, sample_width=170, sample_frames=81)
+        frames, text = 22, 226
+    cfg.update(in_channels=16, out_channels=16, num_layers=layers, patch_size=2, patch_size_t=2,
+               temporal_compression_ratio=4, max_text_seq_length=text, patch_bias=False,
+               use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False)
+    h, w = cfg["sample_height"], cfg["sample_width"]
+
+    def inputs(model, device, dtype):
+        g = torch.Generator().manual_seed(3)
+        # The pipeline's own RoPE helper, on a stand-in with the attributes it reads.
+        stand_in = SimpleNamespace(vae_scale_factor_spatial=8, transformer=model)
+        rope = CogVideoXPipeline._prepare_rotary_positional_embeddings(
+            stand_in, h * 8, w * 8, frames, device)
+        return [dict(hidden_states=_randn(g, (2, frames, 16, h, w), device, dtype),
+                     encoder_hidden_states=_randn(g, (2, text, cfg["text_embed_dim"]), device,
+                                                  dtype),
+                     image_rotary_emb=rope)]
+
+    return ModelSpec(
+        name="cogvideox", heads=cfg["num_attention_heads"], head_dim=cfg["attention_head_dim"],
+        video_tokens=frames // 2 * (h // 2) * (w // 2), text_tokens=text, layers=layers,
+        layers_label=f"{layers}", full_layers=42, batch=2, timestep_dtype=torch.int64,
+        build=lambda: CogVideoXTransformer3DModel(**cfg), inputs=inputs,
+        notes="CFG batched: one call of batch 2 per step")
+
+
+def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """Random weights on ``device``; parameters cast to ``dtype`` except the modules diffusers
+    keeps in fp32 when loading (``_keep_in_fp32_modules``), buffers left as built."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = spec.build()
+    model.to(device)
+    keep = getattr(model, "_keep_in_fp32_modules", None) or []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and not any(k in name.split(".") for k in keep):
+                p.data = p.data.to(dtype)
+    return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- timing
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn: Callable[..., Any], *args: Any) -> Tuple[float, Any]:
+    """(milliseconds, result) of ``fn(*args)``, host work and syncs included."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn(*args)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end), out
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return (time.perf_counter() - t0) * 1e3, out
+
+
+def timestep_values(n: int, dtype: torch.dtype) -> List[float]:
+    """Falling timesteps, one per step, as a flow-matching scheduler produces them."""
+    values = [1000.0 * (1.0 - i / (n + 1)) for i in range(n)]
+    return [float(round(v)) for v in values] if not dtype.is_floating_point else values
+
+
+def forward(model, kwargs: Dict[str, Any], t: float, spec: ModelSpec,
+            device: torch.device) -> torch.Tensor:
+    """One model call with timestep ``t`` passed as the pipelines do: ``t.expand(batch)``."""
+    step = torch.tensor(t, dtype=spec.timestep_dtype, device=device).expand(spec.batch)
+    with torch.no_grad():
+        return model(**kwargs, timestep=step, return_dict=False)[0]
+
+
+def unique_graphs() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    if not torch.isfinite(a).all():
+        return float("nan")
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def median(xs: List[float]) -> Optional[float]:
+    return statistics.median(xs) if xs else None
+
+
+@dataclass
+class Call:
+    step: int
+    branch: int
+    phase: str  # D F C S, or "-" when no site was rewritten
+    ms: float
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    device: torch.device
+    dtype: torch.dtype
+    spec: ModelSpec
+    model: torch.nn.Module
+    branches: List[Dict[str, Any]]
+    timesteps: List[float]
+    refs: Dict[int, torch.Tensor] = field(default_factory=dict)  # step -> eager output, branch 0
+    ref_err: Dict[str, float] = field(default_factory=dict)
+
+
+# Steps of the timed adaspa generation whose branch-0 output is checked against eager.
+CHECK_STEPS = {"dense": 0, "fused_search": BENCH_SEARCH_STEPS[0],
+               "sparse": BENCH_SEARCH_STEPS[0] + 1}
+
+
+def site_phase(branch: int) -> str:
+    """The phase letter the last call ran at every rewritten site: "-" without sites, and
+    "[DS]"-style when the sites disagree (then no phase is timed and the phase check fails)."""
+    letters = {s.phases.get(branch, "")[-1:] for s in adaspa_compile.report().rewritten} - {""}
+    if not letters:
+        return "-"
+    return letters.pop() if len(letters) == 1 else "[" + "".join(sorted(letters)) + "]"
+
+
+def generation(ctx: Context, model, steps: int, keep: Dict[int, torch.Tensor],
+               adaspa: bool) -> List[Call]:
+    """Run ``steps`` denoising steps of every branch; keep branch-0 outputs of chosen steps."""
+    calls = []
+    for i in range(steps):
+        for b, kwargs in enumerate(ctx.branches):
+            ms, out = timed(ctx.device, forward, model, kwargs, ctx.timesteps[i], ctx.spec,
+                            ctx.device)
+            calls.append(Call(i, b, site_phase(b) if adaspa else "D", ms))
+            if b == 0 and i in keep:
+                keep[i] = out.detach().clone()
+            del out
+    return calls
+
+
+# ----------------------------------------------------------------------------- methods
+def cold_cache(ctx: Context):
+    """A fresh, empty inductor/Triton cache for a compile to be timed cold (CUDA, not --quick)."""
+    if ctx.args.cold_compile:
+        from torch._inductor.utils import fresh_cache
+
+        return fresh_cache()
+    return contextlib.nullcontext()
+
+
+def memory_start(ctx: Context) -> int:
+    if ctx.device.type != "cuda":
+        return 0
+    sync(ctx.device)
+    torch.cuda.reset_peak_memory_stats(ctx.device)
+    return torch.cuda.memory_allocated(ctx.device)
+
+
+def memory_peak(ctx: Context, base: int) -> Dict[str, Optional[float]]:
+    if ctx.device.type != "cuda":
+        return {"peak_gib": None, "peak_over_start_gib": None}
+    peak = torch.cuda.max_memory_allocated(ctx.device)
+    # Over what was allocated before the timed calls (weights, inputs, references).
+    return {"peak_gib": peak / 2**30, "peak_over_start_gib": (peak - base) / 2**30}
+
+
+def run_eager(ctx: Context) -> Dict[str, Any]:
+    """The model's own forward: warmup, then one call at each checked step (their outputs are
+    the references)."""
+    spec = ctx.spec
+    forward(ctx.model, ctx.branches[0], ctx.timesteps[0], spec, ctx.device)
+    base = memory_start(ctx)
+    times = []
+    for step in sorted(set(CHECK_STEPS.values())):
+        ms, out = timed(ctx.device, forward, ctx.model, ctx.branches[0], ctx.timesteps[step],
+                        spec, ctx.device)
+        times.append(ms)
+        ctx.refs[step] = out.detach().clone()
+    result = dense_result(ctx, times)
+    result.update(memory_peak(ctx, base))
+    return result
+
+
+def dense_result(ctx: Context, times: List[float]) -> Dict[str, Any]:
+    ms = median(times)
+    return {"forward_ms": {"dense": ms}, "samples_ms": {"dense": times},
+            "projected_50_s": 50 * ctx.spec.calls_per_step * ms / 1e3}
+
+
+def run_inductor(ctx: Context) -> Dict[str, Any]:
+    with cold_cache(ctx):  # open until the compiled code is no longer used
+        return _run_inductor(ctx)
+
+
+def _run_inductor(ctx: Context) -> Dict[str, Any]:
+    spec = ctx.spec
+    graphs0 = unique_graphs()
+    compiled = torch.compile(ctx.model, fullgraph=True)
+    t0 = time.perf_counter()
+    out = forward(compiled, ctx.branches[0], ctx.timesteps[0], spec, ctx.device)
+    sync(ctx.device)
+    first_ms = (time.perf_counter() - t0) * 1e3
+    graphs1 = unique_graphs()
+    checks = {}
+    if 0 in ctx.refs:
+        err = rel_err(out, ctx.refs[0])
+        ctx.ref_err["inductor"] = err
+        checks["dense step vs eager"] = err
+    del out
+    base = memory_start(ctx)
+    times = [timed(ctx.device, forward, compiled, ctx.branches[0], ctx.timesteps[i], spec,
+                   ctx.device)[0] for i in range(3)]
+    result = dense_result(ctx, times)
+    result.update(memory_peak(ctx, base))
+    result.update(compile_s=(first_ms - median(times)) / 1e3,
+                  compile_cache="cold" if ctx.args.cold_compile else "as found",
+                  graphs=unique_graphs() - graphs0, recompiles=unique_graphs() - graphs1,
+                  errors=checks)
+    return result
+
+
+def run_adaspa(ctx: Context, method: str, cache: contextlib.ExitStack,
+               first_adaspa: bool) -> Dict[str, Any]:
+    spec = ctx.spec
+    options = dict(ADASPA_OPTIONS[method], search_steps=BENCH_SEARCH_STEPS)
+    if ctx.args.quick:
+        options["min_seq_len"] = 256
+    torch._dynamo.reset()
+    adaspa_compile.reset(forget_sites=True)
+    graphs0 = unique_graphs()
+    compiled = torch.compile(ctx.model, backend="adaspa", fullgraph=True, options=options)
+
+    # The first call compiles. The first adaspa method of a model then runs a warmup generation
+    # (every phase once: kernel JIT and autotuning); later ones reuse the compiled kernels.
+    if first_adaspa and ctx.args.cold_compile:
+        from torch._inductor.utils import fresh_cache
+
+        cache.enter_context(fresh_cache())  # kept open: later adaspa methods hit its FX cache
+    t0 = time.perf_counter()
+    forward(compiled, ctx.branches[0], ctx.timesteps[0], spec, ctx.device)
+    sync(ctx.device)
+    first_ms = (time.perf_counter() - t0) * 1e3
+    graphs1 = unique_graphs()
+    warmup: List[Call] = []
+    if first_adaspa:
+        adaspa_compile.reset()
+        warmup = generation(ctx, compiled, WARMUP_STEPS, {}, adaspa=True)
+
+    adaspa_compile.reset()
+    keep = {step: None for step in CHECK_STEPS.values()}
+    base = memory_start(ctx)
+    calls = generation(ctx, compiled, TIMED_STEPS, keep, adaspa=True)
+    memory = memory_peak(ctx, base)
+    report = adaspa_compile.report()
+
+    samples: Dict[str, List[float]] = {name: [] for name in PHASE_NAMES.values()}
+    for c in calls:
+        if c.phase in PHASE_NAMES:
+            samples[PHASE_NAMES[c.phase]].append(c.ms)
+    ms = {name: median(xs) for name, xs in samples.items()}
+    projected = None
+    if all(ms[p] is not None for p in DEFAULT_SCHEDULE):
+        projected = spec.calls_per_step * sum(n * ms[p] for p, n in DEFAULT_SCHEDULE.items()) / 1e3
+    overhead_ms = None
+    if projected is not None:
+        overhead_ms = spec.calls_per_step * ((ms["fused_search"] - ms["dense"])
+                                             + (ms["cached_search"] - ms["sparse"]))
+
+    sites = report.rewritten
+    cache_bytes = sum(s.cache_bytes for s in sites)
+    per_site = cache_bytes / len(sites) if sites else 0.0
+    densities = [s.mean_density() for s in sites if s.mean_density() is not None]
+    recalls = [s.mean_recall() for s in sites if s.mean_recall() is not None]
+    errors = {f"{phase} step vs eager": rel_err(keep[step], ctx.refs[step])
+              for phase, step in CHECK_STEPS.items()
+              if step in ctx.refs and keep.get(step) is not None}
+    return {
+        "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+        "forward_ms": ms, "samples_ms": samples,
+        "phases_seen": "".join(c.phase for c in calls if c.branch == 0),
+        "warmup_ms": [round(c.ms, 2) for c in warmup],
+        "projected_50_s": projected,
+        "search_overhead_ms": overhead_ms,
+        "search_overhead_pct": None if projected is None else 100 * overhead_ms / 1e3 / projected,
+        "selection_ms": [round(t, 2) for s in sites for t in s.search_ms],
+        "density": median(densities), "recall": median(recalls),
+        "sites_rewritten": len(sites), "sites_left_dense": len(report.skipped),
+        "site_shapes": sorted({s.shape for s in sites}),
+        "site_text": sorted({s.text for s in sites}),
+        "cache_bytes": cache_bytes, "cache_bytes_per_site": per_site,
+        "cache_gb_full_depth": per_site * spec.full_layers / 1e9,
+        "cache_arithmetic": (f"{per_site / 1e6:.3g} MB per site x {spec.full_layers} layers = "
+                             f"{per_site * spec.full_layers / 1e9:.3g} GB"),
+        **memory,
+        "compile_s": (first_ms - (ms["dense"] or 0.0)) / 1e3,
+        "compile_cache": ("cold" if first_adaspa else "warm (FX cache of the first adaspa "
+                          "compile)") if ctx.args.cold_compile else "as found",
+        "graphs": unique_graphs() - graphs0, "recompiles": unique_graphs() - graphs1,
+        "errors": errors,
+        "report": str(report),
+    }
+
+
+def checks_for(ctx: Context, method: str, result: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Pass/fail checks of one method's result."""
+    out = []
+
+    def check(what: str, ok: bool, value: Any) -> None:
+        out.append({"model": ctx.spec.name, "method": method, "what": what, "ok": bool(ok),
+                    "value": value})
+
+    tol = FALLBACK_TOL
+    if "inductor" in ctx.ref_err and ctx.ref_err["inductor"] == ctx.ref_err["inductor"]:
+        tol = max(2 * ctx.ref_err["inductor"], BF16_FLOOR)
+    for what, err in result.get("errors", {}).items():
+        if what.startswith("sparse"):
+            check(f"{what} (informational, rel. L2)", True, err)
+        elif method == "inductor":
+            check(f"{what} < {FALLBACK_TOL}", err < FALLBACK_TOL, err)
+        else:
+            check(f"{what} < {tol:.2g} (2x inductor's error, >= {BF16_FLOOR})", err < tol, err)
+    if method.startswith("adaspa"):
+        check("recompiles == 0", result["recompiles"] == 0, result["recompiles"])
+        check("graphs == 1 (fullgraph)", result["graphs"] == 1, result["graphs"])
+        check(f"rewritten sites == layers ({ctx.spec.layers})",
+              result["sites_rewritten"] == ctx.spec.layers, result["sites_rewritten"])
+        want_shape = f"[{ctx.spec.batch},{ctx.spec.heads},{ctx.spec.tokens},{ctx.spec.head_dim}]"
+        check(f"site shape {want_shape}", result["site_shapes"] == [want_shape],
+              result["site_shapes"])
+        expected = "DDFSCSSS"
+        check(f"phases {expected}", result["phases_seen"] == expected, result["phases_seen"])
+        target = result["options"].get("recall")
+        if result["options"].get("mode") == "recall":
+            check(f"recall >= {target}", (result["recall"] or 0.0) >= target - 1e-3,
+                  result["recall"])
+        else:
+            check("density < 1 after search", (result["density"] or 1.0) < 1.0,
+                  result["density"])
+    return out
+
+
+# ----------------------------------------------------------------------------- driver
+def run_model(spec: ModelSpec, args, device, dtype, payload, all_checks, start: float) -> None:
+    log(f"{spec.name}: building ({spec.layers_label} layers, {spec.heads}x{spec.head_dim} heads, "
+        f"{spec.tokens:,} tokens, {spec.text_tokens} of them text)")
+    model = build_model(spec, device, dtype)
+    params = sum(p.numel() for p in model.parameters())
+    ctx = Context(args=args, device=device, dtype=dtype, spec=spec, model=model,
+                  branches=spec.inputs(model, device, dtype),
+                  timesteps=timestep_values(max(TIMED_STEPS, WARMUP_STEPS), spec.timestep_dtype))
+    entry = payload["models"][spec.name] = {
+        "config": {"heads": spec.heads, "head_dim": spec.head_dim, "tokens": spec.tokens,
+                   "text_tokens": spec.text_tokens, "layers": spec.layers_label,
+                   "full_layers": spec.full_layers, "batch": spec.batch,
+                   "calls_per_step": spec.calls_per_step, "params": params, "notes": spec.notes,
+                   "search_steps_timed": list(BENCH_SEARCH_STEPS)},
+        "methods": {},
+        "run": {k: args.meta[k] for k in ("device", "time", "torch", "command")}}
+    with contextlib.ExitStack() as adaspa_cache:
+        first_adaspa = True
+        for method in args.methods:
+            if time.perf_counter() - start > args.time_limit:
+                log(f"{spec.name}: {method} skipped: past --time-limit {args.time_limit:.0f} s")
+                entry["methods"][method] = {"skipped": "time limit"}
+                continue
+            log(f"{spec.name}: {method} ...")
+            t0 = time.perf_counter()
+            try:
+                if method == "eager":
+                    result = run_eager(ctx)
+                elif method == "inductor":
+                    result = run_inductor(ctx)
+                else:
+                    result = run_adaspa(ctx, method, adaspa_cache, first_adaspa)
+                    first_adaspa = False
+            except Exception as exc:  # record and go on: one failure must not hide the others
+                import traceback
+
+                traceback.print_exc()
+                result = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+                all_checks.append({"model": spec.name, "method": method, "what": "runs",
+                                   "ok": False, "value": result["error"][:300]})
+            else:
+                all_checks.extend(checks_for(ctx, method, result))
+            result["wall_s"] = time.perf_counter() - t0
+            entry["methods"][method] = result
+            torch._dynamo.reset()
+            adaspa_compile.reset(forget_sites=True)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            log(f"{spec.name}: {method} done in {result['wall_s']:.1f} s: "
+                + summary(result))
+            if "report" in result and args.verbose:
+                print(result["report"], flush=True)
+            add_ratios(entry)
+            write_results(payload, all_checks, args)
+    del ctx, model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def summary(r: Dict[str, Any]) -> str:
+    if "error" in r:
+        return "ERROR " + r["error"][:200]
+    ms = ", ".join(f"{k} {v:.1f} ms" for k, v in r.get("forward_ms", {}).items() if v is not None)
+    proj = r.get("projected_50_s")
+    return ms + (f"; 50 steps {proj:.1f} s" if proj is not None else "")
+
+
+def add_ratios(entry: Dict[str, Any]) -> None:
+    """Speedups over inductor dense (same run, same card)."""
+    base = entry["methods"].get("inductor", {})
+    b_ms, b_50 = base.get("forward_ms", {}).get("dense"), base.get("projected_50_s")
+    b_compile = base.get("compile_s")
+    for r in entry["methods"].values():
+        if "forward_ms" not in r:
+            continue
+        sparse = r["forward_ms"].get("sparse") or r["forward_ms"].get("dense")
+        r["x_inductor_forward"] = b_ms / sparse if b_ms and sparse else None
+        r["x_inductor_50"] = b_50 / r["projected_50_s"] if b_50 and r.get("projected_50_s") \
+            else None
+        r["compile_x_inductor"] = r["compile_s"] / b_compile \
+            if b_compile and r.get("compile_s") is not None else None
+
+
+TARGETS = [
+    # (model, method, key, op, bound, what)
+    ("hunyuan_video", "adaspa-0.8", "x_inductor_forward", ">=", 2.7,
+     "HunyuanVideo sparse-step forward vs inductor, s=0.8"),
+    ("hunyuan_video", "adaspa-0.8", "x_inductor_50", ">=", 2.1, "HunyuanVideo 50 steps, s=0.8"),
+    ("hunyuan_video", "adaspa-0.9", "x_inductor_50", ">=", 2.4, "HunyuanVideo 50 steps, s=0.9"),
+    ("wan", "adaspa-0.9", "x_inductor_50", ">=", 1.9, "Wan2.1-14B 50 steps, s=0.9"),
+    ("*", "adaspa-0.8", "search_overhead_pct", "<=", 3.0, "search overhead, % of 50 steps"),
+    ("hunyuan_video", "adaspa-0.8", "cache_gb_full_depth", "<=", 1.5,
+     "cache memory at 60 HunyuanVideo layers, GB"),
+    ("*", "adaspa-0.8", "compile_x_inductor", "<=", 1.5, "compile time / inductor's"),
+]
+
+
+def targets(payload: Dict[str, Any]) -> List[Dict[str, Any]]:
+    rows = []
+    for model, method, key, op, bound, what in TARGETS:
+        for name, entry in payload["models"].items():
+            if model not in ("*", name):
+                continue
+            value = entry["methods"].get(method, {}).get(key)
+            ok = None if value is None else (value >= bound if op == ">=" else value <= bound)
+            rows.append({"model": name, "method": method, "what": what, "target": f"{op} {bound}",
+                         "value": value, "met": ok})
+    return rows
+
+
+def fmt(v: Any, spec: str = ".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(payload: Dict[str, Any]) -> str:
+    lines = ["| model | layers | method | compile s | dense ms | fused ms | cached ms | sparse ms "
+             "| 50 steps s | x ind. fwd | x ind. 50 | search % | peak GiB | cache MB | graphs "
+             "/ recompiles | density | recall |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, entry in payload["models"].items():
+        layers = entry["config"]["layers"]
+        for method, r in entry["methods"].items():
+            if "forward_ms" not in r:
+                lines.append(f"| {name} | {layers} | {method} | "
+                             f"{r.get('error', r.get('skipped', '?'))[:60]} |" + " |" * 13)
+                continue
+            ms = r["forward_ms"]
+            graphs = f"{r['graphs']} / {r['recompiles']}" if "graphs" in r else "-"
+            lines.append(
+                f"| {name} | {layers} | {method} | {fmt(r.get('compile_s'))} | "
+                f"{fmt(ms.get('dense'))} | {fmt(ms.get('fused_search'))} | "
+                f"{fmt(ms.get('cached_search'))} | {fmt(ms.get('sparse'))} | "
+                f"{fmt(r.get('projected_50_s'))} | {fmt(r.get('x_inductor_forward'), '.2f')} | "
+                f"{fmt(r.get('x_inductor_50'), '.2f')} | {fmt(r.get('search_overhead_pct'))} | "
+                f"{fmt(r.get('peak_gib'))} | "
+                f"{fmt(r['cache_bytes'] / 1e6 if 'cache_bytes' in r else None, '.3g')} | "
+                f"{graphs} | "
+                f"{fmt(r.get('density'), '.3f')} | {fmt(r.get('recall'), '.3f')} |")
+    return "\n".join(lines)
+
+
+def chart(payload: Dict[str, Any], paths: List[Path]) -> None:
+    """Grouped bars: projected 50-step time per method and model (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib not installed: no chart (pip install matplotlib)")
+        return
+    models = list(payload["models"])
+    fig, ax = plt.subplots(figsize=(2.8 * max(1, len(models)) + 2, 4.2))
+    width = 0.8 / len(METHODS)
+    colors = plt.get_cmap("tab10").colors
+    for j, method in enumerate(METHODS):
+        xs, ys = [], []
+        for i, name in enumerate(models):
+            v = payload["models"][name]["methods"].get(method, {}).get("projected_50_s")
+            if v is not None:
+                xs.append(i + (j - (len(METHODS) - 1) / 2) * width)
+                ys.append(v)
+        if not ys:
+            continue
+        bars = ax.bar(xs, ys, width, label=method, color=colors[j])
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(range(len(models)))
+    ax.set_xticklabels([f"{n}\n({payload['models'][n]['config']['layers']} layers)\n"
+                        f"{payload['models'][n].get('run', {}).get('device', '')}" for n in models],
+                       fontsize=8)
+    ax.set_ylabel("projected time of 50 steps, s")
+    ax.set_title("End-to-end, random bf16 weights (9 dense + 1 fused + 1 cached + 39 sparse "
+                 "steps)", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(p, dpi=120)
+    plt.close(fig)
+
+
+def write_results(payload: Dict[str, Any], all_checks,
+                  args) -> Tuple[List[Path], Dict[str, Any]]:
+    """Write the JSON, merged by model into an existing results file; return (paths, merged)."""
+    payload["checks"] = all_checks
+    payload["targets"] = targets(payload)
+    paths = [args.json]
+    if os.environ.get("OUT"):
+        paths.append(Path(os.environ["OUT"]) / args.json.name)
+    merged = dict(payload)
+    if args.json.exists() and not args.no_merge:
+        try:
+            old = json.loads(args.json.read_text())
+            if old.get("meta", {}).get("quick") == args.quick:
+                models = dict(old.get("models", {}))
+                models.update(payload["models"])
+                merged = dict(payload, models=models)
+                merged["targets"] = targets(merged)
+        except (OSError, ValueError):
+            pass
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(merged, indent=1, default=str))
+    return paths, merged
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny widths and lengths (CPU smoke test)")
+    ap.add_argument("--models", default="hunyuan_video,wan,cogvideox",
+                    help="comma list of hunyuan_video, wan, cogvideox")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
+    ap.add_argument("--hunyuan-layers", default=None,
+                    help="DUAL,SINGLE blocks (default 2,4; 1,1 with --quick)")
+    ap.add_argument("--wan-layers", type=int, default=None, help="default 4 (2 with --quick)")
+    ap.add_argument("--cogvideox-layers", type=int, default=None,
+                    help="default 4 (2 with --quick)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--cold-compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="time the first compile of inductor and adaspa with empty caches "
+                         "(default: on CUDA without --quick)")
+    ap.add_argument("--time-limit", type=float, default=480.0,
+                    help="seconds; methods that would start later are skipped (results so far "
+                         "are written after every method)")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="default benchmarks/results/e2e.json (e2e_quick.json with --quick)")
+    ap.add_argument("--no-merge", action="store_true",
+                    help="overwrite --json instead of replacing this run's models in it")
+    ap.add_argument("--verbose", action="store_true", help="print the adaspa report per method")
+    args = ap.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in args.models:
+        if m not in ("hunyuan_video", "wan", "cogvideox"):
+            ap.error(f"--models: unknown model {m!r}")
+    for m in args.methods:
+        if m not in METHODS:
+            ap.error(f"--methods: unknown method {m!r}; choose from {METHODS}")
+    if args.hunyuan_layers is None:
+        args.hunyuan_layers = "1,1" if args.quick else "2,4"
+    if args.wan_layers is None:
+        args.wan_layers = 2 if args.quick else 4
+    if args.cogvideox_layers is None:
+        args.cogvideox_layers = 2 if args.quick else 4
+    try:
+        dual, single = (int(x) for x in args.hunyuan_layers.split(","))
+    except ValueError:
+        ap.error("--hunyuan-layers takes DUAL,SINGLE, e.g. 2,4")
+    args.hunyuan_layers = (dual, single)
+    if args.json is None:
+        args.json = RESULTS / ("e2e_quick.json" if args.quick else "e2e.json")
+    if args.cold_compile is None:
+        args.cold_compile = args.device.startswith("cuda") and not args.quick
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16
+    import diffusers
+
+    registered_by = "entry point"
+    if "adaspa" not in torch._dynamo.list_backends(exclude_tags=()):
+        # Not pip-installed (a bare checkout): register the same function under the same name.
+        from torch._dynamo.backends.registry import register_backend
+
+        from adaspa_compile.backend import adaspa_backend
+
+        register_backend(adaspa_backend, name="adaspa")
+        registered_by = "benchmarks/e2e.py (package not installed)"
+    meta = {"backend_registered_by": registered_by,"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "cuda": torch.version.cuda, "dtype": "bfloat16", "quick": args.quick,
+            "command": "python " + " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "cold_compile": args.cold_compile,
+            "schedule_timed": f"search_steps={BENCH_SEARCH_STEPS}, {TIMED_STEPS} steps "
+                              f"(after a {WARMUP_STEPS}-step warmup generation)",
+            "schedule_projected": DEFAULT_SCHEDULE,
+            "note": "random weights: attention is close to uniform, so recall mode keeps most "
+                    "blocks and its speed says little about trained models; the fixed-sparsity "
+                    "methods cost the same whatever the weights"}
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+    args.meta = meta
+    log(f"e2e benchmark: {meta}")
+    specs = {"hunyuan_video": lambda: hunyuan_spec(args.quick, *args.hunyuan_layers),
+             "wan": lambda: wan_spec(args.quick, args.wan_layers),
+             "cogvideox": lambda: cogvideox_spec(args.quick, args.cogvideox_layers)}
+    payload: Dict[str, Any] = {"meta": meta, "models": {}}
+    all_checks: List[Dict[str, Any]] = []
+    for name in args.models:
+        if time.perf_counter() - start > args.time_limit:
+            log(f"{name} skipped: past --time-limit {args.time_limit:.0f} s")
+            continue
+        run_model(specs[name](), args, device, dtype, payload, all_checks, start)
+
+    paths, merged = write_results(payload, all_checks, args)
+    png = args.json.with_suffix(".png")
+    chart(merged, [png] + ([Path(os.environ["OUT"]) / png.name] if os.environ.get("OUT") else []))
+    print("\n" + table(payload))
+    for name, entry in payload["models"].items():
+        r = entry["methods"].get("adaspa-0.8", {})
+        if "cache_arithmetic" in r:
+            print(f"cache memory, {name} at full depth: {r['cache_arithmetic']}")
+    print("\ntargets (ratios from this run):")
+    for t in payload["targets"]:
+        met = {True: "met", False: "MISSED", None: "n/a"}[t["met"]]
+        print(f"  {t['model']:14s} {t['what']:48s} {t['target']:>7s}  {fmt(t['value'], '.3g'):>8s}"
+              f"  {met}")
+    print("\nchecks:")
+    for c in all_checks:
+        value = f"{c['value']:.2e}" if isinstance(c["value"], float) else c["value"]
+        print(f"  {'ok  ' if c['ok'] else 'FAIL'} {c['model']:14s} {c['method']:14s} "
+              f"{c['what']}: {value}")
+    log(f"wrote {', '.join(str(p) for p in paths)}; total {time.perf_counter() - start:.0f} s")
+    failed = [c for c in all_checks if not c["ok"]]
+    if failed:
+        print(f"CHECK FAILURES: {len(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""Kernel benchmark of issue 3: one run, one table (ADASPA.md section 7 shapes, B=1, bf16).
+
+For each shape, in one process on one GPU: cuDNN and flash dense SDPA, our block-sparse kernel
+and FlexAttention on the identical block masks (densities 1.0, 0.5, head-adaptive 0.2 = heads at
+0.1 / 0.2 / 0.3, and 0.1), our fused search and LSE-cached search, plus the mask-to-index
+conversion and a top-k over the mass map. Median times from ``triton.testing.do_bench``; every
+kernel's output is checked against a reference in the same run. Inputs are random, in the
+diffusers layout (BSHD memory viewed as BHSD).
+
+    python benchmarks/kernels.py                 # full lengths, all shapes
+    python benchmarks/kernels.py --quick         # a quarter of the tokens
+    python benchmarks/kernels.py --shapes hunyuan --tune
+
+Writes JSON to ``benchmarks/results/kernels.json`` and, when set, ``$OUT/kernels.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import importlib  # noqa: E402
+
+from adaspa_compile.blockmask import BlockMask  # noqa: E402
+
+# The modules, not the package's same-named functions.
+block_sparse = importlib.import_module("adaspa_compile.kernels.block_sparse")
+cached_search = importlib.import_module("adaspa_compile.kernels.cached_search")
+fused_search = importlib.import_module("adaspa_compile.kernels.fused_search")
+
+SHAPES = {
+    # name: (heads, head_dim, tokens, text tokens, text position)
+    "hunyuan": (24, 128, 119_056, 256, "last"),
+    "wan": (40, 128, 75_600, 0, "last"),
+    "cogvideox": (48, 64, 45_106, 226, "first"),
+}
+DENSITIES = ("1.0", "0.5", "0.2-tiers", "0.1")
+
+
+def bench(fn, rep_ms: int) -> float:
+    return float(triton.testing.do_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms,
+                                         return_mode="median"))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    if not torch.isfinite(a).all():
+        return float("nan")
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def text_blocks(L: int, bs: int, text: int, where: str, device) -> torch.Tensor:
+    nb = -(-L // bs)
+    tok = torch.zeros(nb * bs, dtype=torch.bool, device=device)
+    if text:
+        if where == "last":
+            tok[L - text:L] = True
+        else:
+            tok[:text] = True
+    return tok.view(nb, bs).any(-1)
+
+
+def make_mask(H: int, L: int, bs: int, densities, text_blk: torch.Tensor, seed: int) -> BlockMask:
+    """Row-wise top-k of random scores; diagonal and text blocks always kept (ADASPA.md 4.1-4.2)."""
+    nb = text_blk.numel()
+    device = text_blk.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    scores = torch.rand(1, H, nb, nb, device=device, generator=gen)
+    forced = torch.eye(nb, dtype=torch.bool, device=device) | text_blk[None, :] | text_blk[:, None]
+    scores = scores.masked_fill(forced, 2.0)
+    dense = torch.zeros(1, H, nb, nb, dtype=torch.bool, device=device)
+    for h in range(H):
+        k = max(1, min(nb, round(densities[h] * nb)))
+        top = scores[:, h].topk(k, dim=-1).indices
+        dense[:, h].scatter_(-1, top, True)
+    dense |= forced
+    return BlockMask.from_dense(dense, block_size=bs, seq_len=L)
+
+
+def head_densities(name: str, H: int):
+    if name == "0.2-tiers":
+        return [(0.1, 0.2, 0.3)[h * 3 // H] for h in range(H)]
+    return [float(name)] * H
+
+
+def flex_block_mask(counts, indices, L, bs, nb):
+    from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
+
+    full = torch.zeros(*indices.shape[:3], nb, dtype=torch.int32, device=indices.device)
+    full[..., : indices.shape[-1]] = indices
+    return FlexBlockMask.from_kv_blocks(counts, full, BLOCK_SIZE=bs, seq_lengths=(L, L),
+                                        compute_q_blocks=False)
+
+
+def run_shape(name, args, flex_fn, rows, checks):
+    H, D, L_full, text, where = SHAPES[name]
+    L = L_full // 4 if args.quick else L_full
+    text = text if L > text else 0
+    bs = args.block_size
+    nb = -(-L // bs)
+    dev = "cuda"
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, L, H, D, device=dev, dtype=torch.bfloat16).transpose(1, 2)
+               for _ in range(3))
+    scale = D ** -0.5
+    dense_flops = 4.0 * H * L * L * D
+
+    def add(label, ms, flops=None, extra=None):
+        row = {"shape": name, "what": label, "ms": ms,
+               "tflops": (flops / ms / 1e9) if flops else None}
+        row.update(extra or {})
+        rows.append(row)
+        print(f"  {name:10s} {label:38s} {ms:9.3f} ms", flush=True)
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+        add("dense cuDNN", bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, scale=scale), args.rep), dense_flops)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        add("dense flash", bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, scale=scale), args.rep), dense_flops)
+
+    # Fused search and plain attention-with-LSE.
+    out, lse, mass = fused_search.fused_search(q, k, v, scale, bs, None)
+    checks.append((name, "fused out vs cuDNN", rel_err(out, ref)))
+    valid_rows = torch.full((nb,), float(bs), device=dev)
+    valid_rows[-1] = L - (nb - 1) * bs
+    checks.append((name, "fused mass row sums", rel_err(mass.sum(-1), valid_rows.expand(1, H, nb))))
+    add("ours fused search (O+LSE+mass)", bench(
+        lambda: fused_search.fused_search(q, k, v, scale, bs, None), args.rep), dense_flops * 1.5)
+    out2, _, _ = fused_search.fused_search(q, k, v, scale, bs, None, with_mass=False)
+    checks.append((name, "attention+LSE vs cuDNN", rel_err(out2, ref)))
+    add("ours dense attention+LSE", bench(
+        lambda: fused_search.fused_search(q, k, v, scale, bs, None, with_mass=False), args.rep),
+        dense_flops)
+    mass2 = cached_search.cached_search(q, k, lse, scale, bs, None)
+    checks.append((name, "cached mass vs fused mass", rel_err(mass2, mass)))
+    add("ours cached search (mass)", bench(
+        lambda: cached_search.cached_search(q, k, lse, scale, bs, None), args.rep),
+        dense_flops * 0.5)
+    kk = max(1, round(0.2 * nb))
+    add(f"topk(k={kk}) over mass map", bench(lambda: torch.topk(mass, kk, dim=-1), args.rep))
+    del out, out2, mass2
+
+    text_blk = text_blocks(L, bs, text, where, dev)
+    for dname in DENSITIES:
+        bm = make_mask(H, L, bs, head_densities(dname, H), text_blk, seed=1)
+        counts, indices = bm.to_indices()
+        kept = float(counts.sum()) / (H * nb * nb)
+        add(f"BlockMask.to_indices d={dname}", bench(bm.to_indices, args.rep))
+        sp_flops = dense_flops * kept
+        o = block_sparse.block_sparse_attention(q, k, v, counts, indices, scale, bs, None)
+        if dname == "1.0":
+            checks.append((name, "sparse d=1.0 vs cuDNN", rel_err(o, ref)))
+        add(f"ours block-sparse d={dname} ({kept:.3f})", bench(
+            lambda: block_sparse.block_sparse_attention(q, k, v, counts, indices, scale, bs, None),
+            args.rep), sp_flops, {"density": kept})
+        if flex_fn is not None:
+            try:
+                fbm = flex_block_mask(counts, indices, L, bs, nb)
+                kopts = {"BLOCK_M": bs, "BLOCK_N": bs}
+                fo = flex_fn(q, k, v, block_mask=fbm, scale=scale, kernel_options=kopts)
+                checks.append((name, f"sparse d={dname} vs Flex", rel_err(o, fo)))
+                add(f"Flex block-sparse d={dname}", bench(
+                    lambda: flex_fn(q, k, v, block_mask=fbm, scale=scale, kernel_options=kopts),
+                    args.rep), sp_flops, {"density": kept})
+                del fo, fbm
+            except Exception as exc:  # report, keep the table going
+                print(f"  Flex failed for {name} d={dname}: {type(exc).__name__}: {exc}"[:400])
+                rows.append({"shape": name, "what": f"Flex block-sparse d={dname}",
+                             "error": f"{type(exc).__name__}: {exc}"[:400]})
+        del o, counts, indices, bm
+    torch.cuda.empty_cache()
+
+
+def tune(args):
+    """Sweep num_warps / num_stages (and the forward tile) at a quarter of each shape."""
+    results = []
+    for name in args.shapes:
+        H, D, L, _, _ = SHAPES[name]
+        L = L // 4
+        bs = args.block_size
+        q, k, v = (torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+                   for _ in range(3))
+        scale = D ** -0.5
+        _, lse, _ = fused_search.fused_search(q, k, v, scale, bs, None)
+        bm = make_mask(H, L, bs, head_densities("0.2-tiers", H),
+                       text_blocks(L, bs, 0, "last", "cuda"), seed=1)
+        counts, indices = bm.to_indices()
+        order = block_sparse.work_order(counts)
+        cands = [(4, 2), (4, 3), (8, 2), (8, 3)]
+        for w, s in cands:
+            for kern, fn in [
+                ("sparse", lambda: block_sparse._launch(q, k, v, counts, indices, scale, bs, None,
+                                                        None, order, w, s)),
+                ("cached", lambda: cached_search._launch(q, k, lse, scale, bs, None, None, w, s)),
+                ("fused", lambda: fused_search._launch(q, k, v, scale, bs, None, True, None, None,
+                                                       None, None, w, s)),
+                ("attn-bn64", lambda: fused_search._launch(q, k, v, scale, bs, None, False, None,
+                                                           None, None, 64, w, s)),
+                ("attn-bn128", lambda: fused_search._launch(q, k, v, scale, bs, None, False, None,
+                                                            None, None, 128, w, s)),
+            ]:
+                try:
+                    ms = bench(fn, 200)
+                except Exception as exc:
+                    ms = float("nan")
+                    print(f"tune {name} {kern} w{w} s{s} failed: {type(exc).__name__}"[:200])
+                results.append({"shape": name, "L": L, "kernel": kern, "num_warps": w,
+                                "num_stages": s, "ms": ms})
+                print(f"tune {name:10s} L={L} {kern:10s} warps={w} stages={s} {ms:8.3f} ms",
+                      flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+    return results
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a quarter of each shape's tokens")
+    ap.add_argument("--shapes", default="hunyuan,wan,cogvideox",
+                    help=f"comma list of {sorted(SHAPES)}")
+    ap.add_argument("--block-size", type=int, default=64)
+    ap.add_argument("--rep", type=int, default=600, help="do_bench repetition time, ms")
+    ap.add_argument("--tune", action="store_true", help="sweep launch configs first")
+    ap.add_argument("--no-flex", action="store_true")
+    args = ap.parse_args()
+    args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    for s in args.shapes:
+        if s not in SHAPES:
+            ap.error(f"unknown shape {s!r}; choose from {sorted(SHAPES)}")
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/kernels.py needs a CUDA device")
+
+    meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__, "cuda": torch.version.cuda,
+            "command": "python " + " ".join(sys.argv), "block_size": args.block_size,
+            "quick": args.quick, "dtype": "bfloat16", "layout": "BSHD viewed as BHSD",
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    print(meta, flush=True)
+    tuning = tune(args) if args.tune else None
+
+    flex_fn = None
+    if not args.no_flex:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex_fn = torch.compile(flex_attention, dynamic=False)
+    rows, checks = [], []
+    for name in args.shapes:
+        run_shape(name, args, flex_fn, rows, checks)
+
+    # Ratios to cuDNN dense of the same shape.
+    for name in args.shapes:
+        base = next(r["ms"] for r in rows if r["shape"] == name and r["what"] == "dense cuDNN")
+        for r in rows:
+            if r["shape"] == name and r.get("ms"):
+                r["x_cudnn"] = r["ms"] / base
+    print("\n| shape | what | ms | x cuDNN | TFLOP/s |\n|---|---|---:|---:|---:|")
+    for r in rows:
+        if "ms" not in r:
+            print(f"| {r['shape']} | {r['what']} | error | | |")
+            continue
+        tf = f"{r['tflops']:.0f}" if r.get("tflops") else ""
+        print(f"| {r['shape']} | {r['what']} | {r['ms']:.2f} | {r['x_cudnn']:.3f} | {tf} |")
+    print("\nchecks (relative error):")
+    for name, what, err in checks:
+        print(f"  {name:10s} {what:32s} {err:.2e}")
+    payload = {"meta": meta, "rows": rows,
+               "checks": [{"shape": s, "what": w, "rel_err": e} for s, w, e in checks],
+               "tuning": tuning}
+    paths = [Path(__file__).resolve().parent / "results" / "kernels.json"]
+    if os.environ.get("OUT"):
+        paths.append(Path(os.environ["OUT"]) / "kernels.json")
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(payload, indent=1))
+    bad = [c for c in checks if not (c[2] < 2e-2)]
+    if bad:
+        print(f"CHECK FAILURES: {bad}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""Property tests of the three Triton kernels against the pure-PyTorch reference in float64.
+
+Without CUDA they run under Triton's CPU interpreter in fp32 (relative error < 1e-4). The same
+properties, marked ``gpu``, run the compiled kernels on a CUDA device in bf16 (and fp32 with IEEE
+dots), against the float64 reference of the dtype-rounded inputs. Every output is poisoned with
+NaN first, so an element the kernel forgets to write fails.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from adaspa_compile import kernels, reference
+from adaspa_compile.blockmask import BlockMask
+
+pytest.importorskip("triton")
+
+HAS_CUDA = torch.cuda.is_available()
+interpreter_only = pytest.mark.skipif(
+    HAS_CUDA, reason="interpreter tests run where CUDA is absent; CUDA runs the gpu-marked ones")
+gpu_only = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
+
+PADDINGS = ("none", "random", "tail", "whole_block", "batch_fully_padded")
+
+
+@dataclass(frozen=True)
+class Case:
+    batch: int
+    heads: int
+    seq_len: int
+    head_dim: int
+    block_size: int
+    layout: str  # "bhsd" (contiguous) or "bshd" (BSHD memory viewed as BHSD)
+    padding: str
+    density: float
+    input_scale: float
+    seed: int
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.seq_len // self.block_size)
+
+
+@st.composite
+def cases(draw, max_blocks: float, head_dims) -> Case:
+    block_size = draw(st.sampled_from([64, 128]))
+    seq_len = draw(st.integers(1, int(max_blocks * block_size)))
+    return Case(batch=draw(st.integers(1, 2)), heads=draw(st.integers(1, 3)), seq_len=seq_len,
+                head_dim=draw(st.sampled_from(head_dims)), block_size=block_size,
+                layout=draw(st.sampled_from(["bhsd", "bshd"])),
+                padding=draw(st.sampled_from(PADDINGS)),
+                density=draw(st.sampled_from([0.0, 1.0]) | st.floats(0.0, 1.0)),
+                input_scale=draw(st.sampled_from([0.5, 1.0, 3.0])),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+INTERP_CASES = cases(max_blocks=2.6, head_dims=[16, 32, 40, 64, 80, 128])
+GPU_CASES = cases(max_blocks=12.5, head_dims=[64, 80, 128])
+GPU_DTYPES = [torch.bfloat16, torch.float32]
+
+
+# ----------------------------------------------------------------------------- inputs
+def make_qkv(case: Case, dtype: torch.dtype, device: str):
+    gen = torch.Generator().manual_seed(case.seed)
+    B, H, L, D = case.batch, case.heads, case.seq_len, case.head_dim
+    out = []
+    for _ in range(3):
+        if case.layout == "bshd":
+            t = torch.randn(B, L, H, D, generator=gen).to(device=device, dtype=dtype).transpose(1, 2)
+        else:
+            t = torch.randn(B, H, L, D, generator=gen).to(device=device, dtype=dtype)
+        out.append(t * case.input_scale if len(out) < 2 else t)
+    return out
+
+
+def make_key_valid(case: Case, device: str) -> Optional[torch.Tensor]:
+    gen = torch.Generator().manual_seed(case.seed + 1)
+    B, L, bs = case.batch, case.seq_len, case.block_size
+    if case.padding == "none":
+        return None
+    valid = torch.ones(B, L, dtype=torch.bool)
+    if case.padding == "random":
+        valid = torch.rand(B, L, generator=gen) < 0.7
+    elif case.padding == "tail":
+        valid[:, L - int(torch.randint(0, L + 1, (1,), generator=gen)):] = False
+    elif case.padding == "whole_block":
+        blk = int(torch.randint(0, case.n_blocks, (1,), generator=gen))
+        valid[:, blk * bs:(blk + 1) * bs] = False
+    elif case.padding == "batch_fully_padded":
+        valid[0] = False
+    return valid.to(device)
+
+
+def make_mask(case: Case, device: str) -> BlockMask:
+    gen = torch.Generator().manual_seed(case.seed + 2)
+    B, H, nb = case.batch, case.heads, case.n_blocks
+    dense = torch.rand(B, H, nb, nb, generator=gen) < case.density
+    empty_rows = torch.rand(B, H, nb, 1, generator=gen) < 0.1
+    dense &= ~empty_rows
+    return BlockMask.from_dense(dense.to(device), block_size=case.block_size, seq_len=case.seq_len)
+
+
+def poisoned(shape_like: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(shape_like).fill_(float("nan"))
+
+
+def f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", torch.float64)
+
+
+# ----------------------------------------------------------------------------- checks
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = f64(got), f64(ref)
+    assert torch.isfinite(got).all(), "non-finite (unwritten or NaN) elements in the output"
+    denom = ref.norm()
+    if denom == 0:
+        return float(got.abs().max()) if got.numel() else 0.0
+    return float((got - ref).norm() / denom)
+
+
+def check_lse(got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    got, ref = f64(got), f64(ref)
+    assert not torch.isnan(got).any(), "NaN (unwritten) LSE entries"
+    empty = torch.isneginf(ref)
+    assert torch.equal(torch.isneginf(got), empty), "rows with no valid key must have LSE -inf"
+    if (~empty).any():
+        err = rel_err(got[~empty], ref[~empty])
+        assert err < tol, f"LSE relative error {err:.2e} >= {tol:.0e}"
+
+
+def out_tolerance(dtype: torch.dtype, torch_err: float) -> float:
+    """fp32: 1e-4. bf16/fp16: twice a plain PyTorch run's error, at least 1e-2."""
+    if dtype == torch.float32:
+        return 1e-4
+    return max(2.0 * torch_err, 1e-2)
+
+
+def mass_tolerance(dtype: torch.dtype) -> float:
+    return 1e-4 if dtype == torch.float32 else 1e-2
+
+
+# ----------------------------------------------------------------------------- bodies
+def run_fused(case: Case, dtype: torch.dtype, device: str, with_mass: bool) -> None:
+    q, k, v = make_qkv(case, dtype, device)
+    kv = make_key_valid(case, device)
+    scale = case.head_dim ** -0.5
+    B, H, L, _ = q.shape
+    nb = case.n_blocks
+    out, lse = poisoned(q), torch.full((B, H, L), float("nan"), device=device)
+    mass = torch.full((B, H, nb, nb), float("nan"), device=device) if with_mass else None
+    got_out, got_lse, got_mass = kernels.fused_search(q, k, v, scale, case.block_size, kv,
+                                                      with_mass=with_mass, out=out, lse=lse,
+                                                      mass=mass)
+    assert got_out is out and got_out.stride() == q.stride()
+    kv_cpu = None if kv is None else kv.cpu()
+    ref_out, ref_lse = reference.attention_with_lse_ref(f64(q), f64(k), f64(v), scale, kv_cpu,
+                                                        case.block_size)
+    torch_err = 0.0
+    if dtype != torch.float32:
+        plain, _ = reference.attention_with_lse_ref(q, k, v, scale, kv, case.block_size)
+        torch_err = rel_err(plain, ref_out)
+    err = rel_err(got_out, ref_out)
+    assert err < out_tolerance(dtype, torch_err), f"out rel err {err:.2e} (torch {torch_err:.2e})"
+    check_lse(got_lse, ref_lse, 1e-4 if dtype == torch.float32 else 1e-3)
+    if with_mass:
+        ref_mass = reference.block_mass_ref(f64(q), f64(k), ref_lse.double(), scale,
+                                            case.block_size, kv_cpu)
+        err = rel_err(got_mass, ref_mass)
+        assert err < mass_tolerance(dtype), f"mass rel err {err:.2e}"
+    else:
+        assert got_mass is None
+
+
+def run_cached(case: Case, dtype: torch.dtype, device: str) -> None:
+    q, k, _ = make_qkv(case, dtype, device)
+    kv = make_key_valid(case, device)
+    scale = case.head_dim ** -0.5
+    kv_cpu = None if kv is None else kv.cpu()
+    # The cached LSE comes from the same step here; any fp32 LSE is a valid input.
+    _, lse = reference.attention_with_lse_ref(f64(q), f64(k), f64(k), scale, kv_cpu)
+    nb = case.n_blocks
+    mass = torch.full((case.batch, case.heads, nb, nb), float("nan"), device=device)
+    got = kernels.cached_search(q, k, lse.to(device), scale, case.block_size, kv, mass=mass)
+    ref = reference.block_mass_ref(f64(q), f64(k), lse.double(), scale, case.block_size, kv_cpu)
+    err = rel_err(got, ref)
+    assert err < mass_tolerance(dtype), f"mass rel err {err:.2e}"
+    # Rows of the mass map sum to the number of valid query rows of the block.
+    if dtype == torch.float32:
+        rows_valid = torch.isfinite(lse).double()
+        per_block = torch.nn.functional.pad(rows_valid, (0, nb * case.block_size - case.seq_len))
+        expected = per_block.view(case.batch, case.heads, nb, case.block_size).sum(-1)
+        assert torch.allclose(f64(got).sum(-1), expected, rtol=1e-4, atol=1e-4)
+
+
+def run_sparse(case: Case, dtype: torch.dtype, device: str) -> None:
+    q, k, v = make_qkv(case, dtype, device)
+    kv = make_key_valid(case, device)
+    mask = make_mask(case, device)
+    counts, indices = mask.to_indices()
+    scale = case.head_dim ** -0.5
+    out = poisoned(q)
+    got = kernels.block_sparse_attention(q, k, v, counts, indices, scale, case.block_size, kv,
+                                         out=out)
+    assert got is out
+    kv_cpu = None if kv is None else kv.cpu()
+    ref = reference.block_sparse_attention_ref(f64(q), f64(k), f64(v), counts.cpu(),
+                                               indices.cpu(), scale, case.block_size, kv_cpu)
+    torch_err = 0.0
+    if dtype != torch.float32:
+        plain = reference.block_sparse_attention_ref(q, k, v, counts, indices, scale,
+                                                     case.block_size, kv)
+        torch_err = rel_err(plain, ref)
+    err = rel_err(got, ref)
+    assert err < out_tolerance(dtype, torch_err), f"out rel err {err:.2e} (torch {torch_err:.2e})"
+
+
+# ----------------------------------------------------------------------------- interpreter
+@interpreter_only
+@settings(settings.get_profile("kernels-ci"))
+@given(case=INTERP_CASES, with_mass=st.booleans())
+def test_fused_search_interpreter(case, with_mass):
+    run_fused(case, torch.float32, "cpu", with_mass)
+
+
+@interpreter_only
+@settings(settings.get_profile("kernels-ci"))
+@given(case=INTERP_CASES)
+def test_cached_search_interpreter(case):
+    run_cached(case, torch.float32, "cpu")
+
+
+@interpreter_only
+@settings(settings.get_profile("kernels-ci"))
+@given(case=INTERP_CASES)
+def test_block_sparse_interpreter(case):
+    run_sparse(case, torch.float32, "cpu")
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@settings(settings.get_profile("kernels-gpu"))
+@given(case=GPU_CASES, with_mass=st.booleans())
+def test_fused_search_gpu(dtype, case, with_mass):
+    assume(dtype != torch.float32 or case.head_dim <= 64)  # fp32 FMA dots compile slowly
+    run_fused(case, dtype, "cuda", with_mass)
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@settings(settings.get_profile("kernels-gpu"))
+@given(case=GPU_CASES)
+def test_cached_search_gpu(dtype, case):
+    assume(dtype != torch.float32 or case.head_dim <= 64)  # fp32 FMA dots compile slowly
+    run_cached(case, dtype, "cuda")
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@settings(settings.get_profile("kernels-gpu"))
+@given(case=GPU_CASES)
+def test_block_sparse_gpu(dtype, case):
+    assume(dtype != torch.float32 or case.head_dim <= 64)  # fp32 FMA dots compile slowly
+    run_sparse(case, dtype, "cuda")
+
+
+for _test in (test_fused_search_gpu, test_cached_search_gpu, test_block_sparse_gpu):
+    for _mark in gpu_only:
+        _mark(_test)
+
+
+# ----------------------------------------------------------------------------- bad input
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def _qkv(shape=(1, 2, 100, 64), dtype=torch.float32):
+    return [torch.randn(shape, device=DEVICE).to(dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("fn", ["fused", "cached", "sparse"])
+@pytest.mark.parametrize("problem", ["dtype", "head_dim", "block_size", "key_valid", "shape"])
+def test_bad_input_raises_value_error(fn, problem):
+    dtype = torch.float64 if problem == "dtype" else torch.float32
+    shape = (1, 2, 100, 160) if problem == "head_dim" else (1, 2, 100, 64)
+    q, k, v = _qkv(shape, dtype)
+    if problem == "shape":
+        k = k[:, :, :50]
+    bs = 32 if problem == "block_size" else 64
+    kv = torch.ones(1, 99, dtype=torch.bool, device=DEVICE) if problem == "key_valid" else None
+    nb = -(-100 // 64)
+    with pytest.raises(ValueError):
+        if fn == "fused":
+            kernels.fused_search(q, k, v, 0.1, bs, kv)
+        elif fn == "cached":
+            kernels.cached_search(q, k, torch.zeros(1, 2, 100, device=DEVICE), 0.1, bs, kv)
+        else:
+            counts = torch.ones(1, 2, nb, dtype=torch.int32, device=DEVICE)
+            indices = torch.zeros(1, 2, nb, 1, dtype=torch.int32, device=DEVICE)
+            kernels.block_sparse_attention(q, k, v, counts, indices, 0.1, bs, kv)
+
+
+def test_bad_mask_shape_raises():
+    q, k, v = _qkv()
+    counts = torch.ones(1, 2, 3, dtype=torch.int32, device=DEVICE)  # nq is 2 for L=100, bs=64
+    indices = torch.zeros(1, 2, 3, 1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="counts"):
+        kernels.block_sparse_attention(q, k, v, counts, indices, 0.1, 64, None)
+
+
+def test_bad_lse_raises():
+    q, k, _ = _qkv()
+    with pytest.raises(ValueError, match="lse"):
+        kernels.cached_search(q, k, torch.zeros(1, 2, 100, dtype=torch.float16, device=DEVICE),
+                              0.1, 64, None)
+
+
+def test_kernel_support_reasons(monkeypatch):
+    q = torch.randn(1, 2, 100, 64, device=DEVICE)
+    assert kernels.kernel_support(q, 64) == (True, "")
+    ok, reason = kernels.kernel_support(q.double(), 64)
+    assert not ok and "dtype" in reason
+    ok, reason = kernels.kernel_support(torch.randn(1, 2, 100, 160, device=DEVICE), 64)
+    assert not ok and "head dim" in reason
+    ok, reason = kernels.kernel_support(q, 32)
+    assert not ok and "block_size" in reason
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ok, reason = kernels.kernel_support(torch.randn(1, 2, 100, 64), 64)
+    assert not ok and "not CUDA" in reason
+
+
+def test_natural_log_lse_matches_logsumexp():
+    """Guards the base-2 to natural-log conversion with a hand-computable case."""
+    L, D = 70, 16
+    q = torch.zeros(1, 1, L, D, device=DEVICE)
+    k = torch.zeros(1, 1, L, D, device=DEVICE)
+    q[..., 0], k[..., 0] = 1.0, torch.linspace(-1, 1, L, device=DEVICE)
+    v = torch.randn(1, 1, L, D, device=DEVICE)
+    _, lse, _ = kernels.fused_search(q, k, v, 1.0, 64, None, with_mass=False)
+    expected = torch.logsumexp(torch.linspace(-1, 1, L, dtype=torch.float64), 0)
+    assert math.isclose(float(lse[0, 0, 0]), float(expected), rel_tol=1e-5)
