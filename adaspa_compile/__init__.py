@@ -12,6 +12,7 @@ from __future__ import annotations
 from .blockmask import BlockMask
 from .config import AdaSpaConfig
 from .ops import attention_with_lse, block_mass, block_sparse_attention
+from .plot import plot_masks
 from .report import Report, SiteReport
 from .runtime import get_runtime
 from .selection import BlockLayout, Selection, select_blocks
@@ -26,6 +27,7 @@ __all__ = [
     "attention_with_lse",
     "block_mass",
     "block_sparse_attention",
+    "plot_masks",
     "report",
     "reset",
     "select_blocks",
