@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import adaspa_compile
-from adaspa_compile import AdaSpaConfig, BlockLayout, attention_with_lse, block_mass, select_blocks
+from adaspa_compile import AdaSpaConfig, BlockLayout, attention_with_lse, block_mass
 from adaspa_compile.selectors import block_recall, pooled_mass, window_scores
 from tests.backend.test_dit import OPTIONS, model, run_steps
 from tests.dit import tiny_dit_inputs

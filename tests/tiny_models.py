@@ -31,9 +31,6 @@ Quick self-check: ``python tests/tiny_models.py``.
 
 from __future__ import annotations
 
-import contextlib
-import math
-
 import torch
 
 __all__ = [
