@@ -75,7 +75,11 @@ def _check_mode(mode: Optional[str], cfg: AdaSpaConfig) -> None:
 
 def _check_graph(gm: torch.fx.GraphModule, inputs: GraphInputs) -> None:
     runtime = get_runtime()
-    if inputs.timestep_index is None and inputs.has_input("temb"):
+    # A graph that takes `temb` but no timestep, compiled before any graph has shown the clock a
+    # timestep, is a lone block (compile_repeated_blocks). The resume graphs after a graph break
+    # also take `temb`, but the graph before the break has moved the clock by then.
+    if inputs.timestep_index is None and inputs.has_input("temb") \
+            and runtime.clock.source != "timestep":
         raise RuntimeError(
             "backend='adaspa' is compiling a single transformer block (it takes `temb` but no "
             "`timestep`), as compile_repeated_blocks(...) does. AdaSpa counts denoising steps "

@@ -209,3 +209,24 @@ def test_additive_mask_with_bias_values_stays_dense():
     torch.testing.assert_close(outs[-1], m(x, None))
     site = adaspa_compile.report().rewritten[0]
     assert "not a key-padding mask" in site.reason and site.phases == {0: "DD"}
+
+
+def test_graph_break_after_temb_is_not_taken_for_a_single_block():
+    class Broken(TinyDiT):
+        def forward(self, hidden_states, timestep, encoder_hidden_states,
+                    encoder_attention_mask=None):
+            temb = self.time(timestep.float().view(-1, 1) / 1000)
+            x = self.blocks[0](hidden_states, encoder_hidden_states, temb, None)
+            torch._dynamo.graph_break()  # the resume graph takes `temb` but no timestep
+            return self.out(self.blocks[1](x, encoder_hidden_states, temb, None))
+
+    torch.manual_seed(0)
+    m = Broken().eval()
+    compiled = torch.compile(m, backend="adaspa", options=OPTIONS)
+    inputs = dict(tiny_dit_inputs(), encoder_attention_mask=None)
+    eager = run_steps(m, inputs, TIMESTEPS[:2])
+    ours = run_steps(compiled, inputs, TIMESTEPS[:2])
+    torch.testing.assert_close(ours[-1], eager[-1], atol=1e-5, rtol=1e-5)
+    report = adaspa_compile.report()
+    assert report.clock == "timestep" and len(report.rewritten) == 2
+    assert all(s.phases == {0: "DD"} for s in report.rewritten)
