@@ -304,13 +304,14 @@ def train(args: argparse.Namespace, model: FidelityModel, device: torch.device,
         x, t, target = flow_batch(data.pixels, noise, sigma)
         for group in opt.param_groups:
             group["lr"] = _lr(args, step, planned)
-        with sdpa_context(args.sdpa):
-            with autocast(device):
-                pred = forward(hidden_states=x, timestep=t, return_dict=False,
-                               **cond.model_kwargs())[0]
-            loss = F.mse_loss(pred.float(), target)
+        try:
+            loss = _loss_and_backward(forward, x, t, target, cond, opt, scaler, args.sdpa, device)
+        except torch.OutOfMemoryError:
+            # Keep what was learned: the EMA weights are intact, so stop and save them.
+            log(f"train: CUDA out of memory at step {step} ({shape}); stopping early")
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            torch.cuda.empty_cache()
+            break
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         scaler.step(opt)
@@ -364,6 +365,18 @@ def train(args: argparse.Namespace, model: FidelityModel, device: torch.device,
     }
     record["ema_params"] = ema
     return record
+
+
+def _loss_and_backward(forward, x, t, target, cond: Conditioning, opt, scaler, sdpa: str,
+                       device: torch.device) -> torch.Tensor:
+    with sdpa_context(sdpa):
+        with autocast(device):
+            pred = forward(hidden_states=x, timestep=t, return_dict=False,
+                           **cond.model_kwargs())[0]
+        loss = F.mse_loss(pred.float(), target)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+    return loss
 
 
 def _mean(values: List[torch.Tensor]) -> float:
