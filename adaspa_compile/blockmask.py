@@ -76,6 +76,10 @@ class BlockMask:
 
         Row ``(b, h, i)`` attends key blocks ``indices[b, h, i, :counts[b, h, i]]``, ascending;
         entries past the count are 0. Runs on the mask's device without a host sync.
+
+        This is the pure-PyTorch reference (it unpacks the dense mask); with the Triton kernels,
+        ``adaspa_compile.kernels.mask_indices`` gives the same tensors from the packed bits in
+        one launch, and the sparse path uses it.
         """
         dense = self.to_dense()
         counts = dense.sum(-1, dtype=torch.int32)

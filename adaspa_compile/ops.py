@@ -99,12 +99,18 @@ def cached_search(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: fl
 
 def sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask,
                    scale: float, key_valid: Optional[torch.Tensor]) -> torch.Tensor:
-    """Block-sparse attention over the kept blocks of ``mask``."""
-    counts, indices = mask.to_indices()
+    """Block-sparse attention over the kept blocks of ``mask``.
+
+    With the Triton kernels, the index lists come from the mask-to-index kernel (one launch, no
+    host sync, no dense ``[B, H, nq, nk]`` intermediate); elsewhere from the reference
+    ``BlockMask.to_indices()``.
+    """
     kernels = _kernels_for(q, mask.block_size)
     if kernels is not None:
+        counts, indices = kernels.mask_indices(mask.bits, mask.num_kv_blocks, mask.max_kept)
         return kernels.block_sparse_attention(q, k, v, counts, indices, scale, mask.block_size,
                                               key_valid)
+    counts, indices = mask.to_indices()
     return reference.block_sparse_attention_ref(q, k, v, counts, indices, scale, mask.block_size,
                                                 key_valid)
 

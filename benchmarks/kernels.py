@@ -3,9 +3,11 @@
 For each shape, in one process on one GPU: cuDNN and flash dense SDPA, our block-sparse kernel
 and FlexAttention on the identical block masks (densities 1.0, 0.5, head-adaptive 0.2 = heads at
 0.1 / 0.2 / 0.3, and 0.1), our fused search and LSE-cached search, plus the mask-to-index
-conversion and a top-k over the mass map. Median times from ``triton.testing.do_bench``; every
-kernel's output is checked against a reference in the same run. Inputs are random, in the
-diffusers layout (BSHD memory viewed as BHSD).
+conversion (the PyTorch reference ``BlockMask.to_indices`` and the Triton ``mask_indices`` kernel
+that the sparse path runs at every call, checked equal), a top-k over the mass map and the whole
+block selection (``select_blocks``, once per search step and layer). Median times from
+``triton.testing.do_bench``; every kernel's output is checked against a reference in the same
+run. Inputs are random, in the diffusers layout (BSHD memory viewed as BHSD).
 
     python benchmarks/kernels.py                 # full lengths, all shapes
     python benchmarks/kernels.py --quick         # a quarter of the tokens
@@ -32,11 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import importlib  # noqa: E402
 
 from adaspa_compile.blockmask import BlockMask  # noqa: E402
+from adaspa_compile.config import AdaSpaConfig  # noqa: E402
+from adaspa_compile.selection import BlockLayout, select_blocks  # noqa: E402
 
 # The modules, not the package's same-named functions.
 block_sparse = importlib.import_module("adaspa_compile.kernels.block_sparse")
 cached_search = importlib.import_module("adaspa_compile.kernels.cached_search")
 fused_search = importlib.import_module("adaspa_compile.kernels.fused_search")
+mask_indices = importlib.import_module("adaspa_compile.kernels.mask_indices")
 
 SHAPES = {
     # name: (heads, head_dim, tokens, text tokens, text position)
@@ -150,6 +155,18 @@ def run_shape(name, args, flex_fn, rows, checks):
         dense_flops * 0.5)
     kk = max(1, round(0.2 * nb))
     add(f"topk(k={kk}) over mass map", bench(lambda: torch.topk(mass, kk, dim=-1), args.rep))
+    # The whole selection of one search step and layer (sort, recall curve, tiers, packing; one
+    # host sync for max_kept), on this run's mass map (random inputs: near-uniform attention).
+    span = None if not text else ((L - text, L) if where == "last" else (0, text))
+    layout = BlockLayout(seq_len=L, block_size=bs, text_span=span)
+    for label, cfg in (("select_blocks s=0.8 tiers", AdaSpaConfig(sparsity=0.8)),
+                       ("select_blocks recall=0.95", AdaSpaConfig(mode="recall", recall=0.95))):
+        try:
+            add(label, bench(lambda: select_blocks(mass, layout, cfg), args.rep))
+        except Exception as exc:  # report, keep the table going
+            print(f"  {label} failed for {name}: {type(exc).__name__}: {exc}"[:400])
+            rows.append({"shape": name, "what": label,
+                         "error": f"{type(exc).__name__}: {exc}"[:400]})
     del out, out2, mass2
 
     text_blk = text_blocks(L, bs, text, where, dev)
@@ -158,6 +175,13 @@ def run_shape(name, args, flex_fn, rows, checks):
         counts, indices = bm.to_indices()
         kept = float(counts.sum()) / (H * nb * nb)
         add(f"BlockMask.to_indices d={dname}", bench(bm.to_indices, args.rep))
+        kc, ki = mask_indices.mask_indices(bm.bits, bm.num_kv_blocks, bm.max_kept)
+        checks.append((name, f"mask_indices d={dname} mismatches", float(
+            (kc != counts).sum() + (ki != indices).sum())))
+        add(f"mask_indices kernel d={dname}", bench(
+            lambda: mask_indices.mask_indices(bm.bits, bm.num_kv_blocks, bm.max_kept), args.rep),
+            None, {"max_kept": bm.max_kept, "index_mb": ki.numel() * 4 / 1e6})
+        del kc, ki
         sp_flops = dense_flops * kept
         o = block_sparse.block_sparse_attention(q, k, v, counts, indices, scale, bs, None)
         if dname == "1.0":

@@ -1,4 +1,5 @@
-"""Triton kernels of AdaSpa: fused search, LSE-cached search, block-sparse attention.
+"""Triton kernels of AdaSpa: fused search, LSE-cached search, block-sparse attention, and the
+mask-to-index expansion that feeds the block-sparse kernel.
 
 Each kernel lives in its own file with its launcher; their meaning is fixed by the pure-PyTorch
 reference in :mod:`adaspa_compile.reference`. Importing this package never fails: without Triton
@@ -17,7 +18,7 @@ import torch
 from . import _common
 
 __all__ = ["kernel_support", "fused_search", "cached_search", "block_sparse_attention",
-           "TRITON_IMPORT_ERROR"]
+           "mask_indices", "TRITON_IMPORT_ERROR"]
 
 try:
     import triton  # noqa: F401
@@ -25,6 +26,7 @@ try:
     from .block_sparse import block_sparse_attention
     from .cached_search import cached_search
     from .fused_search import fused_search
+    from .mask_indices import mask_indices
 
     TRITON_IMPORT_ERROR = None
 except ImportError as exc:  # CPU installs without Triton
@@ -33,7 +35,7 @@ except ImportError as exc:  # CPU installs without Triton
     def _missing(*_args, **_kwargs):
         raise RuntimeError(f"adaspa_compile.kernels: {TRITON_IMPORT_ERROR}")
 
-    fused_search = cached_search = block_sparse_attention = _missing
+    fused_search = cached_search = block_sparse_attention = mask_indices = _missing
 
 
 def kernel_support(q: torch.Tensor, block_size: int) -> Tuple[bool, str]:
