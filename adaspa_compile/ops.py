@@ -75,14 +75,19 @@ def fused_search(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
                  key_valid: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dense output, LSE and block mass.
 
-    On CUDA this launches the attention+LSE kernel, then the cached-search kernel: measured on the
-    H100 (benchmarks/RESULTS.md) the two launches take 0.85x the time of the one-kernel fused
-    search (``kernels.fused_search(..., with_mass=True)``); why the single kernel is slower has not
-    been profiled yet.
+    On CUDA this runs dense attention with LSE (cuDNN's fused attention where it can run, else
+    our attention+LSE kernel), then the cached-search kernel. Measured on the H100
+    (benchmarks/RESULTS.md): cuDNN is faster than our attention+LSE kernel, and the two launches
+    are faster than the one-kernel fused search (``kernels.fused_search(..., with_mass=True)``).
     """
     kernels = _kernels_for(q, block_size)
     if kernels is not None:
-        out, lse, _ = kernels.fused_search(q, k, v, scale, block_size, key_valid, with_mass=False)
+        from .kernels.cudnn_attention import cudnn_attention_with_lse
+
+        dense = cudnn_attention_with_lse(q, k, v, scale, key_valid) if q.is_cuda else None
+        if dense is None:
+            dense = kernels.fused_search(q, k, v, scale, block_size, key_valid, with_mass=False)
+        out, lse = dense[:2]
         return out, lse, kernels.cached_search(q, k, lse, scale, block_size, key_valid)
     out, lse = reference.attention_with_lse_ref(q, k, v, scale, key_valid, block_size)
     return out, lse, reference.block_mass_ref(q, k, lse, scale, block_size, key_valid)

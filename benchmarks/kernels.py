@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import importlib  # noqa: E402
 
+from adaspa_compile import ops  # noqa: E402
 from adaspa_compile.blockmask import BlockMask  # noqa: E402
 from adaspa_compile.config import AdaSpaConfig  # noqa: E402
 from adaspa_compile.selection import BlockLayout, select_blocks  # noqa: E402
@@ -42,6 +43,7 @@ block_sparse = importlib.import_module("adaspa_compile.kernels.block_sparse")
 cached_search = importlib.import_module("adaspa_compile.kernels.cached_search")
 fused_search = importlib.import_module("adaspa_compile.kernels.fused_search")
 mask_indices = importlib.import_module("adaspa_compile.kernels.mask_indices")
+cudnn_attention = importlib.import_module("adaspa_compile.kernels.cudnn_attention")
 
 SHAPES = {
     # name: (heads, head_dim, tokens, text tokens, text position)
@@ -148,6 +150,26 @@ def run_shape(name, args, flex_fn, rows, checks):
     add("ours dense attention+LSE", bench(
         lambda: fused_search.fused_search(q, k, v, scale, bs, None, with_mass=False), args.rep),
         dense_flops)
+    dense_lse = cudnn_attention.cudnn_attention_with_lse(q, k, v, scale, None)
+    if dense_lse is not None:
+        checks.append((name, "cuDNN LSE vs ours", rel_err(dense_lse[1], lse)))
+        add("cuDNN dense attention+LSE", bench(
+            lambda: cudnn_attention.cudnn_attention_with_lse(q, k, v, scale, None), args.rep),
+            dense_flops)
+        # The text tail padded (HunyuanVideo passes a key-padding mask): the bias path.
+        key_valid = torch.ones(1, L, dtype=torch.bool, device=dev)
+        key_valid[:, L - text // 2:] = False
+        padded = (cudnn_attention.cudnn_attention_with_lse(q, k, v, scale, key_valid)
+                  if text else None)
+        if padded is not None:
+            _, lse_p, _ = fused_search.fused_search(q, k, v, scale, bs, key_valid, with_mass=False)
+            checks.append((name, "cuDNN padded LSE vs ours", rel_err(padded[1], lse_p)))
+            add("cuDNN dense attention+LSE, key padding", bench(
+                lambda: cudnn_attention.cudnn_attention_with_lse(q, k, v, scale, key_valid),
+                args.rep), dense_flops)
+    add("fused search as the backend runs it (ops)", bench(
+        lambda: ops.fused_search(q, k, v, scale, bs, None), args.rep), dense_flops * 1.5)
+    del dense_lse
     mass2 = cached_search.cached_search(q, k, lse, scale, bs, None)
     checks.append((name, "cached mass vs fused mass", rel_err(mass2, mass)))
     add("ours cached search (mass)", bench(
