@@ -12,6 +12,7 @@ from typing import Any, Callable, List, Mapping, Optional
 import torch
 import torch.fx
 
+from . import distributed
 from .config import AdaSpaConfig
 from .passes import GraphInputs, run_passes
 from .passes.sdpa_sites import find_sdpa_calls
@@ -32,9 +33,11 @@ def adaspa_backend(gm: torch.fx.GraphModule, example_inputs: List[Any], *,
     """``torch.compile(model, backend="adaspa", options={...})``; see :class:`AdaSpaConfig`."""
     cfg = AdaSpaConfig.from_options(options)
     _check_mode(mode, cfg)
-    inputs = GraphInputs.from_graph(gm)
+    distributed.check_compiled_frame()  # context parallelism: refuse ring, bad Ulysses degree
+    inputs = distributed.hook_inputs(gm, GraphInputs.from_graph(gm))
     _check_graph(gm, inputs)
     gm = run_passes(gm, cfg, inputs)
+    _mark_ulysses_sites(gm, cfg)
     inner = _compile_inner(gm, example_inputs, cfg, mode)
     return _StepTracker(inner, inputs, driver=_frame_id())
 
@@ -51,6 +54,15 @@ class _StepTracker:
         get_runtime().begin_call(self._driver, self._inputs.timestep(args),
                                  self._inputs.signature(args))
         return self._inner(*args)
+
+
+def _mark_ulysses_sites(gm: torch.fx.GraphModule, cfg: AdaSpaConfig) -> None:
+    """Sites behind a Ulysses all-to-all rank their heads across the group; every rank of it
+    must compile with adaspa (a store handshake, no-op when not distributed)."""
+    sites = distributed.ulysses_sites(gm)
+    for site_id, group in sites.items():
+        get_runtime().site(site_id).head_group = group
+    distributed.check_ranks(sites.values(), repr(cfg))
 
 
 def _frame_id() -> object:

@@ -90,25 +90,39 @@ class Site:
     density: Optional[torch.Tensor] = None
     recall: Optional[torch.Tensor] = None
     search_ms: List[float] = field(default_factory=list)
+    # Ulysses context parallelism: the process group whose ranks hold the other heads.
+    head_group: Optional[str] = None
+    # A graph shared by several layers (Dynamo compiled a block's frame once and calls it for
+    # each block, e.g. after graph breaks) runs this site several times per step: the n-th call
+    # of a step (n >= 1) keeps its own caches in ``layer_caches[n]``.
+    layer_caches: Dict[int, Dict[int, _BranchCache]] = field(default_factory=dict)
+    _tick: Tuple[int, ...] = ()
+    _occurrence: int = 0
 
     def clear(self) -> None:
         """Forget the current generation: caches, phases and search results."""
         self.caches.clear()
+        self.layer_caches.clear()
         self.phases.clear()
         self.search_ms.clear()
         self.density = self.recall = None
+        self._tick, self._occurrence = (), 0
 
     def cache_bytes(self) -> int:
+        caches = [*self.caches.values(), *(c for d in self.layer_caches.values()
+                                           for c in d.values())]
         return sum((c.lse.numel() * 4 if c.lse is not None else 0)
-                   + (c.mask.nbytes() if c.mask is not None else 0) for c in self.caches.values())
+                   + (c.mask.nbytes() if c.mask is not None else 0) for c in caches)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 attn_mask: Optional[torch.Tensor], scale: Optional[float],
                 clock: StepClock) -> torch.Tensor:
         """Run the phase the clock asks for; the output keeps ``q``'s strides."""
-        cache = self._cache_for(clock.branch, q)
+        occurrence = self._count(clock)
+        cache = self._cache_for(clock.branch, q, occurrence)
         phase = self._phase(clock.step, cache, q, attn_mask)
-        self.phases.setdefault(clock.branch, []).append(phase)
+        if occurrence == 0:
+            self.phases.setdefault(clock.branch, []).append(phase)
         if phase is Phase.DENSE:
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                                                    scale=scale)
@@ -126,10 +140,25 @@ class Site:
             self._select(mass, key_valid, cache, q, k, s, start)
         return _with_strides_of(ops.sparse_forward(q, k, v, cache.mask, s, key_valid), q)
 
-    def _cache_for(self, branch: int, q: torch.Tensor) -> _BranchCache:
-        cache = self.caches.get(branch)
+    def _count(self, clock: StepClock) -> int:
+        """How many calls of this site the current step and branch made before this one."""
+        tick = (clock.generation, clock.step, clock.branch)
+        if tick != self._tick:
+            self._tick, self._occurrence = tick, 0
+        else:
+            self._occurrence += 1
+            if self._occurrence == 1:
+                get_runtime().note(
+                    f"{self.info.name} runs several times per step: one compiled graph serves "
+                    "several layers (Dynamo compiled a block as a frame of its own, e.g. after "
+                    "graph breaks); each call keeps its own masks, the report shows the first")
+        return self._occurrence
+
+    def _cache_for(self, branch: int, q: torch.Tensor, occurrence: int = 0) -> _BranchCache:
+        caches = self.caches if occurrence == 0 else self.layer_caches.setdefault(occurrence, {})
+        cache = caches.get(branch)
         if cache is None or cache.shape != tuple(q.shape):
-            cache = self.caches[branch] = _BranchCache(shape=tuple(q.shape))
+            cache = caches[branch] = _BranchCache(shape=tuple(q.shape))
         return cache
 
     def _phase(self, step: int, cache: _BranchCache, q: torch.Tensor,
@@ -164,14 +193,15 @@ class Site:
         scores = selector_scores(cfg.selector, mass, q, k, scale, layout, cfg.video_grid)
         if cfg.selector == "window":
             cfg = cfg.replace(head_adaptive=False)  # a static window has no recall to rank by
-        chosen = select_blocks(scores, layout, cfg)
+        chosen = select_blocks(scores, layout, cfg, head_group=self.head_group)
         cache.mask = chosen.mask
         recall = chosen.recall if cfg.selector == "adaspa" else \
             block_recall(chosen.mask.to_dense(), mass)
-        self.density, self.recall = chosen.density.cpu(), recall.cpu()
         if q.is_cuda:
             torch.cuda.synchronize(q.device)
-        self.search_ms.append((time.perf_counter() - start) * 1e3)
+        if self._occurrence == 0:  # a graph shared by layers: report its first layer
+            self.density, self.recall = chosen.density.cpu(), recall.cpu()
+            self.search_ms.append((time.perf_counter() - start) * 1e3)
 
     def report_row(self) -> SiteReport:
         return SiteReport(

@@ -71,14 +71,24 @@ class Selection:
     recall: torch.Tensor
 
 
-def tier_sparsities(recall_at_s: torch.Tensor, sparsity: float) -> torch.Tensor:
+def tier_sparsities(recall_at_s: torch.Tensor, sparsity: float,
+                    head_group: Optional[str] = None) -> torch.Tensor:
     """Head-adaptive sparsity per (batch, head) from each head's recall at ``sparsity``.
 
     With ``n`` heads above recall 0.8 (at most half the heads), the ``n`` best get ``s + d``, the
     ``n`` worst ``s - d``, the rest ``s``, where ``d = (1 - s) / 2`` as in the paper (0.9 / 0.8 /
     0.7 for ``s = 0.8``). ``d`` is capped at ``s`` so no head goes below 0 and the mean stays
     ``s``; at ``s = 0`` every head is dense.
+
+    ``head_group`` (Ulysses context parallelism: this rank holds a slice of the layer's heads)
+    names the process group to rank the heads across: the recalls of every rank are gathered in
+    rank order, the tiers computed over all heads, and this rank's slice returned.
     """
+    if head_group is not None:
+        from .distributed import gather_heads
+
+        full, start, stop = gather_heads(recall_at_s, head_group)
+        return tier_sparsities(full, sparsity)[:, start:stop]
     B, H = recall_at_s.shape
     delta = min((1 - sparsity) / 2, sparsity)
     n = (recall_at_s > EASY_HEAD_RECALL).sum(-1).clamp(max=H // 2)
@@ -89,8 +99,12 @@ def tier_sparsities(recall_at_s: torch.Tensor, sparsity: float) -> torch.Tensor:
     return out
 
 
-def select_blocks(mass: torch.Tensor, layout: BlockLayout, cfg: AdaSpaConfig) -> Selection:
-    """Choose the block mask of one attention call from its block mass ``[B, H, nb, nb]``."""
+def select_blocks(mass: torch.Tensor, layout: BlockLayout, cfg: AdaSpaConfig,
+                  head_group: Optional[str] = None) -> Selection:
+    """Choose the block mask of one attention call from its block mass ``[B, H, nb, nb]``.
+
+    ``head_group``: see :func:`tier_sparsities` (the heads are a slice of the layer's).
+    """
     B, H, nq, nk = mass.shape
     if nq != layout.num_blocks or nk != nq:
         raise ValueError(f"mass {tuple(mass.shape)} does not match {layout.num_blocks} blocks")
@@ -110,9 +124,9 @@ def select_blocks(mass: torch.Tensor, layout: BlockLayout, cfg: AdaSpaConfig) ->
         target = 1 - keep.float() / n_cand[:, None]
     else:
         target = torch.full((B, H), float(cfg.sparsity), device=mass.device)
-        if cfg.head_adaptive and H > 1:
+        if cfg.head_adaptive and (H > 1 or head_group is not None):
             recall_at_s = _recall_at(curve, total, budget(target))
-            target = tier_sparsities(recall_at_s, cfg.sparsity)
+            target = tier_sparsities(recall_at_s, cfg.sparsity, head_group)
         keep = budget(target)
     dense = _mask_from_order(order, keep, candidate, forced)
     recall = _recall_at(curve, total, keep)
