@@ -98,10 +98,11 @@ def _check_graph(gm: torch.fx.GraphModule, inputs: GraphInputs) -> None:
             "from the model's timestep input, which a block never sees. Compile the whole "
             "transformer instead: pipe.transformer = torch.compile(pipe.transformer, "
             "backend='adaspa')")
-    if inputs.timestep_index is None:
+    # Graph-break pieces after the graph that moves the clock (or holds the sites) need no note.
+    if inputs.timestep_index is None and runtime.clock.source != "timestep":
         runtime.note("a compiled graph has no timestep input: denoising steps are counted as "
                      "model calls (CFG branches cannot be told apart)")
-    if next(find_sdpa_calls(gm), None) is None:
+    if next(find_sdpa_calls(gm), None) is None and not runtime.has_sites():
         others = sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function"
                          and any(h in str(n.target).lower() for h in _OTHER_ATTENTION_HINTS)})
         hint = f" It calls {others}." if others else ""

@@ -226,6 +226,10 @@ class Runtime:
         self._sites[site_id] = Site(site_id=site_id, info=info, cfg=cfg)
         return site_id
 
+    def has_sites(self) -> bool:
+        """Whether any compiled graph has an attention site (rewritten or left dense)."""
+        return bool(self._sites or self._skipped)
+
     def add_skipped(self, info: SiteInfo) -> None:
         self._skipped.append(info)
         log_once(logger, f"adaspa: {info.name} left dense: {info.reason}", logging.INFO)

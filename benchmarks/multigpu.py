@@ -14,7 +14,8 @@ Methods, each timed on the same model and inputs:
 - ``adaspa-1``: ``torch.compile(model, backend="adaspa", fullgraph=True)`` on one GPU;
 - ``dense-2`` and ``adaspa-2``: the same after ``model.enable_parallelism(config=
   ContextParallelConfig(ulysses_degree=2))`` and ``prepare_context_parallel(model)``, each call
-  timed on every rank and the slower rank kept.
+  timed on every rank and the slower rank kept (``fullgraph=False``: on CUDA the output
+  all-gather breaks the graph once, after the last block).
 
 adaspa runs one generation with ``search_steps=(2, 3)``: steps D D F C S S S, two calls each; the
 first call of each phase (compile, kernel JIT) is left out of its median. The 50-step time is
@@ -148,7 +149,10 @@ def memory(device: torch.device) -> Optional[float]:
 
 
 def fullgraph(args, parallel: bool) -> bool:
-    return not (parallel and args.no_prepare)
+    """One graph on one GPU. Under context parallelism on CUDA, the output all-gather along the
+    sequence (funcol ``all_gather_tensor``, dim 1) calls ``torch._utils._maybe_view_chunk_cat``,
+    which Dynamo skips (torch 2.11): one graph break after the last block, so no fullgraph."""
+    return not parallel
 
 
 def run_dense(model, ins, ts, args, device, parallel: bool) -> Dict[str, Any]:
@@ -252,8 +256,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="skip methods that would start after this many seconds")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     ap.add_argument("--no-prepare", action="store_true",
-                    help="2-GPU methods without prepare_context_parallel (fullgraph=False: "
-                         "diffusers' hooks split the model into per-block graphs)")
+                    help="2-GPU methods without prepare_context_parallel (diffusers' hooks "
+                         "then split the model into per-block graphs)")
     args = ap.parse_args(argv)
     args.layers = args.layers or (2 if args.quick else 4)
     args.inner = args.inner or ("aot_eager" if args.quick else "inductor")
@@ -306,7 +310,7 @@ def main(argv=None) -> int:
             dist.barrier()
             model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
             if not args.no_prepare:
-                prepare_context_parallel(model)  # one graph; fullgraph=True works
+                prepare_context_parallel(model)  # removes the graph breaks in the blocks
             parallel_on = True
         elif not parallel and parallel_on:
             raise SystemExit("list the 1-GPU methods before the 2-GPU ones")

@@ -230,3 +230,5 @@ def test_graph_break_after_temb_is_not_taken_for_a_single_block():
     report = adaspa_compile.report()
     assert report.clock == "timestep" and len(report.rewritten) == 2
     assert all(s.phases == {0: "DD"} for s in report.rewritten)
+    # The resume graph is a piece of a timestep-driven model: no "no timestep" note for it.
+    assert not any("no timestep input" in n for n in report.notes), report.notes
