@@ -34,7 +34,7 @@ def adaspa_backend(gm: torch.fx.GraphModule, example_inputs: List[Any], *,
     cfg = AdaSpaConfig.from_options(options)
     _check_mode(mode, cfg)
     distributed.check_compiled_frame()  # context parallelism: refuse ring, bad Ulysses degree
-    inputs = distributed.hook_inputs(gm, GraphInputs.from_graph(gm))
+    inputs = GraphInputs.from_graph(gm)
     _check_graph(gm, inputs)
     gm = run_passes(gm, cfg, inputs)
     _mark_ulysses_sites(gm, cfg)

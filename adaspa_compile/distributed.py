@@ -19,8 +19,6 @@ rank:
   recall all-gather;
 - :func:`check_context_parallel`: refuses ring attention and a Ulysses degree that does not
   divide the head count (at compile time, from the compiled frame's locals);
-- :func:`hook_inputs`: finds the timestep of a graph that resumes after a graph break inside a
-  diffusers hook (it arrives as ``___stack0[1]['timestep']``);
 - :func:`prepare_context_parallel`: optional; lets Dynamo capture the whole parallel model as
   one graph on CPU (on CUDA, torch 2.11, the output all-gather still breaks it once, after the
   last block: use the default ``fullgraph=False``).
@@ -49,7 +47,6 @@ __all__ = [
     "check_context_parallel",
     "find_context_parallel",
     "prepare_context_parallel",
-    "hook_inputs",
     "HANDSHAKE_TIMEOUT_ENV",
 ]
 
@@ -111,56 +108,6 @@ def ulysses_sites(gm: torch.fx.GraphModule) -> Dict[int, str]:
             if group is not None:
                 sites[int(node.args[5])] = group
     return sites
-
-
-def _item_name(node: torch.fx.Node) -> Optional[str]:
-    """``timestep`` for a placeholder whose source is ``L['___stack0'][1]['timestep']``: a chain
-    of item lookups, ending in a string key, on a frame local (no attribute on the way, so
-    parameters and buffers never match)."""
-    source = getattr(node.meta.get("grapharg"), "source", None)
-    key = getattr(source, "index", None)
-    if not isinstance(key, str):
-        return None
-    while source is not None and hasattr(source, "index") and not hasattr(source, "member"):
-        source = getattr(source, "base", None)
-    return key if type(source).__name__ == "LocalSource" else None
-
-
-def hook_inputs(gm: torch.fx.GraphModule, inputs):
-    """``GraphInputs`` that also see forward arguments passed through a diffusers hook.
-
-    A graph break inside a diffusers hook's ``pre_forward`` (context parallelism: its
-    ``warning_once`` about Wan's 1-D timestep) resumes in a frame that receives the arguments as
-    ``___stack0 = (args, kwargs)``; the timestep placeholder is then ``L['___stack0'][1]
-    ['timestep']``, which ``GraphInputs`` does not read as the timestep, and the clock would
-    count model calls instead of steps. Returns ``inputs`` unchanged when it found a timestep.
-    """
-    if inputs.timestep_index is not None:
-        return inputs
-    from .passes.graph_inputs import TEXT_INPUT_NAME, TIMESTEP_NAMES
-
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    names = tuple(name if name is not None else _item_name(n)
-                  for name, n in zip(inputs.names, placeholders))
-    if names == inputs.names:
-        return inputs
-
-    def example(i):
-        node = placeholders[i]
-        return node.meta.get("example_value", node.meta.get("val"))
-
-    user = tuple(i for i, name in enumerate(names) if name is not None)
-    timestep = next((i for i in user if names[i] in TIMESTEP_NAMES
-                     and isinstance(example(i), torch.Tensor)), None)
-    text_len = inputs.text_len
-    for i in user:
-        value = example(i)
-        if names[i] == TEXT_INPUT_NAME and isinstance(value, torch.Tensor) and value.dim() == 3 \
-                and isinstance(value.shape[1], int):
-            text_len = value.shape[1]
-    return type(inputs)(timestep_index=timestep,
-                        timestep_name=None if timestep is None else names[timestep],
-                        user_indices=user, text_len=text_len, names=names)
 
 
 # ----------------------------------------------------------------------------- heads

@@ -21,19 +21,21 @@ MAX_MAIN_PATH = 2000
 def _local_name(node: torch.fx.Node) -> Optional[str]:
     """The forward argument a placeholder came from, or ``None`` for parameters and buffers.
 
-    ``L['timestep']`` -> ``timestep``; ``L['kwargs']['timestep']`` (a decorated forward taking
-    ``**kwargs``) -> ``timestep``.
+    ``L['timestep']`` -> ``timestep``. A chain of item lookups ending in a string key on a frame
+    local also names its key: ``L['kwargs']['timestep']`` (a decorated forward taking
+    ``**kwargs``) and ``L['___stack0'][1]['timestep']`` (a graph resuming after a break inside a
+    diffusers hook, which passes ``(args, kwargs)``). No attribute may be on the way, so
+    parameters and buffers never match.
     """
-    grapharg = node.meta.get("grapharg")
-    source = getattr(grapharg, "source", None)
+    source = getattr(node.meta.get("grapharg"), "source", None)
     if type(source).__name__ == "LocalSource":
         return source.local_name
-    base = getattr(source, "base", None)
-    index = getattr(source, "index", None)
-    if type(base).__name__ == "LocalSource" and base.local_name == "kwargs" \
-            and isinstance(index, str):
-        return index
-    return None
+    key = getattr(source, "index", None)
+    if not isinstance(key, str):
+        return None
+    while source is not None and hasattr(source, "index") and not hasattr(source, "member"):
+        source = getattr(source, "base", None)
+    return key if type(source).__name__ == "LocalSource" else None
 
 
 def main_input(node: torch.fx.Node) -> Optional[str]:
