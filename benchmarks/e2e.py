@@ -147,13 +147,12 @@ def hunyuan_spec(quick: bool, dual: int, single: int) -> ModelSpec:
         inputs=inputs, notes=f"text padded to {text}, {valid} valid tokens")
 
 
-def wan_spec(quick: bool, layers: int) -> ModelSpec:
-    """Wan2.1-14B 720p, 81 frames: latent 21 x 90 x 160; 512 text tokens via cross-attention."""
-    from diffusers import WanTransformer3DModel
-
+def wan_config(quick: bool, layers: int, quick_heads: int = 2):
+    """``(WanTransformer3DModel kwargs, latent (f, h, w), text tokens)``: Wan2.1-14B at 720p, 81
+    frames, or a tiny stand-in with ``quick``."""
     if quick:
-        cfg = dict(num_attention_heads=2, attention_head_dim=24, ffn_dim=96, text_dim=64,
-                   freq_dim=32)
+        cfg = dict(num_attention_heads=quick_heads, attention_head_dim=24, ffn_dim=96,
+                   text_dim=64, freq_dim=32)
         latent, text = (4, 16, 32), 32
     else:
         cfg = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, text_dim=4096,
@@ -162,6 +161,14 @@ def wan_spec(quick: bool, layers: int) -> ModelSpec:
     cfg.update(patch_size=(1, 2, 2), in_channels=16, out_channels=16, num_layers=layers,
                cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
                rope_max_seq_len=1024)
+    return cfg, latent, text
+
+
+def wan_spec(quick: bool, layers: int) -> ModelSpec:
+    """Wan2.1-14B 720p, 81 frames: latent 21 x 90 x 160; 512 text tokens via cross-attention."""
+    from diffusers import WanTransformer3DModel
+
+    cfg, latent, text = wan_config(quick, layers)
 
     def inputs(model, device, dtype):
         g = torch.Generator().manual_seed(2)

@@ -50,6 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import adaspa_compile  # noqa: E402
 from adaspa_compile.distributed import prepare_context_parallel  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from e2e import wan_config  # noqa: E402
+
 PHASES = {"D": "dense", "F": "fused_search", "C": "cached_search", "S": "sparse"}
 DEFAULT_SCHEDULE = {"dense": 9, "fused_search": 1, "cached_search": 1, "sparse": 39}
 SEARCH_STEPS = (2, 3)
@@ -65,21 +68,6 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- model
-def wan_config(quick: bool, layers: int):
-    if quick:
-        cfg = dict(num_attention_heads=4, attention_head_dim=24, ffn_dim=96, text_dim=64,
-                   freq_dim=32)
-        latent, text = (4, 16, 32), 32
-    else:
-        cfg = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, text_dim=4096,
-                   freq_dim=256)
-        latent, text = (21, 90, 160), 512
-    cfg.update(patch_size=(1, 2, 2), in_channels=16, out_channels=16, num_layers=layers,
-               cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
-               rope_max_seq_len=1024)
-    return cfg, latent, text
-
-
 def build(cfg: Dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """Random weights (seed 0, so every rank builds the same model); parameters cast to
     ``dtype`` except the modules diffusers keeps in fp32, as ``from_pretrained`` does."""
@@ -288,7 +276,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     rank, world, device, dtype = setup(args)
-    cfg, latent, text = wan_config(args.quick, args.layers)
+    cfg, latent, text = wan_config(args.quick, args.layers, quick_heads=4)
     tokens = latent[0] * (latent[1] // 2) * (latent[2] // 2)
     log(f"Wan {cfg['num_attention_heads']}x{cfg['attention_head_dim']} heads, {args.layers} "
         f"layers, {tokens:,} video tokens, {device.type} {dtype}, world {world}")
