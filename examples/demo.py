@@ -1,6 +1,6 @@
 """Demo: a trained video DiT samples clips densely and with ``backend="adaspa"``, side by side.
 
-    python examples/demo.py                                   # CPU: 16x48x48, 20 steps
+    python examples/demo.py                                   # CPU: 8x64x64, 16 steps
     python examples/demo.py --prompt "red circle bouncing, camera static" --out red.gif
     python examples/demo.py --device cuda --size 16x128x128 --steps 50   # the paper's schedule
 
@@ -15,8 +15,9 @@ backend="adaspa")``. Prints both wall times, the PSNR of the adaspa frames again
 and ``adaspa_compile.report()``, and writes the two clips as a frame strip (``--out x.png``: a dense
 row and an adaspa row per caption) or an animation (``--out x.gif``).
 
-On a CPU the attention runs the library's pure-PyTorch reference, not the Triton kernels, so the
-times show the path working, not the speedup (``benchmarks/RESULTS.md`` has the H100 numbers).
+On a CPU the attention runs the library's pure-PyTorch reference, not the Triton kernels, and a
+sparse step is slower than the dense one: the times show the path working, not the speedup
+(``benchmarks/RESULTS.md`` has the H100 numbers).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import torch
 
 import adaspa_compile
 
-CAPTIONS = ["yellow diamond bouncing, camera static", "red square bouncing, camera static"]
+CAPTION = "yellow diamond bouncing, camera static"
 CPU_SIZE, CUDA_SIZE = "8x64x64", "16x128x128"  # frames x height x width, in pixels
 PAPER_STEPS, PAPER_SEARCH = 50, (9, 29)  # adaspa's default search steps, out of 50
+PATCH = 4  # the model's pixel patch (patch_size in its config.json)
 
 
 class DemoResult(NamedTuple):
@@ -46,37 +48,50 @@ class DemoResult(NamedTuple):
 
 # ----------------------------------------------------------------------------- command line
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompt", action="append", default=None,
-                   help="a caption from the model's vocabulary; repeat for two (default: "
-                        + " | ".join(CAPTIONS) + ")")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                   help=f"a caption in the model's vocabulary; give it twice for two clips "
+                        f"(default: {CAPTION!r})")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="default: cuda when available, else cpu")
     p.add_argument("--size", default=None,
                    help=f"FRAMESxHEIGHTxWIDTH in pixels (default: {CPU_SIZE} on a CPU, "
                         f"{CUDA_SIZE} on CUDA; trained at 16x64x64 and 16x128x128)")
-    p.add_argument("--steps", type=int, default=None, help="default: 20 on a CPU, 50 on CUDA")
-    p.add_argument("--guidance-scale", type=float, default=4.0, help="true CFG scale")
-    p.add_argument("--seed", type=int, default=0, help="noise seed of the first caption")
-    p.add_argument("--sparsity", type=float, default=0.8)
+    p.add_argument("--steps", type=int, default=None, help="default: 16 on a CPU, 50 on CUDA")
+    p.add_argument("--guidance-scale", type=float, default=4.0, help="true CFG scale (4)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="noise seed of the first caption, +1 for the second (0)")
+    p.add_argument("--sparsity", type=float, default=0.8, help="adaspa's sparsity (0.8)")
     p.add_argument("--search-steps", type=int, nargs="+", default=None,
                    help="default: the paper's steps 9 and 29 of 50, scaled to --steps")
     p.add_argument("--block-size", type=int, default=None,
                    help="default: 64, or 16 when the attention is shorter than 1024 tokens")
     p.add_argument("--min-seq-len", type=int, default=None,
                    help="default: 1024, lowered to the attention length when shorter")
-    p.add_argument("--inner-backend", default="inductor", choices=("inductor", "aot_eager", "eager"),
-                   help="what compiles the rest of the graph")
-    p.add_argument("--out", default="demo_out.png", help="a .png frame strip or a .gif")
+    p.add_argument("--inner-backend", default="inductor",
+                   choices=("inductor", "aot_eager", "eager"),
+                   help="what compiles the rest of the graph (inductor)")
+    p.add_argument("--out", default="demo_out.png",
+                   help="a .png frame strip or a .gif (demo_out.png)")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    args.prompt = args.prompt or list(CAPTIONS)
+    args.prompt = args.prompt or [CAPTION]
     args.size = parse_size(p, args.size or (CUDA_SIZE if cuda else CPU_SIZE))
-    args.steps = args.steps or (PAPER_STEPS if cuda else 20)
+    args.steps = args.steps if args.steps is not None else (PAPER_STEPS if cuda else 16)
+    if args.steps < 1:
+        p.error(f"--steps must be at least 1, got {args.steps}")
     args.search_steps = tuple(args.search_steps or scaled_search_steps(args.steps))
     check_prompts(p, args.prompt)
     if Path(args.out).suffix.lower() not in (".png", ".gif"):
         p.error(f"--out {args.out}: use a .png (frame strip) or a .gif (animation)")
+    try:
+        args.options = adaspa_options(args)
+        adaspa_compile.AdaSpaConfig.from_options(args.options)
+    except ValueError as e:
+        p.error(str(e))
+    if args.search_steps[-1] >= args.steps:
+        p.error(f"--search-steps {' '.join(map(str, args.search_steps))} must come before "
+                f"--steps {args.steps} (zero-based)")
     return args
 
 
@@ -85,8 +100,9 @@ def parse_size(parser: argparse.ArgumentParser, text: str) -> Tuple[int, int, in
         frames, height, width = (int(v) for v in text.lower().split("x"))
     except ValueError:
         parser.error(f"--size is FRAMESxHEIGHTxWIDTH, e.g. {CPU_SIZE}; got {text!r}")
-    if min(frames, height, width) < 1 or height % 4 or width % 4:
-        parser.error(f"--size {text}: height and width must be multiples of the 4-pixel patch")
+    if min(frames, height, width) < 1 or height % PATCH or width % PATCH:
+        parser.error(f"--size {text}: height and width must be multiples of the {PATCH}-pixel "
+                     "patch")
     return frames, height, width
 
 
@@ -105,8 +121,8 @@ def check_prompts(parser: argparse.ArgumentParser, prompts: List[str]) -> None:
                                             else f"use 1 to {text.MAX_TOKENS} words")
                 + f".\nValid words: colours {' '.join(text.COLOURS)}; shapes "
                 f"{' '.join(text.SHAPES)}; motions {' '.join(text.MOTIONS)}; camera "
-                f"{' '.join(text.CAMERA_WORDS)}; and {' '.join(text.GLUE_WORDS)}.\n"
-                f"The model was trained on captions like {CAPTIONS[0]!r} or 'red square "
+                f"{' '.join(text.CAMERA_WORDS)}; joining {' '.join(text.GLUE_WORDS)}.\n"
+                f"The model was trained on captions like {CAPTION!r} or 'red square "
                 "spinning and green ring hopping behind bar, camera zooms in'.")
 
 
@@ -125,7 +141,7 @@ def attention_length(size: Tuple[int, int, int]) -> int:
     from adaspa_compile.fidelity import MAX_TOKENS
 
     frames, height, width = size
-    return frames * (height // 4) * (width // 4) + MAX_TOKENS
+    return frames * (height // PATCH) * (width // PATCH) + MAX_TOKENS
 
 
 def adaspa_options(args: argparse.Namespace) -> Dict[str, object]:
@@ -188,7 +204,7 @@ def psnr(x: torch.Tensor, ref: torch.Tensor) -> List[float]:
 
 
 # ----------------------------------------------------------------------------- output
-def to_frames(clip: torch.Tensor) -> List["PIL.Image.Image"]:  # noqa: F821
+def to_frames(clip: torch.Tensor) -> list:
     """``[3, F, H, W]`` in ``[-1, 1]`` -> F RGB images."""
     from PIL import Image
 
@@ -232,10 +248,13 @@ def save_gif(rows: List[Tuple[str, torch.Tensor]], path: Path, tile: int = 128) 
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=1000 // 8, loop=0)
 
 
-def save(dense: torch.Tensor, sparse: torch.Tensor, args: argparse.Namespace) -> Path:
+def save(dense: torch.Tensor, sparse: torch.Tensor, scores: List[float],
+         args: argparse.Namespace) -> Path:
     rows = []
     for i, caption in enumerate(args.prompt):
-        rows += [(f"dense: {caption}", dense[i]), (f"adaspa: {caption}", sparse[i])]
+        rows += [(f"dense: {caption}", dense[i]),
+                 (f"adaspa, sparsity {args.sparsity} ({scores[i]:.1f} dB vs dense): {caption}",
+                  sparse[i])]
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     (save_gif if path.suffix.lower() == ".gif" else save_png)(rows, path)
@@ -243,22 +262,28 @@ def save(dense: torch.Tensor, sparse: torch.Tensor, args: argparse.Namespace) ->
 
 
 # ----------------------------------------------------------------------------- main
-def main(argv: Optional[Sequence[str]] = None) -> DemoResult:
-    args = parse_args(argv)
+def load(args: argparse.Namespace):
+    """The shipped model: ``HunyuanVideoTransformer3DModel.from_pretrained(WEIGHTS_DIR)`` and its
+    caption encoder, bf16 on CUDA, fp32 on the CPU."""
     from adaspa_compile.fidelity import load_model
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = load_model(device=device, dtype=dtype)  # HunyuanVideoTransformer3DModel.from_pretrained
-    options = adaspa_options(args)
+    model = load_model(device=device, dtype=dtype)
     params = sum(p.numel() for p in model.transformer.parameters()) / 1e6
     print(f"HunyuanVideoTransformer3DModel, {params:.2f}M parameters, {dtype}, {device}; clip "
           f"{'x'.join(map(str, args.size))} -> attention over {attention_length(args.size)} "
-          f"tokens; {args.steps} steps, CFG {args.guidance_scale}\nadaspa options: {options}")
+          f"tokens; {args.steps} steps, CFG {args.guidance_scale}\n"
+          f"adaspa options: {args.options}")
+    return model
 
+
+def main(argv: Optional[Sequence[str]] = None) -> DemoResult:
+    args = parse_args(argv)
+    model = load(args)
     dense, t_dense, _ = denoise(model.transformer, model, args, "dense (eager)")
     adaspa_compile.reset()
-    compiled = torch.compile(model.transformer, backend="adaspa", options=options)
+    compiled = torch.compile(model.transformer, backend="adaspa", options=args.options)
     sparse, t_sparse, t_first = denoise(compiled, model, args, "adaspa")
 
     scores = psnr(sparse, dense)
@@ -268,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> DemoResult:
         print(f"PSNR adaspa vs dense, {caption!r}: {value:.2f} dB")
     report = adaspa_compile.report()
     print(report)
-    out = save(dense, sparse, args)
+    out = save(dense, sparse, scores, args)
     print(f"wrote {out}")
     return DemoResult({"dense": t_dense, "adaspa": t_sparse}, scores, report, out)
 

@@ -1,4 +1,5 @@
-"""The pipeline examples (``examples/*.py``) run end to end on tiny random pipelines (CPU).
+"""The examples run end to end on the CPU: the pipeline examples on tiny random pipelines, the demo
+on the trained fidelity model it ships with, at its smallest size.
 
 Each pipeline is the real diffusers class, built from tiny random components of the classes the
 checkpoints use: the transformer, the VAE, the scheduler and the text encoders (Llama + CLIP for
@@ -12,6 +13,7 @@ report.
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
@@ -301,6 +303,78 @@ def test_loading_wan_without_accelerate_says_what_to_install(monkeypatch, capsys
     with pytest.raises(SystemExit):
         example.main(["--model", "m", "--output", "x.gif"])
     assert "loading Wan needs accelerate: pip install accelerate" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- demo
+DEMO_PROMPTS = ["yellow diamond bouncing, camera static", "red square bouncing, camera static"]
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: these shapes gain nothing from more, and on a busy 2-core machine two
+    OpenMP threads made the demo test 14x slower (85 s instead of 6 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_demo_samples_the_trained_model_dense_and_sparse(tmp_path, monkeypatch, capsys):
+    """``examples/demo.py`` at its smallest: 4 frames of 32x32 pixels (4 x 8 x 8 = 256 video
+    tokens + 16 caption tokens, so the demo lowers ``min_seq_len`` to 272 and the block size to
+    16), 4 steps with search steps 1 and 2, true CFG (two branches), two captions, eager inner
+    backend to skip inductor's compile."""
+    from PIL import Image
+
+    demo = load_example("demo", monkeypatch)
+    out = tmp_path / "demo.png"
+    argv = ["--device", "cpu", "--size", "4x32x32", "--steps", "4", "--inner-backend", "eager",
+            "--out", str(out)]
+    result = demo.main(argv + [a for p in DEMO_PROMPTS for a in ("--prompt", p)])
+    report = result.report
+    assert report.clock == "timestep" and report.step == 3, str(report)
+    assert len(report.rewritten) == 6 and not report.skipped, str(report)  # 2 dual + 4 single
+    for site in report.rewritten:
+        assert site.shape == "[2,4,272,64]" and site.text.startswith("last 16"), str(report)
+        assert site.phases == {0: "DFCS", 1: "DFCS"}, str(report)
+        assert site.mean_density() < 0.5, str(report)
+    # The sparse steps changed the clips (identical clips give 100 dB), but not into noise.
+    assert len(result.psnr) == 2 and all(15 < v < 60 for v in result.psnr), result.psnr
+    assert all(math.isfinite(t) and t > 0 for t in result.seconds.values()), result.seconds
+    with Image.open(out) as im:  # a dense and an adaspa row per caption
+        assert im.format == "PNG" and im.size[1] > 4 * 32 and im.size[0] > 8 * 32
+    printed = capsys.readouterr().out
+    assert "PSNR adaspa vs dense" in printed and "adaspa report: 6 site(s)" in printed
+    assert str(out) in printed
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_demo_writes_a_gif(tmp_path, monkeypatch):
+    demo = load_example("demo", monkeypatch)
+    out = tmp_path / "demo.gif"
+    demo.main(["--device", "cpu", "--size", "2x16x16", "--steps", "2", "--inner-backend", "eager",
+               "--out", str(out)])
+    check_gif(out, 2)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--prompt", "purple circle bouncing"], "unknown word(s) purple"),
+    (["--prompt", "a cat walks on the grass"], "Valid words: colours red green"),
+    (["--prompt", "red circle"] * 3, "give one or two --prompt"),
+    (["--size", "8x30x30"], "multiples of the 4-pixel patch"),
+    (["--size", "64x64"], "FRAMESxHEIGHTxWIDTH"),
+    (["--out", "x.mp4"], "use a .png (frame strip) or a .gif"),
+    (["--block-size", "48"], "'block_size' got 48"),
+    (["--steps", "8", "--search-steps", "3", "8"], "must come before --steps 8"),
+])
+def test_demo_bad_command_lines_fail_before_loading(argv, message, monkeypatch, capsys):
+    demo = load_example("demo", monkeypatch)
+    monkeypatch.setattr("adaspa_compile.fidelity.load_model", None)  # never reached
+    with pytest.raises(SystemExit) as exc:
+        demo.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- command line
