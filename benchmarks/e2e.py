@@ -232,7 +232,12 @@ def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> to
     torch.manual_seed(0)
     with torch.device(device):
         model = spec.build()
-    model.to(device)
+    return cast_as_loaded(model.to(device), dtype)
+
+
+def cast_as_loaded(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Parameters to ``dtype`` except diffusers' ``_keep_in_fp32_modules`` (as ``from_pretrained``
+    does); returns the model in eval mode without gradients."""
     keep = getattr(model, "_keep_in_fp32_modules", None) or []
     with torch.no_grad():
         for name, p in model.named_parameters():

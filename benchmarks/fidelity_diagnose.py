@@ -64,6 +64,7 @@ from adaspa_compile.fidelity import (FIDELITY_CONFIG, MAX_TOKENS, WEIGHTS_DIR,  
                                      load_model, random_captions, sample)
 from adaspa_compile.selection import BlockLayout, select_blocks  # noqa: E402
 from adaspa_compile.selectors import selector_scores  # noqa: E402
+from fidelity import search_steps_for  # noqa: E402  (benchmarks/fidelity.py)
 
 try:
     from tqdm import tqdm
@@ -71,7 +72,6 @@ except ImportError:  # pragma: no cover
     tqdm = None
 
 PROMPT_SEED = 10**12 + 4  # benchmarks/fidelity.py's held-out captions
-PAPER_STEPS, PAPER_SEARCH = 50, (9, 29)
 
 # Each configuration: how the runtime would choose blocks.
 #   share_cfg: the uncond branch reuses the cond branch's mask (a diagnostic, not the runtime)
@@ -171,18 +171,6 @@ def split(text: str) -> List[str]:
 def parse_shape(text: str) -> Tuple[int, int, int]:
     f, h, w = (int(v) for v in text.lower().split("x"))
     return f, h, w
-
-
-def search_steps_for(steps: int) -> Tuple[int, ...]:
-    """As benchmarks/fidelity.py: the paper's zero-based 9 and 29 of 50, scaled."""
-    out: List[int] = []
-    for s in PAPER_SEARCH:
-        step = min(steps - 1, round(s * steps / PAPER_STEPS))
-        if out and step <= out[-1]:
-            step = out[-1] + 1
-        if step < steps:
-            out.append(step)
-    return tuple(out)
 
 
 def token_grid(shape: Tuple[int, int, int]) -> Tuple[int, int, int]:

@@ -51,7 +51,7 @@ import adaspa_compile  # noqa: E402
 from adaspa_compile.distributed import prepare_context_parallel  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e import wan_config  # noqa: E402
+from e2e import cast_as_loaded, wan_config  # noqa: E402
 
 PHASES = {"D": "dense", "F": "fused_search", "C": "cached_search", "S": "sparse"}
 DEFAULT_SCHEDULE = {"dense": 9, "fused_search": 1, "cached_search": 1, "sparse": 39}
@@ -76,12 +76,7 @@ def build(cfg: Dict[str, Any], device: torch.device, dtype: torch.dtype) -> torc
     torch.manual_seed(0)
     with torch.device(device):
         model = WanTransformer3DModel(**cfg)
-    keep = getattr(model, "_keep_in_fp32_modules", None) or []
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.is_floating_point() and not any(k in name.split(".") for k in keep):
-                p.data = p.data.to(dtype)
-    return model.eval().requires_grad_(False)
+    return cast_as_loaded(model, dtype)
 
 
 def branches(cfg, latent, text, device, dtype) -> List[Dict[str, torch.Tensor]]:
