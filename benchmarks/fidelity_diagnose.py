@@ -805,14 +805,35 @@ def print_tables(report: Dict[str, Any], args: argparse.Namespace) -> None:
             print(f"| {label} | {v['head_calls']} | " + " | ".join(
                 f"{v[n]['rel_err']:.3f} ({v[n]['recall']:.3f})" if n in v else "-"
                 for n in names) + " |")
-    onp = report.get("onpolicy", {})
+    onp = report.get("onpolicy_summary", {})
     if onp:
-        print("\non-policy generations (each config's sparse output fed back)")
-        for pair, runs in onp.items():
+        print("\non-policy generations (each config's sparse output fed back): PSNR vs dense, "
+              "mean over pairs, and the mean paired difference to adaspa (pairs where both ran)")
+        print("| config | pairs | PSNR dB | vs adaspa dB | per pair |")
+        print("|---|---:|---:|---:|---|")
+        for name, r in onp.items():
+            diff = "-" if r["vs_adaspa"] is None else f"{r['vs_adaspa']:+.2f}"
+            print(f"| {name} | {r['pairs']} | {r['psnr_mean']:.2f} | {diff} | "
+                  + " ".join(f"{v:.2f}" for v in r["psnr"]) + " |")
+        for pair, runs in report.get("onpolicy", {}).items():
             for name, r in runs.items():
-                rc = r.get("recall_by_step", {})
-                print(f"  pair {pair} {name:20s} PSNR {r['psnr']:.2f} dB   recall by step "
-                      + " ".join(f"{s}:{v:.3f}" for s, v in rc.items()))
+                if r.get("recall_by_step"):
+                    print(f"  pair {pair} {name}: recall of its mask on its own trajectory "
+                          + " ".join(f"{st}:{v:.3f}" for st, v in r["recall_by_step"].items()))
+
+
+def onpolicy_summary(onpolicy: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    names = sorted({n for runs in onpolicy.values() for n in runs})
+    out = {}
+    for n in names:
+        pairs = sorted(p for p, runs in onpolicy.items() if n in runs)
+        both = [p for p in pairs if "adaspa" in onpolicy[p]]
+        diffs = [onpolicy[p][n]["psnr"] - onpolicy[p]["adaspa"]["psnr"] for p in both]
+        out[n] = {"pairs": len(pairs), "psnr": [onpolicy[p][n]["psnr"] for p in pairs],
+                  "psnr_mean": round(mean([onpolicy[p][n]["psnr"] for p in pairs]), 3),
+                  "vs_adaspa": round(mean(diffs), 3) if diffs and n != "adaspa" else None,
+                  "vs_adaspa_wins": f"{sum(d > 0 for d in diffs)}/{len(diffs)}"}
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["psnr_mean"]))
 
 
 # ----------------------------------------------------------------------------- check-backend
@@ -1021,6 +1042,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     report["summary"] = summarise(teacher, args)
     report["head_adaptive"] = head_adaptive_table(teacher, args)
     report["by_diffuseness"] = by_diffuseness(teacher, args)
+    report["onpolicy_summary"] = onpolicy_summary(report.get("onpolicy", {}))
     report["seconds_total"] = round(time.perf_counter() - t_start, 1)
     write()
     print_tables(report, args)
