@@ -1,10 +1,10 @@
 """Why AdaSpa's higher recall does not give a higher PSNR: per-step diagnostics on CPU.
 
-    python benchmarks/fidelity_diagnose.py --quick           # ~4 min on 2 CPU cores
-    python benchmarks/fidelity_diagnose.py                   # 1 pair, 20 steps, ~9 min
+    python benchmarks/fidelity_diagnose.py --quick           # ~1.5 min on 2 CPU cores
+    python benchmarks/fidelity_diagnose.py                   # 1 pair, 20 steps, ~8 min
     python benchmarks/fidelity_diagnose.py --first-pair 1    # the next (prompt, seed) pair
     python benchmarks/fidelity_diagnose.py --drivers adaspa,window --no-velocity   # on-policy
-    python benchmarks/fidelity_diagnose.py --check-backend   # emulation == backend? (~3 min)
+    python benchmarks/fidelity_diagnose.py --check-backend --out-json /tmp/c.json  # ~5 min
 
 The trained fidelity model samples the dense trajectory of ``benchmarks/fidelity.py`` (same
 prompts, seeds, scheduler, CFG 4, search steps scaled as 9 and 29 of 50). Every
