@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Tuple
 
-__all__ = ["Phase", "phase_for_step", "StepClock"]
+__all__ = ["Phase", "phase_for_step", "scaled_search_steps", "StepClock"]
 
 
 class Phase(str, enum.Enum):
@@ -91,3 +91,19 @@ class StepClock:
             self.step, self.branch = self.step + 1, 0
         self._last_timestep, self._signature = timestep, signature
         return new_generation
+
+
+DEFAULT_SEARCH_STEPS, DEFAULT_STEPS = (9, 29), 50  # the paper's schedule: steps 9 and 29 of 50
+
+
+def scaled_search_steps(steps: int) -> Tuple[int, ...]:
+    """The default search steps (zero-based 9 and 29 of 50) at the same fractions of ``steps``,
+    kept increasing and below ``steps``: ``(1, 5)`` for 8 steps, ``(0, 1)`` for 2."""
+    out = []
+    for s in DEFAULT_SEARCH_STEPS:
+        step = min(steps - 1, round(s * steps / DEFAULT_STEPS))
+        if out and step <= out[-1]:
+            step = out[-1] + 1
+        if step < steps:
+            out.append(step)
+    return tuple(out)

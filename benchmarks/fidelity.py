@@ -49,13 +49,14 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import adaspa_compile  # noqa: E402
+from adaspa_compile.schedule import scaled_search_steps as search_steps_for  # noqa: E402
 from adaspa_compile.fidelity import (FIDELITY_CONFIG, WEIGHTS_DIR, FidelityModel,  # noqa: E402
                                      build_model, default_shift, forward_flops, load_model,
                                      make_batch, random_captions, sample, shift_sigmas)
 from train_fidelity_model import adaspa_backend_for_compile, frame_strip  # noqa: E402
 
 PROMPT_SEED = 10**12 + 4  # held-out captions: training clips use seeds below 10**10
-PAPER_STEPS, PAPER_SEARCH = 50, (9, 29)
+PAPER_STEPS = 50
 METHODS = ("adaspa", "window", "pooled", "adaspa-no-head-adaptive", "adaspa-no-lse-cache",
            "adaspa-recall")
 STRIP_METHODS = ("adaspa", "window", "pooled")
@@ -140,18 +141,6 @@ def export(path: str) -> None:
     out = os.environ.get("OUT")
     if out and os.path.isfile(path):
         shutil.copy2(path, Path(out) / Path(path).name)
-
-
-def search_steps_for(steps: int) -> Tuple[int, ...]:
-    """The paper's zero-based search steps 9 and 29 of 50, scaled to ``steps``."""
-    out: List[int] = []
-    for s in PAPER_SEARCH:
-        step = min(steps - 1, round(s * steps / PAPER_STEPS))
-        if out and step <= out[-1]:
-            step = out[-1] + 1
-        if step < steps:
-            out.append(step)
-    return tuple(out)
 
 
 def shape_name(shape: Tuple[int, int, int]) -> str:

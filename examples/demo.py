@@ -30,10 +30,10 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 import adaspa_compile
+from adaspa_compile.schedule import DEFAULT_STEPS as PAPER_STEPS, scaled_search_steps
 
 CAPTION = "yellow diamond bouncing, camera static"
 CPU_SIZE, CUDA_SIZE = "8x64x64", "16x128x128"  # frames x height x width, in pixels
-PAPER_STEPS, PAPER_SEARCH = 50, (9, 29)  # adaspa's default search steps, out of 50
 PATCH = 4  # the model's pixel patch (patch_size in its config.json)
 
 
@@ -124,16 +124,6 @@ def check_prompts(parser: argparse.ArgumentParser, prompts: List[str]) -> None:
                 f"{' '.join(text.CAMERA_WORDS)}; joining {' '.join(text.GLUE_WORDS)}.\n"
                 f"The model was trained on captions like {CAPTION!r} or 'red square "
                 "spinning and green ring hopping behind bar, camera zooms in'.")
-
-
-def scaled_search_steps(steps: int) -> Tuple[int, ...]:
-    """Adaspa's default search steps (9, 29 of 50) at the same fractions of ``steps``."""
-    out: List[int] = []
-    for s in PAPER_SEARCH:
-        step = max(round(s * steps / PAPER_STEPS), out[-1] + 1 if out else 0)
-        if step < steps:
-            out.append(step)
-    return tuple(out)
 
 
 def attention_length(size: Tuple[int, int, int]) -> int:
