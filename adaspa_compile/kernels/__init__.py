@@ -18,12 +18,12 @@ import torch
 from . import _common
 
 __all__ = ["kernel_support", "fused_search", "cached_search", "block_sparse_attention",
-           "mask_indices", "TRITON_IMPORT_ERROR"]
+           "pair_lists", "prefer_pairs", "mask_indices", "TRITON_IMPORT_ERROR"]
 
 try:
     import triton  # noqa: F401
 
-    from .block_sparse import block_sparse_attention
+    from .block_sparse import block_sparse_attention, pair_lists, prefer_pairs
     from .cached_search import cached_search
     from .fused_search import fused_search
     from .mask_indices import mask_indices
@@ -35,7 +35,8 @@ except ImportError as exc:  # CPU installs without Triton
     def _missing(*_args, **_kwargs):
         raise RuntimeError(f"adaspa_compile.kernels: {TRITON_IMPORT_ERROR}")
 
-    fused_search = cached_search = block_sparse_attention = mask_indices = _missing
+    fused_search = cached_search = block_sparse_attention = mask_indices = pair_lists = _missing
+    prefer_pairs = _missing
 
 
 def kernel_support(q: torch.Tensor, block_size: int) -> Tuple[bool, str]:

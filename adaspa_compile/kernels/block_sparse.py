@@ -1,20 +1,29 @@
 """Block-sparse attention: each query block attends only its kept key blocks.
 
-One program owns one (batch, head, query block) and walks
-``indices[b, h, i, :counts[b, h, i]]`` (as produced by
-:meth:`adaspa_compile.blockmask.BlockMask.to_indices`); counts differ per head and per row
-(head-adaptive tiers, text sink). Programs are launched heaviest row first (a stable sort of the
-counts), so the long rows start early and the short ones fill the tail; rows of equal length
-keep their (batch, head, block) order, which keeps a head's K/V hot in L2. Semantics are those of
-:func:`adaspa_compile.reference.block_sparse_attention_ref`.
+One program owns ``Q_BLOCKS`` consecutive query blocks of one (batch, head) — one block, or a
+pair, so the tensor cores see 128-row tiles with 64-blocks — and walks one ascending list of key
+blocks: the row's own ``indices[b, h, i, :counts[b, h, i]]``, or for a pair the union of the two
+rows' lists, in which each query block masks out the key blocks it does not keep (read from the
+mask's packed bits). The masked half of a tile costs compute but never changes the result: the
+output is exactly that of :func:`adaspa_compile.reference.block_sparse_attention_ref`.
+
+Programs are launched heaviest list first (a stable sort of the counts), so the long lists start
+early and the short ones fill the tail; lists of equal length keep their (batch, head, block)
+order, which keeps a head's K/V hot in L2.
 
 - dtypes: fp16 / bf16 (fp32 accumulation) or fp32 (IEEE fp32 dots; the interpreter path).
 - head dims 1..128; 64 and 128 are tuned, others are padded to a power of two (>= 16) by masks.
-- block sizes 64 and 128; the kernel's tiles are the mask's blocks (``BLOCK_M = BLOCK_N``).
+- block sizes 64 and 128; key tiles are the mask's blocks.
+- K and V are read through tensor descriptors (TMA) on Hopper (sm90+) for bf16 / fp16 with head
+  dim 64 or 128, when their strides allow it (10-20% faster on an H100 than pointer loads).
+- 128-row pair programs are used by ``ops.sparse_forward`` only where :func:`prefer_pairs` says
+  (head dim 128, union lists adding at most ``PAIR_MAX_OVERHEAD`` work: dense masks, as in
+  recall mode); at density 1.0 they are 16-19% faster than 64-row ones.
 - a row whose kept keys are all padded (or that keeps no block) gets output 0.
 - caveat: index entries below the count must lie in ``[0, nk)`` and ascend (as
-  ``BlockMask.to_indices`` gives them); they are not checked on the device (that would need a
-  host sync). Without key padding, a ragged last key block is masked only in the last slot.
+  ``BlockMask.to_indices`` and ``mask_indices`` give them); they are not checked on the device
+  (that would need a host sync). Without key padding, a ragged last key block is masked only in
+  the last slot.
 """
 
 from __future__ import annotations
@@ -26,141 +35,252 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import MASK_ALL, MASK_LAST, load_rows, online_softmax_step, scaled_scores, store_rows
+from ._tiles import (MASK_ALL, MASK_LAST, MASK_NONE, load_rows, online_softmax_step,
+                     scaled_scores, store_rows)
 
-__all__ = ["block_sparse_attention"]
+__all__ = ["block_sparse_attention", "pair_lists", "prefer_pairs", "PAIR_MAX_OVERHEAD"]
+
+# Largest ``BlockMask.pair_overhead`` at which pair programs are used (see ``prefer_pairs``).
+PAIR_MAX_OVERHEAD = 1.15
 
 
 # ----------------------------------------------------------------------------- inner loop
 @triton.jit
-def _sparse_loop(acc, l_i, m_i, q, k_base, v_base, bias_base, idx_base, t_start, t_end, offs_n,
-                 offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_ik, seq_len, qk_scale,
+def _load_block(desc, base, off_z, off_h, j, offs_n, offs_d, stride_n, stride_d, seq_len,
+                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                USE_TMA: tl.constexpr):
+    """Key (or value) block ``j``: ``[BLOCK_SIZE, HEAD_DIM_PAD]``, zeros past ``seq_len``/``D``."""
+    if USE_TMA:
+        tile = desc.load([off_z, off_h, j * BLOCK_SIZE, 0]).reshape(BLOCK_SIZE, HEAD_DIM_PAD)
+    else:
+        tile = load_rows(base, j * BLOCK_SIZE + offs_n, offs_d, stride_n, stride_d, seq_len,
+                         HEAD_DIM, HEAD_DIM_PAD)
+    return tile
+
+
+@triton.jit
+def _pair_row_bias(bits_lo, bits_hi, has_hi, j, offs_local, BLOCK_SIZE: tl.constexpr):
+    """Per row of a pair's tile: ``0`` where its query block keeps key block ``j``, else ``-inf``."""
+    keep_lo = (tl.load(bits_lo + j // 8).to(tl.int32) >> (j % 8)) & 1
+    keep_hi = (tl.load(bits_hi + j // 8, mask=has_hi, other=0).to(tl.int32) >> (j % 8)) & 1
+    keep = tl.where(offs_local < BLOCK_SIZE, keep_lo, keep_hi)
+    return tl.where(keep != 0, 0.0, float("-inf"))
+
+
+@triton.jit
+def _sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base, bits_lo, bits_hi,
+                 has_hi, off_z, off_h, t_start, t_end, offs_local, offs_n, offs_d, stride_kn,
+                 stride_kd, stride_vn, stride_vd, stride_ik, seq_len, qk_scale,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 APPLY_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Kept blocks ``indices[t_start:t_end]`` of one row."""
+                 Q_BLOCKS: tl.constexpr, USE_TMA: tl.constexpr, APPLY_BIAS: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    """Key blocks ``indices[t_start:t_end]`` of one list."""
     for t in range(t_start, t_end):
         j = tl.load(idx_base + t * stride_ik)
-        cols = j * BLOCK_SIZE + offs_n
-        k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, seq_len, HEAD_DIM, HEAD_DIM_PAD)
-        qk = scaled_scores(q, k, bias_base, cols, qk_scale, APPLY_BIAS, DOT_PREC)
-        v = load_rows(v_base, cols, offs_d, stride_vn, stride_vd, seq_len, HEAD_DIM, HEAD_DIM_PAD)
+        k = _load_block(K, k_base, off_z, off_h, j, offs_n, offs_d, stride_kn, stride_kd, seq_len,
+                        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, USE_TMA)
+        qk = scaled_scores(q, k, bias_base, j * BLOCK_SIZE + offs_n, qk_scale, APPLY_BIAS,
+                           DOT_PREC)
+        if Q_BLOCKS == 2:
+            qk = qk + _pair_row_bias(bits_lo, bits_hi, has_hi, j, offs_local, BLOCK_SIZE)[:, None]
+        v = _load_block(V, v_base, off_z, off_h, j, offs_n, offs_d, stride_vn, stride_vd, seq_len,
+                        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, USE_TMA)
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, DOT_PREC)
     return acc, l_i, m_i
 
 
 # ----------------------------------------------------------------------------- kernel
 @triton.jit
-def _block_sparse_kernel(Q, K, V, Out, Counts, Indices, Order, Bias,
+def _block_sparse_kernel(Q, K, V, Out, Counts, Indices, Order, Bias, Bits,
                          stride_qz, stride_qh, stride_qm, stride_qd,
                          stride_kz, stride_kh, stride_kn, stride_kd,
                          stride_vz, stride_vh, stride_vn, stride_vd,
                          stride_oz, stride_oh, stride_om, stride_od,
                          stride_cz, stride_ch, stride_cm,
                          stride_iz, stride_ih, stride_im, stride_ik,
-                         H, seq_len, n_q_blocks, n_k_blocks, qk_scale,
+                         stride_bz, stride_bh, stride_bm,
+                         H, seq_len, n_q_blocks, n_lists, n_k_blocks, qk_scale,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, MASK_MODE: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr, Q_BLOCKS: tl.constexpr,
+                         MASK_MODE: tl.constexpr, USE_TMA: tl.constexpr,
                          DOT_PREC: tl.constexpr):
     item = tl.load(Order + tl.program_id(0))
-    q_block = item % n_q_blocks
-    pid_zh = item // n_q_blocks
-    off_z = (pid_zh // H).to(tl.int64)
-    off_h = (pid_zh % H).to(tl.int64)
+    lst = item % n_lists
+    pid_zh = item // n_lists
+    z32 = pid_zh // H
+    h32 = pid_zh % H
+    off_z = z32.to(tl.int64)
+    off_h = h32.to(tl.int64)
+    q_block = lst * Q_BLOCKS
 
-    offs_m = q_block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    ROWS: tl.constexpr = BLOCK_SIZE * Q_BLOCKS
+    offs_local = tl.arange(0, ROWS)
+    offs_m = q_block * BLOCK_SIZE + offs_local
     offs_n = tl.arange(0, BLOCK_SIZE)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    count = tl.load(Counts + off_z * stride_cz + off_h * stride_ch + q_block * stride_cm)
-    idx_base = Indices + off_z * stride_iz + off_h * stride_ih + q_block.to(tl.int64) * stride_im
+    count = tl.load(Counts + off_z * stride_cz + off_h * stride_ch + lst * stride_cm)
+    idx_base = Indices + off_z * stride_iz + off_h * stride_ih + lst.to(tl.int64) * stride_im
+    bits_lo = Bits + off_z * stride_bz + off_h * stride_bh + q_block.to(tl.int64) * stride_bm
+    bits_hi = bits_lo + stride_bm
+    has_hi = q_block + 1 < n_q_blocks
 
     q = load_rows(Q + off_z * stride_qz + off_h * stride_qh, offs_m, offs_d, stride_qm,
                   stride_qd, seq_len, HEAD_DIM, HEAD_DIM_PAD)
-    m_i = tl.full([BLOCK_SIZE], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_SIZE, HEAD_DIM_PAD], dtype=tl.float32)
-    k_base = K + off_z * stride_kz + off_h * stride_kh
-    v_base = V + off_z * stride_vz + off_h * stride_vh
-    bias_base = Bias + off_z * n_k_blocks * BLOCK_SIZE
-    if MASK_MODE == MASK_ALL:
-        acc, l_i, m_i = _sparse_loop(acc, l_i, m_i, q, k_base, v_base, bias_base, idx_base, 0,
-                                     count, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
-                                     stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM,
-                                     HEAD_DIM_PAD, BLOCK_SIZE, True, DOT_PREC)
+    m_i = tl.full([ROWS], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, HEAD_DIM_PAD], dtype=tl.float32)
+    if USE_TMA:
+        k_base = Q  # unused: the descriptors carry the addresses
+        v_base = Q
     else:
-        # Ascending lists put the ragged last key block, if kept, in the last slot.
-        n_clean = tl.maximum(count - 1, 0) if MASK_MODE == MASK_LAST else count
-        acc, l_i, m_i = _sparse_loop(acc, l_i, m_i, q, k_base, v_base, bias_base, idx_base, 0,
-                                     n_clean, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+        k_base = K + off_z * stride_kz + off_h * stride_kh
+        v_base = V + off_z * stride_vz + off_h * stride_vh
+    bias_base = Bias + off_z * n_k_blocks * BLOCK_SIZE
+    # Ascending lists put the ragged last key block, if kept, in the last slot.
+    if MASK_MODE == MASK_ALL:
+        n_clean = 0
+    elif MASK_MODE == MASK_LAST:
+        n_clean = tl.maximum(count - 1, 0)
+    else:
+        n_clean = count
+    acc, l_i, m_i = _sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base,
+                                 bits_lo, bits_hi, has_hi, z32, h32, 0, n_clean, offs_local,
+                                 offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                                 stride_ik, seq_len, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE,
+                                 Q_BLOCKS, USE_TMA, False, DOT_PREC)
+    if MASK_MODE != MASK_NONE:
+        acc, l_i, m_i = _sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base,
+                                     bits_lo, bits_hi, has_hi, z32, h32, n_clean, count,
+                                     offs_local, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                                      stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM,
-                                     HEAD_DIM_PAD, BLOCK_SIZE, False, DOT_PREC)
-        if MASK_MODE == MASK_LAST:
-            acc, l_i, m_i = _sparse_loop(acc, l_i, m_i, q, k_base, v_base, bias_base, idx_base,
-                                         n_clean, count, offs_n, offs_d, stride_kn, stride_kd,
-                                         stride_vn, stride_vd, stride_ik, seq_len, qk_scale,
-                                         HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, True, DOT_PREC)
+                                     HEAD_DIM_PAD, BLOCK_SIZE, Q_BLOCKS, USE_TMA, True, DOT_PREC)
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     store_rows(Out + off_z * stride_oz + off_h * stride_oh, out.to(Out.dtype.element_ty), offs_m,
                offs_d, stride_om, stride_od, seq_len, HEAD_DIM, HEAD_DIM_PAD)
 
 
 # ----------------------------------------------------------------------------- launcher
-def _check_indices(counts: torch.Tensor, indices: torch.Tensor, q: torch.Tensor,
-                   block_size: int) -> None:
-    B, H, L, _ = q.shape
-    nb = -(-L // block_size)
-    if counts.dtype not in (torch.int32, torch.int64) or tuple(counts.shape) != (B, H, nb):
-        raise ValueError(f"counts must be int32 [B, H, nq] = {(B, H, nb)} for L={L}, "
-                         f"block_size={block_size}; got {counts.dtype} {tuple(counts.shape)}")
+def _check_lists(counts: torch.Tensor, indices: torch.Tensor, n_lists: int, nk: int,
+                 q: torch.Tensor, what: str) -> None:
+    B, H = q.shape[:2]
+    if counts.dtype not in (torch.int32, torch.int64) or tuple(counts.shape) != (B, H, n_lists):
+        raise ValueError(f"counts must be int32 [B, H, {what}] = {(B, H, n_lists)}; got "
+                         f"{counts.dtype} {tuple(counts.shape)}")
     if indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 4 \
-            or tuple(indices.shape[:3]) != (B, H, nb) or indices.shape[3] > nb:
-        raise ValueError(f"indices must be int32 [B, H, nq, max_kept] with nq={nb}, "
-                         f"max_kept <= {nb}; got {indices.dtype} {tuple(indices.shape)}")
+            or tuple(indices.shape[:3]) != (B, H, n_lists) or indices.shape[3] > nk:
+        raise ValueError(f"indices must be int32 [B, H, {what}, max_kept] with {what}={n_lists}, "
+                         f"max_kept <= {nk}; got {indices.dtype} {tuple(indices.shape)}")
     if counts.device != q.device or indices.device != q.device:
         raise ValueError(f"counts and indices must be on {q.device}")
 
 
+def _check_pair_bits(bits: torch.Tensor, q: torch.Tensor, nb: int) -> None:
+    B, H = q.shape[:2]
+    shape = (B, H, nb, -(-nb // 8))
+    if bits.dtype != torch.uint8 or tuple(bits.shape) != shape or bits.device != q.device:
+        raise ValueError(f"pair_bits must be the mask's uint8 bits {shape} on {q.device}; got "
+                         f"{bits.dtype} {tuple(bits.shape)} on {bits.device}")
+
+
+def pair_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Bits of the union of query blocks ``2p`` and ``2p + 1``: ``[B, H, ceil(nq / 2), nbytes]``."""
+    if bits.shape[2] % 2:
+        bits = torch.nn.functional.pad(bits, (0, 0, 0, 1))
+    return bits[:, :, 0::2] | bits[:, :, 1::2]
+
+
+def pair_lists(bits: torch.Tensor, num_kv_blocks: int, max_kept: int):
+    """``(counts, indices)`` of the pairs' union lists, from a mask's packed bits (no host sync)."""
+    from .mask_indices import mask_indices
+
+    return mask_indices(pair_bits(bits), num_kv_blocks, min(num_kv_blocks, 2 * max_kept))
+
+
+def prefer_pairs(pair_overhead: float, head_dim: int) -> bool:
+    """Whether 128-row pair programs beat 64-row ones for a mask with this ``pair_overhead``.
+
+    Measured on an H100 (bf16, TMA, ``benchmarks/block_sparse_variants.py``): at head dim 128 a
+    pair program costs 0.84x two single ones per key block (break-even overhead ~1.19); at head
+    dim 64 it costs more than two, so pairs never pay.
+    """
+    return head_dim > 64 and pair_overhead <= PAIR_MAX_OVERHEAD
+
+
 def work_order(counts: torch.Tensor) -> torch.Tensor:
-    """Flattened (b, h, i) items, heaviest first; ties keep their order (a stable sort)."""
+    """Flattened (b, h, list) items, heaviest first; ties keep their order (a stable sort)."""
     _, order = torch.sort(counts.reshape(-1), descending=True, stable=True)
     return order.to(torch.int32)
 
 
-def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor,
-            indices: torch.Tensor, scale: float, block_size: int,
-            key_valid: Optional[torch.Tensor], out: Optional[torch.Tensor],
-            order: Optional[torch.Tensor] = None, num_warps: Optional[int] = None,
+def _tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_size: int, head_dim_pad: int,
+                     use_tma: Optional[bool]):
+    """Tensor descriptors for K and V, or None for pointer loads.
+
+    ``use_tma``: None = on sm90+ GPUs for the measured cases (16-bit inputs, head dim 64 or
+    128); True = wherever the strides allow (any dtype and head dim, the interpreter too, for
+    tests); False = never. TMA needs a 16-byte aligned base and strides.
+    """
+    if use_tma is False:
+        return None
+    if use_tma is None and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9
+                                and k.dtype in (torch.float16, torch.bfloat16)
+                                and k.shape[-1] in (64, 128)):
+        return None
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    descs = []
+    for t in (k, v):
+        item = t.element_size()
+        if t.stride(3) != 1 or t.data_ptr() % 16 or any((s * item) % 16 for s in t.stride()[:3]):
+            return None
+        descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()),
+                                      [1, 1, block_size, head_dim_pad]))
+    return descs
+
+
+def _launch(q, k, v, counts, indices, scale, block_size, key_valid, out, bits=None,
+            use_tma: Optional[bool] = None, num_warps: Optional[int] = None,
             num_stages: Optional[int] = None) -> torch.Tensor:
     _common.check_qk(q, k, block_size, v)
     _common.check_key_valid(key_valid, q)
-    _check_indices(counts, indices, q, block_size)
     B, H, L, D = q.shape
+    nb = -(-L // block_size)
+    q_blocks = 1 if bits is None else 2
+    n_lists = -(-nb // q_blocks)
+    _check_lists(counts, indices, n_lists, nb, q, "nq" if bits is None else "ceil(nq / 2)")
+    if bits is not None:
+        _check_pair_bits(bits, q, nb)
     _common.check_out("out", out, tuple(q.shape), q.dtype, q.device)
     if out is None:
         out = torch.empty_like(q)
-    nb = -(-L // block_size)
     if L == 0 or B * H == 0:
         return out
     if indices.shape[3] == 0:  # no row keeps anything: every output row is 0
-        indices = torch.zeros(B, H, nb, 1, dtype=torch.int32, device=q.device)
-    if order is None:
-        order = work_order(counts)
+        indices = torch.zeros(B, H, n_lists, 1, dtype=torch.int32, device=q.device)
     head_dim_pad = _common.padded_head_dim(D)
+    descs = _tma_descriptors(k, v, block_size, head_dim_pad, use_tma)
+    k_arg, v_arg = descs if descs is not None else (k, v)
     bias = _common.key_bias(key_valid, B, L, block_size, q.device)
-    default_warps, default_stages = _common.launch_config("sparse", head_dim_pad, block_size)
-    grid = (B * H * nb,)
-    _block_sparse_kernel[grid](
-        q, k, v, out, counts, indices, order, bias,
+    kernel = "sparse" if bits is None else "sparse_pair"
+    default_warps, default_stages = _common.launch_config(kernel, head_dim_pad, block_size)
+    bits_arg = counts if bits is None else bits  # never read with one query block per program
+    bits_strides = (0, 0, 0) if bits is None else bits.stride()[:3]
+    _block_sparse_kernel[(B * H * n_lists,)](
+        q, k_arg, v_arg, out, counts, indices, work_order(counts), bias, bits_arg,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3),
         counts.stride(0), counts.stride(1), counts.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2), indices.stride(3),
-        H, L, nb, nb, _common.log2_scale(scale),
-        HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size,
-        MASK_MODE=_common.mask_mode(key_valid, L, block_size), DOT_PREC=_common.dot_precision(q.dtype),
-        num_warps=num_warps or default_warps,
-        num_stages=num_stages or default_stages,
+        *bits_strides,
+        H, L, nb, n_lists, nb, _common.log2_scale(scale),
+        HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, Q_BLOCKS=q_blocks,
+        MASK_MODE=_common.mask_mode(key_valid, L, block_size), USE_TMA=descs is not None,
+        DOT_PREC=_common.dot_precision(q.dtype),
+        num_warps=num_warps or default_warps, num_stages=num_stages or default_stages,
     )
     return out
 
@@ -169,6 +289,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Ten
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            counts: torch.Tensor, indices: torch.Tensor, scale: float,
                            block_size: int, key_valid: Optional[torch.Tensor], *,
+                           pair_bits: Optional[torch.Tensor] = None, tma: Optional[bool] = None,
                            out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of each query block over ``indices[b, h, i, :counts[b, h, i]]``.
 
@@ -179,6 +300,13 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scale: softmax scale.
         block_size: 64 or 128.
         key_valid: ``None`` or bool ``[B, L]`` (True = attend).
+        pair_bits: the mask's packed bits ``[B, H, nq, ceil(nk / 8)]``. When given, programs
+            own pairs of query blocks and ``counts`` / ``indices`` are the pairs' union lists
+            ``[B, H, ceil(nq / 2), ...]`` from :func:`pair_lists`.
+        tma: read K and V through tensor descriptors: None = on sm90+ GPUs for bf16 / fp16 with
+            head dim 64 or 128, True = wherever their strides allow (also under the
+            interpreter), False = pointer loads.
         out: optional preallocated output (tests poison it); default ``torch.empty_like(q)``.
     """
-    return _launch(q, k, v, counts, indices, scale, block_size, key_valid, out)
+    return _launch(q, k, v, counts, indices, scale, block_size, key_valid, out, bits=pair_bits,
+                   use_tma=tma)

@@ -209,6 +209,18 @@ def test_sampler_is_seeded_and_batch_independent():
         sample(model.transformer, cond, steps=1, shape=(2, 18, 16))
 
 
+def test_sampler_timestep_keeps_the_model_dtype_every_step():
+    """A dtype change at step 1 (the latents turn bf16 after the first scheduler step) would make
+    a compiled model recompile."""
+    model = build_model(TINY, zero_init=False)
+    transformer = model.transformer.eval().to(torch.bfloat16)
+    seen = []
+    transformer.register_forward_pre_hook(
+        lambda _mod, _args, kwargs: seen.append(kwargs["timestep"].dtype), with_kwargs=True)
+    sample(transformer, conditioning([1]), steps=3, shape=(2, 16, 16), seed=0)
+    assert seen == [torch.bfloat16] * 6  # 3 steps x (cond, uncond)
+
+
 @pytest.mark.usefixtures("fresh_compile")
 def test_adaspa_sampling_runs_every_phase_per_cfg_branch():
     """Sparsity 0 keeps every block, so all phases must reproduce the dense sampler."""

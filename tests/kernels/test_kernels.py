@@ -22,6 +22,8 @@ from adaspa_compile.blockmask import BlockMask
 
 pytest.importorskip("triton")
 
+from adaspa_compile.kernels import block_sparse  # noqa: E402  (needs triton)
+
 HAS_CUDA = torch.cuda.is_available()
 interpreter_only = pytest.mark.skipif(
     HAS_CUDA, reason="interpreter tests run where CUDA is absent; CUDA runs the gpu-marked ones")
@@ -199,15 +201,23 @@ def run_cached(case: Case, dtype: torch.dtype, device: str) -> None:
         assert torch.allclose(f64(got).sum(-1), expected, rtol=1e-4, atol=1e-4)
 
 
-def run_sparse(case: Case, dtype: torch.dtype, device: str) -> None:
+def run_sparse(case: Case, dtype: torch.dtype, device: str, pairs: bool = False,
+               tma: Optional[bool] = None) -> None:
+    """Block-sparse output vs the reference; ``pairs``: 128-row programs over union lists;
+    ``tma``: K/V through tensor descriptors (forced under the interpreter when True)."""
     q, k, v = make_qkv(case, dtype, device)
     kv = make_key_valid(case, device)
     mask = make_mask(case, device)
     counts, indices = mask.to_indices()
     scale = case.head_dim ** -0.5
     out = poisoned(q)
-    got = kernels.block_sparse_attention(q, k, v, counts, indices, scale, case.block_size, kv,
-                                         out=out)
+    if pairs:
+        lists = block_sparse.pair_lists(mask.bits, mask.num_kv_blocks, mask.max_kept)
+        got = kernels.block_sparse_attention(q, k, v, *lists, scale, case.block_size, kv,
+                                             pair_bits=mask.bits, tma=tma, out=out)
+    else:
+        got = kernels.block_sparse_attention(q, k, v, counts, indices, scale, case.block_size, kv,
+                                             tma=tma, out=out)
     assert got is out
     kv_cpu = None if kv is None else kv.cpu()
     ref = reference.block_sparse_attention_ref(f64(q), f64(k), f64(v), counts.cpu(),
@@ -238,9 +248,9 @@ def test_cached_search_interpreter(case):
 
 @interpreter_only
 @settings(settings.get_profile("kernels-ci"))
-@given(case=INTERP_CASES)
-def test_block_sparse_interpreter(case):
-    run_sparse(case, torch.float32, "cpu")
+@given(case=INTERP_CASES, pairs=st.booleans(), tma=st.sampled_from([None, True]))
+def test_block_sparse_interpreter(case, pairs, tma):
+    run_sparse(case, torch.float32, "cpu", pairs, tma)
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -262,10 +272,10 @@ def test_cached_search_gpu(dtype, case):
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @settings(settings.get_profile("kernels-gpu"))
-@given(case=GPU_CASES)
-def test_block_sparse_gpu(dtype, case):
+@given(case=GPU_CASES, pairs=st.booleans(), tma=st.sampled_from([None, False]))
+def test_block_sparse_gpu(dtype, case, pairs, tma):
     assume(dtype != torch.float32 or case.head_dim <= 64)  # fp32 FMA dots compile slowly
-    run_sparse(case, dtype, "cuda")
+    run_sparse(case, dtype, "cuda", pairs, tma)
 
 
 for _test in (test_fused_search_gpu, test_cached_search_gpu, test_block_sparse_gpu):
@@ -330,6 +340,38 @@ def test_kernel_support_reasons(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     ok, reason = kernels.kernel_support(torch.randn(1, 2, 100, 64), 64)
     assert not ok and "not CUDA" in reason
+
+
+def test_prefer_pairs_only_for_head_dim_128_and_low_overhead():
+    assert kernels.prefer_pairs(1.0, 128)
+    assert kernels.prefer_pairs(block_sparse.PAIR_MAX_OVERHEAD, 128)
+    assert not kernels.prefer_pairs(1.3, 128)  # real AdaSpa masks: 1.44-1.72
+    assert not kernels.prefer_pairs(1.0, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("density", [1.0, 0.3])
+def test_sparse_forward_picks_pairs_for_dense_masks_gpu(monkeypatch, density):
+    """``ops.sparse_forward`` runs pair programs for a dense mask (head dim 128), single ones for
+    a random sparse mask, and both match the reference."""
+    from adaspa_compile import ops
+
+    calls = []
+    real_pair_lists = kernels.pair_lists
+    monkeypatch.setattr(kernels, "pair_lists",
+                        lambda *a: calls.append(a) or real_pair_lists(*a))
+    case = Case(batch=1, heads=2, seq_len=1000, head_dim=128, block_size=64, layout="bshd",
+                padding="tail", density=density, input_scale=1.0, seed=3)
+    q, k, v = make_qkv(case, torch.bfloat16, "cuda")
+    kv = make_key_valid(case, "cuda")
+    mask = make_mask(case, "cuda")
+    got = ops.sparse_forward(q, k, v, mask, 128 ** -0.5, kv)
+    counts, indices = mask.to_indices()
+    ref = reference.block_sparse_attention_ref(f64(q), f64(k), f64(v), counts.cpu(),
+                                               indices.cpu(), 128 ** -0.5, 64, kv.cpu())
+    assert rel_err(got, ref) < 1e-2
+    assert bool(calls) == kernels.prefer_pairs(mask.pair_overhead, 128)
 
 
 def test_natural_log_lse_matches_logsumexp():

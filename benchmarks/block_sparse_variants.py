@@ -1,0 +1,267 @@
+"""Block-sparse kernel variants side by side: 64-row vs 128-row (query-block pair) programs,
+pointer loads vs tensor descriptors (TMA), and launch configs, on the ADASPA.md section 7 shapes.
+
+Masks: density 1.0; head-adaptive 0.2 (heads at 0.1 / 0.2 / 0.3) and 0.1, either random (row-wise
+top-k of uniform scores) or *local*: row-wise top-k of a score that falls with the distance
+between the blocks' (frame, row, column) centroids on the video grid, plus Gumbel noise, with a
+per-head spatial and temporal reach. Random masks are the worst case for pair programs (adjacent
+query blocks share few key blocks); local masks have the structure of video attention maps
+(`benchmarks/pair_inflation.py` measures the pair overlap of real AdaSpa masks). Text blocks and
+the diagonal are always kept. ``inflation`` = key blocks a pair program visits x 2 / kept blocks.
+
+Every variant's output is checked against the 64-row pointer kernel (and, at density 1.0,
+against cuDNN) in the same run. Times are ``triton.testing.do_bench`` medians, bf16, B=1,
+BSHD memory viewed as BHSD (the diffusers layout).
+
+    python benchmarks/block_sparse_variants.py --shapes hunyuan
+    python benchmarks/block_sparse_variants.py --shapes wan,cogvideox --quick
+
+Writes ``benchmarks/results/block_sparse_variants.json`` (and ``$OUT/`` when set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adaspa_compile.blockmask import BlockMask  # noqa: E402
+
+block_sparse = importlib.import_module("adaspa_compile.kernels.block_sparse")
+mask_indices = importlib.import_module("adaspa_compile.kernels.mask_indices")
+
+# name: (heads, head_dim, (frames, rows, cols) of the video grid, text tokens, text position)
+SHAPES = {
+    "hunyuan": (24, 128, (33, 45, 80), 256, "last"),
+    "wan": (40, 128, (21, 45, 80), 0, "last"),
+    "cogvideox": (48, 64, (11, 48, 85), 226, "first"),
+}
+BLOCK = 64
+# (query blocks per program, TMA, num_warps, num_stages)
+VARIANTS = [(1, False, 4, 2), (1, False, 4, 3), (1, True, 4, 2), (1, True, 4, 3),
+            (2, False, 4, 2), (2, False, 8, 2), (2, False, 8, 3), (2, False, 4, 3),
+            (2, True, 4, 2), (2, True, 8, 2), (2, True, 8, 3), (2, True, 4, 3)]
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="hunyuan,wan,cogvideox")
+    p.add_argument("--masks", default="1.0,0.2-tiers-random,0.2-tiers-local,0.1-local")
+    p.add_argument("--variants", default="all",
+                   help="comma list of variant labels, e.g. 'single-tma w4 s2,pair-tma w4 s2'")
+    p.add_argument("--quick", action="store_true", help="a quarter of the frames")
+    p.add_argument("--rep", type=int, default=50, help="do_bench rep in ms")
+    p.add_argument("--fa4", action="store_true",
+                   help="also FlashAttention-4's block-sparse forward (flash-attn-4, CuTe DSL)")
+    p.add_argument("--key-padding", action="store_true",
+                   help="also run the text tail half padded (the bias path) for shapes with text")
+    return p.parse_args()
+
+
+def token_layout(grid, text, where):
+    """Per token: (frame, row, col) as floats, NaN for text tokens; and the text flags."""
+    T, Hh, W = grid
+    t, r, c = torch.meshgrid(torch.arange(T), torch.arange(Hh), torch.arange(W), indexing="ij")
+    video = torch.stack([t, r, c], -1).reshape(-1, 3).float()
+    pad = torch.full((text, 3), float("nan"))
+    coords = torch.cat([video, pad]) if where == "last" else torch.cat([pad, video])
+    is_text = torch.isnan(coords[:, 0])
+    return coords, is_text
+
+
+def block_stats(coords, is_text, L, bs):
+    nb = -(-L // bs)
+    padded = torch.nn.functional.pad(coords, (0, 0, 0, nb * bs - L), value=float("nan"))
+    centroid = padded.view(nb, bs, 3).nanmean(1)
+    text_blk = torch.nn.functional.pad(is_text, (0, nb * bs - L)).view(nb, bs).any(-1)
+    return centroid, text_blk
+
+
+def make_mask(H, L, bs, densities, centroid, text_blk, local, device, seed=1):
+    nb = text_blk.numel()
+    gen = torch.Generator().manual_seed(seed)
+    if local:
+        c = torch.nan_to_num(centroid, nan=0.0)
+        dt = (c[:, None, 0] - c[None, :, 0]).abs()
+        ds = ((c[:, None, 1:] - c[None, :, 1:]) ** 2).sum(-1).sqrt()
+    dense = torch.zeros(1, H, nb, nb, dtype=torch.bool)
+    forced = torch.eye(nb, dtype=torch.bool) | text_blk[None, :] | text_blk[:, None]
+    for h in range(H):
+        if local:
+            reach_s = 4.0 + 20.0 * torch.rand((), generator=gen)
+            reach_t = 1.0 + 8.0 * torch.rand((), generator=gen)
+            gumbel = -torch.log(-torch.log(torch.rand(nb, nb, generator=gen).clamp_min(1e-9)))
+            scores = -ds / reach_s - dt / reach_t + 0.5 * gumbel
+        else:
+            scores = torch.rand(nb, nb, generator=gen)
+        scores = scores.masked_fill(forced, float("inf"))
+        k = max(1, min(nb, round(densities[h] * nb)))
+        dense[0, h].scatter_(-1, scores.topk(k, dim=-1).indices, True)
+    dense |= forced
+    return BlockMask.from_dense(dense.to(device), block_size=bs, seq_len=L)
+
+
+def head_densities(name, H):
+    base = name.split("-")[0]
+    if name.startswith("0.2-tiers"):
+        return [(0.1, 0.2, 0.3)[h * 3 // H] for h in range(H)]
+    return [float(base)] * H
+
+
+def rel_err(a, b):
+    a, b = a.float(), b.float()
+    if not torch.isfinite(a).all():
+        return float("nan")
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def bench(fn, rep):
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=max(10, rep // 4), rep=rep, return_mode="median")
+
+
+def fa4_forward():
+    """FlashAttention-4's forward (``flash_attn.cute``), or None when it is not installed."""
+    try:
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+        from flash_attn.cute.interface import _flash_attn_fwd
+    except Exception as exc:  # not installed, or the CuTe DSL cannot load
+        print(f"FlashAttention-4 unavailable: {type(exc).__name__}: {exc}"[:300])
+        return None
+
+    def forward(q, k, v, scale, counts=None, indices=None, nb=None):
+        bst = None
+        if counts is not None:
+            idx = torch.nn.functional.pad(indices, (0, nb - indices.shape[-1]))
+            # Kept blocks as FA4's "full" blocks (no mask_mod); no partially masked blocks.
+            bst = BlockSparseTensorsTorch(
+                mask_block_cnt=torch.zeros_like(counts), mask_block_idx=torch.zeros_like(idx),
+                full_block_cnt=counts, full_block_idx=idx, block_size=(BLOCK, BLOCK))
+        out = _flash_attn_fwd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                              softmax_scale=scale, block_sparse_tensors=bst)[0]
+        return out.transpose(1, 2)
+    return forward
+
+
+def timed_row(row, call, base, ref, cudnn_ms, flops, rep):
+    """Run, check against ``base`` (and ``ref``), time; failures are recorded, not raised."""
+    try:
+        out = call()
+        row["err_vs_single"] = rel_err(out, base) if base is not None else 0.0
+        if ref is not None:
+            row["err_vs_cudnn"] = rel_err(out, ref)
+        ms = bench(call, rep)
+        row.update(ms=ms, ratio_cudnn=ms / cudnn_ms,
+                   tflops_kept=flops * row.get("density", 1.0) / ms / 1e9)
+        print(f"    {row['variant']:22s} pad={row.get('key_padding', False)!s:5s} {ms:9.3f} ms  "
+              f"{ms / cudnn_ms:6.3f}x cuDNN  err {row['err_vs_single']:.1e}", flush=True)
+        return out
+    except Exception as exc:  # keep the table going
+        row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        print(f"    {row['variant']:22s} FAILED {row['error'][:200]}", flush=True)
+        return None
+
+
+def run_shape(name, args, rows):
+    H, D, grid, text, where = SHAPES[name]
+    if args.quick:
+        grid = (max(1, grid[0] // 4),) + grid[1:]
+    coords, is_text = token_layout(grid, text, where)
+    L = coords.shape[0]
+    nb = -(-L // BLOCK)
+    centroid, text_blk = block_stats(coords, is_text, L, BLOCK)
+    dev = "cuda"
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, L, H, D, device=dev, dtype=torch.bfloat16).transpose(1, 2)
+               for _ in range(3))
+    scale = D ** -0.5
+    flops = 4.0 * H * L * L * D
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+        cudnn_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, scale=scale), args.rep)
+    print(f"{name}: L={L} H={H} D={D} cuDNN dense {cudnn_ms:.2f} ms "
+          f"({flops / cudnn_ms / 1e9:.0f} TFLOP/s)", flush=True)
+    rows.append({"shape": name, "mask": "dense", "variant": "cuDNN", "ms": cudnn_ms,
+                 "ratio_cudnn": 1.0, "L": L, "H": H, "D": D})
+    fa4 = fa4_forward() if args.fa4 else None
+    if fa4 is not None:
+        row = {"shape": name, "mask": "dense", "variant": "FlashAttention-4 dense"}
+        timed_row(row, lambda: fa4(q, k, v, scale), ref, ref, cudnn_ms, flops, args.rep)
+        rows.append(row)
+    paddings = [None]
+    if args.key_padding and text:
+        kv = torch.ones(1, L, dtype=torch.bool, device=dev)
+        start, stop = (L - text // 2, L) if where == "last" else (text // 2, text)
+        kv[:, start:stop] = False  # half of the text padded
+        paddings.append(kv)
+    for mname in args.masks.split(","):
+        local = mname.endswith("-local")
+        bm = make_mask(H, L, BLOCK, head_densities(mname, H), centroid, text_blk, local, dev)
+        counts, indices = mask_indices.mask_indices(bm.bits, nb, bm.max_kept)
+        pc, pi = block_sparse.pair_lists(bm.bits, nb, bm.max_kept)
+        kept = float(counts.sum())
+        density = kept / (H * nb * nb)
+        inflation = 2.0 * float(pc.sum()) / kept
+        pair_build_ms = bench(lambda: block_sparse.pair_lists(bm.bits, nb, bm.max_kept), args.rep)
+        single_build_ms = bench(lambda: mask_indices.mask_indices(bm.bits, nb, bm.max_kept),
+                                args.rep)
+        print(f"  mask {mname}: density {density:.3f}, pair inflation {inflation:.3f}, lists "
+              f"{single_build_ms:.3f} ms (pairs {pair_build_ms:.3f} ms)", flush=True)
+        unpadded = None
+        for kv in paddings:
+            base = None
+            for qb, tma, w, s in VARIANTS:
+                label = f"{'pair' if qb == 2 else 'single'}{'-tma' if tma else ''} w{w} s{s}"
+                if args.variants != "all" and label not in args.variants.split(","):
+                    continue
+                lists = (counts, indices, None) if qb == 1 else (pc, pi, bm.bits)
+
+                def call():
+                    return block_sparse._launch(q, k, v, lists[0], lists[1], scale, BLOCK, kv, None,
+                                                bits=lists[2], use_tma=tma, num_warps=w,
+                                                num_stages=s)
+                row = {"shape": name, "mask": mname, "key_padding": kv is not None,
+                       "variant": label, "density": density, "inflation": inflation,
+                       "lists_ms": pair_build_ms if qb == 2 else single_build_ms}
+                out = timed_row(row, call, base, ref if mname == "1.0" and kv is None else None,
+                                cudnn_ms, flops, args.rep)
+                base = out if base is None else base
+                rows.append(row)
+            unpadded = base if kv is None else unpadded
+        if fa4 is not None:
+            row = {"shape": name, "mask": mname, "variant": "FlashAttention-4 block-sparse",
+                   "density": density}
+            timed_row(row, lambda: fa4(q, k, v, scale, counts, indices, nb), unpadded,
+                      ref if mname == "1.0" else None, cudnn_ms, flops, args.rep)
+            rows.append(row)
+
+
+def main():
+    args = parse_args()
+    rows = []
+    for name in args.shapes.split(","):
+        run_shape(name, args, rows)
+        torch.cuda.empty_cache()
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__, "command": " ".join(sys.argv)}
+    payload = json.dumps({"meta": meta, "rows": rows}, indent=1)
+    dest = Path(__file__).resolve().parent / "results" / "block_sparse_variants.json"
+    dest.write_text(payload)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "block_sparse_variants.json").write_text(payload)
+    print(json.dumps(meta))
+
+
+if __name__ == "__main__":
+    main()
