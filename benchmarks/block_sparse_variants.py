@@ -33,8 +33,10 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from adaspa_compile.blockmask import BlockMask  # noqa: E402
+from kernels import bench, random_qkv, rel_err  # noqa: E402  (benchmarks/kernels.py)
 
 block_sparse = importlib.import_module("adaspa_compile.kernels.block_sparse")
 mask_indices = importlib.import_module("adaspa_compile.kernels.mask_indices")
@@ -117,19 +119,6 @@ def head_densities(name, H):
     return [float(base)] * H
 
 
-def rel_err(a, b):
-    a, b = a.float(), b.float()
-    if not torch.isfinite(a).all():
-        return float("nan")
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def bench(fn, rep):
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=max(10, rep // 4), rep=rep, return_mode="median")
-
-
 def fa4_forward():
     """FlashAttention-4's forward (``flash_attn.cute``), or None when it is not installed."""
     try:
@@ -181,9 +170,7 @@ def run_shape(name, args, rows):
     nb = -(-L // BLOCK)
     centroid, text_blk = block_stats(coords, is_text, L, BLOCK)
     dev = "cuda"
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, L, H, D, device=dev, dtype=torch.bfloat16).transpose(1, 2)
-               for _ in range(3))
+    q, k, v = random_qkv(H, L, D, dev)
     scale = D ** -0.5
     flops = 4.0 * H * L * L * D
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):

@@ -59,6 +59,13 @@ def bench(fn, rep_ms: int) -> float:
                                          return_mode="median"))
 
 
+def random_qkv(H: int, L: int, D: int, device: str = "cuda"):
+    """Seeded random bf16 q, k, v ``[1, H, L, D]``: BSHD memory viewed as BHSD (diffusers' layout)."""
+    torch.manual_seed(0)
+    return [torch.randn(1, L, H, D, device=device, dtype=torch.bfloat16).transpose(1, 2)
+            for _ in range(3)]
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     if not torch.isfinite(a).all():
@@ -116,9 +123,7 @@ def run_shape(name, args, flex_fn, rows, checks):
     bs = args.block_size
     nb = -(-L // bs)
     dev = "cuda"
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, L, H, D, device=dev, dtype=torch.bfloat16).transpose(1, 2)
-               for _ in range(3))
+    q, k, v = random_qkv(H, L, D, dev)
     scale = D ** -0.5
     dense_flops = 4.0 * H * L * L * D
 
@@ -236,19 +241,17 @@ def tune(args):
         H, D, L, _, _ = SHAPES[name]
         L = L // 4
         bs = args.block_size
-        q, k, v = (torch.randn(1, L, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-                   for _ in range(3))
+        q, k, v = random_qkv(H, L, D)
         scale = D ** -0.5
         _, lse, _ = fused_search.fused_search(q, k, v, scale, bs, None)
         bm = make_mask(H, L, bs, head_densities("0.2-tiers", H),
                        text_blocks(L, bs, 0, "last", "cuda"), seed=1)
         counts, indices = bm.to_indices()
-        order = block_sparse.work_order(counts)
         cands = [(4, 2), (4, 3), (8, 2), (8, 3)]
         for w, s in cands:
             for kern, fn in [
                 ("sparse", lambda: block_sparse._launch(q, k, v, counts, indices, scale, bs, None,
-                                                        None, order, w, s)),
+                                                        None, num_warps=w, num_stages=s)),
                 ("cached", lambda: cached_search._launch(q, k, lse, scale, bs, None, None, w, s)),
                 ("fused", lambda: fused_search._launch(q, k, v, scale, bs, None, True, None, None,
                                                        None, None, w, s)),
