@@ -42,6 +42,12 @@ class AdaSpaConfig:
             ``selector="window"``; without it the window is 1D along the sequence.
         lse_cache: re-search from the LSE cached at the first search step; ``False`` runs a
             fused search at every search step (an ablation).
+        share_cfg_mask: the later calls of a step (classifier-free guidance's unconditional
+            branch, when the pipeline calls the transformer once per branch) reuse the first
+            call's mask instead of searching their own. Cheaper search steps; in the fidelity
+            diagnosis it raised PSNR by 0.53 dB, since guidance amplifies the difference of two
+            branches' masks (``notes/fidelity_why.md``). ``False`` (ADASPA.md) searches per
+            branch. Batched CFG (one call of batch 2) keeps per-item masks either way.
     """
 
     sparsity: float = 0.8
@@ -57,6 +63,7 @@ class AdaSpaConfig:
     selector: str = "adaspa"
     video_grid: Optional[Tuple[int, int, int]] = None
     lse_cache: bool = True
+    share_cfg_mask: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "search_steps", tuple(self.search_steps))
@@ -110,7 +117,7 @@ def _validate(cfg: AdaSpaConfig) -> None:
         or list(steps) != sorted(set(steps))
     ):
         _fail("search_steps", steps, "a non-empty, strictly increasing tuple of step indexes >= 0")
-    for key in ("head_adaptive", "text_sink", "lse_cache"):
+    for key in ("head_adaptive", "text_sink", "lse_cache", "share_cfg_mask"):
         if not isinstance(getattr(cfg, key), bool):
             _fail(key, getattr(cfg, key), "True or False")
     if cfg.mode not in MODES:

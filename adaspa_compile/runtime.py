@@ -121,6 +121,9 @@ class Site:
         occurrence = self._count(clock)
         cache = self._cache_for(clock.branch, q, occurrence)
         phase = self._phase(clock.step, cache, q, attn_mask)
+        lead = self._lead_mask(clock.branch, q, occurrence) if phase is not Phase.DENSE else None
+        if lead is not None:
+            phase = Phase.SPARSE
         if occurrence == 0:
             self.phases.setdefault(clock.branch, []).append(phase)
         if phase is Phase.DENSE:
@@ -138,7 +141,17 @@ class Site:
             start = _timer_start(q)
             mass = ops.cached_search(q, k, cache.lse, s, self.cfg.block_size, key_valid)
             self._select(mass, key_valid, cache, q, k, s, start)
-        return _with_strides_of(ops.sparse_forward(q, k, v, cache.mask, s, key_valid), q)
+        mask = cache.mask if lead is None else lead
+        return _with_strides_of(ops.sparse_forward(q, k, v, mask, s, key_valid), q)
+
+    def _lead_mask(self, branch: int, q: torch.Tensor, occurrence: int):
+        """With ``share_cfg_mask``, the mask of branch 0 (this step's first call) for a later
+        branch of the same shape; ``None`` otherwise (the branch searches its own)."""
+        if not self.cfg.share_cfg_mask or branch == 0:
+            return None
+        caches = self.caches if occurrence == 0 else self.layer_caches.get(occurrence, {})
+        lead = caches.get(0)
+        return lead.mask if lead is not None and lead.shape == tuple(q.shape) else None
 
     def _count(self, clock: StepClock) -> int:
         """How many calls of this site the current step and branch made before this one."""

@@ -10,7 +10,8 @@ Loads the trained fidelity model (``adaspa_compile/fidelity/weights/``, or ``--w
 under ``backend="adaspa"`` with each method at densities 0.2 and 0.1:
 
 - ``adaspa``: the default selector (exact block mass, head-adaptive, LSE cache);
-- ``adaspa-no-head-adaptive``, ``adaspa-no-lse-cache`` (fused search at every search step);
+- ``adaspa-no-head-adaptive``, ``adaspa-no-lse-cache`` (fused search at every search step),
+  ``adaspa-shared-cfg`` (``share_cfg_mask=True``: the uncond branch uses the cond branch's mask);
 - ``adaspa-recall``: ``mode="recall"`` (its density is what the target recall needs, so it runs
   once per resolution);
 - ``window``: static 3D local window on the latent token grid; ``pooled``: mean-pooled q.k.
@@ -58,7 +59,7 @@ from train_fidelity_model import adaspa_backend_for_compile, frame_strip  # noqa
 PROMPT_SEED = 10**12 + 4  # held-out captions: training clips use seeds below 10**10
 PAPER_STEPS = 50
 METHODS = ("adaspa", "window", "pooled", "adaspa-no-head-adaptive", "adaspa-no-lse-cache",
-           "adaspa-recall")
+           "adaspa-shared-cfg", "adaspa-recall")
 STRIP_METHODS = ("adaspa", "window", "pooled")
 # Assumed effective throughput of the plan's estimate (bf16 dense forwards, efficient SDPA with a
 # key-padding mask, on one H100); the run measures the real one and re-plans after each dense run.
@@ -317,6 +318,8 @@ def method_options(method: str, density: Optional[float], args: argparse.Namespa
         opts["head_adaptive"] = False
     elif method == "adaspa-no-lse-cache":
         opts["lse_cache"] = False
+    elif method == "adaspa-shared-cfg":
+        opts["share_cfg_mask"] = True
     elif method == "adaspa-recall":
         opts.update(mode="recall", recall=args.recall_target)
     elif method == "window":

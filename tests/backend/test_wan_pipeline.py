@@ -46,3 +46,25 @@ def test_wan_pipeline_sparsity_zero_matches_dense():
     pipe.transformer = torch.compile(pipe.transformer, backend="adaspa", fullgraph=True,
                                      options=dict(OPTIONS, sparsity=0.0))
     torch.testing.assert_close(generate(pipe, embeds), dense, atol=1e-4, rtol=1e-4)
+
+
+def test_wan_pipeline_share_cfg_mask_reuses_the_cond_mask():
+    """With ``share_cfg_mask`` the unconditional branch never searches: it runs block-sparse with
+    the conditional branch's fresh mask from the first search step on."""
+    pipe = tiny_wan_pipeline()
+    embeds = wan_prompt_embeds(pipe)
+    pipe.transformer = torch.compile(pipe.transformer, backend="adaspa", fullgraph=True,
+                                     options=dict(OPTIONS, share_cfg_mask=True))
+    shared = generate(pipe, embeds)
+    assert torch.isfinite(shared).all()
+    report = adaspa_compile.report()
+    runtime = adaspa_compile.runtime.get_runtime()
+    for row in report.rewritten:
+        assert row.phases == {0: "DDDFSSSSCSSS", 1: "DDDSSSSSSSSS"}
+        caches = runtime.site(row.site_id).caches
+        assert caches[0].mask is not None and caches[1].mask is None and caches[1].lse is None
+    torch._dynamo.reset()
+    adaspa_compile.reset(forget_sites=True)
+    pipe.transformer = torch.compile(pipe.transformer._orig_mod, backend="adaspa",
+                                     fullgraph=True, options=OPTIONS)
+    assert not torch.equal(generate(pipe, embeds), shared)  # per-branch masks differ

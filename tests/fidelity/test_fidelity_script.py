@@ -51,7 +51,7 @@ def test_quick_end_to_end(tmp_path):
     done = [r for r in report["results"] if not r.get("skipped")]
     methods = {r["method"] for r in done}
     assert methods == {"adaspa", "window", "pooled", "adaspa-no-head-adaptive",
-                       "adaspa-no-lse-cache", "adaspa-recall"}
+                       "adaspa-no-lse-cache", "adaspa-shared-cfg", "adaspa-recall"}
     big = [r for r in done if r["resolution"] == "4x32x32"]
     for r in big:
         assert len(r["psnr"]) == 2 and len(r["ssim"]) == 2
