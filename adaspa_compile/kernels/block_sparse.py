@@ -37,6 +37,7 @@ import triton.language as tl
 from . import _common
 from ._tiles import (MASK_ALL, MASK_LAST, MASK_NONE, load_rows, online_softmax_step,
                      scaled_scores, store_rows)
+from .mask_indices import mask_indices
 
 __all__ = ["block_sparse_attention", "pair_lists", "prefer_pairs", "PAIR_MAX_OVERHEAD"]
 
@@ -191,8 +192,6 @@ def pair_bits(bits: torch.Tensor) -> torch.Tensor:
 
 def pair_lists(bits: torch.Tensor, num_kv_blocks: int, max_kept: int):
     """``(counts, indices)`` of the pairs' union lists, from a mask's packed bits (no host sync)."""
-    from .mask_indices import mask_indices
-
     return mask_indices(pair_bits(bits), num_kv_blocks, min(num_kv_blocks, 2 * max_kept))
 
 
