@@ -44,10 +44,10 @@ class AdaSpaConfig:
             fused search at every search step (an ablation).
         share_cfg_mask: the later calls of a step (classifier-free guidance's unconditional
             branch, when the pipeline calls the transformer once per branch) reuse the first
-            call's mask instead of searching their own. Cheaper search steps; in the fidelity
-            diagnosis it raised PSNR by 0.53 dB, since guidance amplifies the difference of two
-            branches' masks (``notes/fidelity_why.md``). ``False`` (ADASPA.md) searches per
-            branch. Batched CFG (one call of batch 2) keeps per-item masks either way.
+            call's mask instead of searching their own. Cheaper search steps, and on the shipped
+            fidelity model a higher PSNR (guidance amplifies the difference of two branches'
+            masks; ``benchmarks/RESULTS.md``). ``False`` (ADASPA.md) searches per branch.
+            Batched CFG (one call of batch 2) keeps per-item masks either way.
     """
 
     sparsity: float = 0.8

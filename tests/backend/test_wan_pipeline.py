@@ -55,10 +55,25 @@ def test_wan_pipeline_share_cfg_mask_reuses_the_cond_mask():
     embeds = wan_prompt_embeds(pipe)
     pipe.transformer = torch.compile(pipe.transformer, backend="adaspa", fullgraph=True,
                                      options=dict(OPTIONS, share_cfg_mask=True))
-    shared = generate(pipe, embeds)
-    assert torch.isfinite(shared).all()
-    report = adaspa_compile.report()
     runtime = adaspa_compile.runtime.get_runtime()
+    used = {}  # (step, branch) -> ids of the masks the sparse calls ran with, in call order
+    sparse_forward = adaspa_compile.ops.sparse_forward
+
+    def recording(q, k, v, mask, *args):
+        used.setdefault((runtime.clock.step, runtime.clock.branch), []).append(id(mask))
+        return sparse_forward(q, k, v, mask, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(adaspa_compile.ops, "sparse_forward", recording)
+        shared = generate(pipe, embeds)
+    assert torch.isfinite(shared).all()
+    # Search steps 3 (fused) and 8 (cached): only the cond call searches; the uncond call runs
+    # with exactly the masks the cond call has at that point (the same objects).
+    assert sorted(used) == sorted([(3, 1)] + [(s, b) for s in range(4, STEPS) for b in (0, 1)])
+    assert used[(3, 1)] == used[(4, 0)]  # the masks the fused search just chose
+    for step in range(4, STEPS):
+        assert used[(step, 1)] == used[(step, 0)]
+    report = adaspa_compile.report()
     for row in report.rewritten:
         assert row.phases == {0: "DDDFSSSSCSSS", 1: "DDDSSSSSSSSS"}
         caches = runtime.site(row.site_id).caches
