@@ -7,9 +7,17 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["BlockMask"]
+__all__ = ["BlockMask", "pair_union"]
 
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def pair_union(rows: torch.Tensor) -> torch.Tensor:
+    """OR of query-block rows ``2p`` and ``2p + 1`` of a ``[B, H, nq, ...]`` mask (bool, or
+    packed ``uint8`` bits): ``[B, H, ceil(nq / 2), ...]``; an odd last row stands alone."""
+    if rows.shape[2] % 2:
+        rows = torch.nn.functional.pad(rows, (0, 0, 0, 1))
+    return rows[:, :, 0::2] | rows[:, :, 1::2]
 
 
 @dataclass(frozen=True)
@@ -62,10 +70,9 @@ class BlockMask:
         if not dense.numel():
             return cls(bits=bits, num_kv_blocks=nk, block_size=block_size, seq_len=seq_len,
                        max_kept=0)
-        even = torch.nn.functional.pad(dense, (0, 0, 0, dense.shape[2] % 2))
-        union = even[:, :, 0::2] | even[:, :, 1::2]
         counts = dense.sum(-1)
-        max_kept, kept, pairs = torch.stack([counts.max(), counts.sum(), union.sum()]).tolist()
+        max_kept, kept, pairs = torch.stack([counts.max(), counts.sum(),
+                                             pair_union(dense).sum()]).tolist()
         return cls(bits=bits, num_kv_blocks=nk, block_size=block_size, seq_len=seq_len,
                    max_kept=max_kept, pair_overhead=2.0 * pairs / kept if kept else 2.0)
 

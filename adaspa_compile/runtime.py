@@ -149,8 +149,7 @@ class Site:
         branch of the same shape; ``None`` otherwise (the branch searches its own)."""
         if not self.cfg.share_cfg_mask or branch == 0:
             return None
-        caches = self.caches if occurrence == 0 else self.layer_caches.get(occurrence, {})
-        lead = caches.get(0)
+        lead = self._caches(occurrence).get(0)
         return lead.mask if lead is not None and lead.shape == tuple(q.shape) else None
 
     def _count(self, clock: StepClock) -> int:
@@ -167,8 +166,12 @@ class Site:
                     "graph breaks); each call keeps its own masks, the report shows the first")
         return self._occurrence
 
+    def _caches(self, occurrence: int) -> Dict[int, _BranchCache]:
+        """The per-branch caches of the ``occurrence``-th call of this site in a step."""
+        return self.caches if occurrence == 0 else self.layer_caches.setdefault(occurrence, {})
+
     def _cache_for(self, branch: int, q: torch.Tensor, occurrence: int = 0) -> _BranchCache:
-        caches = self.caches if occurrence == 0 else self.layer_caches.setdefault(occurrence, {})
+        caches = self._caches(occurrence)
         cache = caches.get(branch)
         if cache is None or cache.shape != tuple(q.shape):
             cache = caches[branch] = _BranchCache(shape=tuple(q.shape))

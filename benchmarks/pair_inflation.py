@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import adaspa_compile  # noqa: E402
+from adaspa_compile.blockmask import pair_union  # noqa: E402
 from adaspa_compile.fidelity import load_model, random_captions, sample  # noqa: E402
 from adaspa_compile.runtime import get_runtime  # noqa: E402
 from adaspa_compile.schedule import scaled_search_steps  # noqa: E402
@@ -53,14 +54,7 @@ from train_fidelity_model import adaspa_backend_for_compile  # noqa: E402
 # ----------------------------------------------------------------------------- the metric
 def pair_counts(mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(kept, pair_work)``, int64 ``[B, H]``, of a bool ``[B, H, nq, nk]`` mask."""
-    kept = mask.sum(dim=(-2, -1))
-    nq = mask.shape[2]
-    even = mask[:, :, : nq - nq % 2]
-    union = even[:, :, 0::2] | even[:, :, 1::2]
-    work = 2 * union.sum(dim=(-2, -1))
-    if nq % 2:
-        work = work + 2 * mask[:, :, -1].sum(-1)
-    return kept, work
+    return mask.sum(dim=(-2, -1)), 2 * pair_union(mask).sum(dim=(-2, -1))
 
 
 def random_like(mask: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

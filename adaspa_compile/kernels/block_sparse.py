@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..blockmask import pair_union
 from . import _common
 from ._tiles import (MASK_ALL, MASK_LAST, MASK_NONE, load_rows, online_softmax_step,
                      scaled_scores, store_rows)
@@ -183,16 +184,9 @@ def _check_pair_bits(bits: torch.Tensor, q: torch.Tensor, nb: int) -> None:
                          f"{bits.dtype} {tuple(bits.shape)} on {bits.device}")
 
 
-def pair_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Bits of the union of query blocks ``2p`` and ``2p + 1``: ``[B, H, ceil(nq / 2), nbytes]``."""
-    if bits.shape[2] % 2:
-        bits = torch.nn.functional.pad(bits, (0, 0, 0, 1))
-    return bits[:, :, 0::2] | bits[:, :, 1::2]
-
-
 def pair_lists(bits: torch.Tensor, num_kv_blocks: int, max_kept: int):
     """``(counts, indices)`` of the pairs' union lists, from a mask's packed bits (no host sync)."""
-    return mask_indices(pair_bits(bits), num_kv_blocks, min(num_kv_blocks, 2 * max_kept))
+    return mask_indices(pair_union(bits), num_kv_blocks, min(num_kv_blocks, 2 * max_kept))
 
 
 def prefer_pairs(pair_overhead: float, head_dim: int) -> bool:
