@@ -6,7 +6,7 @@ Nothing here is a Triton kernel; each kernel lives in its own file beside its la
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -128,3 +128,33 @@ def launch_config(kernel: str, head_dim_pad: int, block_size: int) -> Tuple[int,
     """``(num_warps, num_stages)`` for one kernel; small head dims take the 64 entry."""
     key = (kernel, max(64, head_dim_pad), block_size)
     return LAUNCH_CONFIGS.get(key, _DEFAULT_LAUNCH)
+
+
+def tma_descriptors(tensors: Sequence[torch.Tensor], block_size: int, head_dim_pad: int,
+                    use_tma: Optional[bool]) -> Optional[List]:
+    """Tensor descriptors over ``[B, H, L, D]`` tensors (K, V), one block per load; or None for
+    pointer loads.
+
+    ``use_tma``: None = on sm90+ GPUs for the measured cases (16-bit inputs, head dim 64 or
+    128); True = wherever the strides allow (any dtype and head dim, the interpreter too, for
+    tests); False = never. TMA needs a 16-byte aligned base and strides.
+    """
+    if use_tma is False:
+        return None
+    k = tensors[0]
+    if use_tma is None and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9
+                                and k.dtype in (torch.float16, torch.bfloat16)
+                                and k.shape[-1] in (64, 128)):
+        return None
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    descs = []
+    for t in tensors:
+        item = t.element_size()
+        if t.stride(3) != 1 or t.data_ptr() % 16 or any((s * item) % 16 for s in t.stride()[:3]):
+            return None
+        descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()),
+                                      [1, 1, block_size, head_dim_pad]))
+    return descs

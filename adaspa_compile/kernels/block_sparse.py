@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ..blockmask import pair_union
 from . import _common
-from ._tiles import (MASK_ALL, MASK_LAST, MASK_NONE, load_rows, online_softmax_step,
+from ._tiles import (MASK_ALL, MASK_LAST, MASK_NONE, load_block, load_rows, online_softmax_step,
                      scaled_scores, store_rows)
 from .mask_indices import mask_indices
 
@@ -47,19 +47,6 @@ PAIR_MAX_OVERHEAD = 1.15
 
 
 # ----------------------------------------------------------------------------- inner loop
-@triton.jit
-def _load_block(desc, base, off_z, off_h, j, offs_n, offs_d, stride_n, stride_d, seq_len,
-                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                USE_TMA: tl.constexpr):
-    """Key (or value) block ``j``: ``[BLOCK_SIZE, HEAD_DIM_PAD]``, zeros past ``seq_len``/``D``."""
-    if USE_TMA:
-        tile = desc.load([off_z, off_h, j * BLOCK_SIZE, 0]).reshape(BLOCK_SIZE, HEAD_DIM_PAD)
-    else:
-        tile = load_rows(base, j * BLOCK_SIZE + offs_n, offs_d, stride_n, stride_d, seq_len,
-                         HEAD_DIM, HEAD_DIM_PAD)
-    return tile
-
-
 @triton.jit
 def _pair_row_bias(bits_lo, bits_hi, has_hi, j, offs_local, BLOCK_SIZE: tl.constexpr):
     """Per row of a pair's tile: ``0`` where its query block keeps key block ``j``, else ``-inf``."""
@@ -79,13 +66,13 @@ def _sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base, bi
     """Key blocks ``indices[t_start:t_end]`` of one list."""
     for t in range(t_start, t_end):
         j = tl.load(idx_base + t * stride_ik)
-        k = _load_block(K, k_base, off_z, off_h, j, offs_n, offs_d, stride_kn, stride_kd, seq_len,
+        k = load_block(K, k_base, off_z, off_h, j, offs_n, offs_d, stride_kn, stride_kd, seq_len,
                         HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, USE_TMA)
         qk = scaled_scores(q, k, bias_base, j * BLOCK_SIZE + offs_n, qk_scale, APPLY_BIAS,
                            DOT_PREC)
         if Q_BLOCKS == 2:
             qk = qk + _pair_row_bias(bits_lo, bits_hi, has_hi, j, offs_local, BLOCK_SIZE)[:, None]
-        v = _load_block(V, v_base, off_z, off_h, j, offs_n, offs_d, stride_vn, stride_vd, seq_len,
+        v = load_block(V, v_base, off_z, off_h, j, offs_n, offs_d, stride_vn, stride_vd, seq_len,
                         HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, USE_TMA)
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, DOT_PREC)
     return acc, l_i, m_i
@@ -205,34 +192,6 @@ def work_order(counts: torch.Tensor) -> torch.Tensor:
     return order.to(torch.int32)
 
 
-def _tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_size: int, head_dim_pad: int,
-                     use_tma: Optional[bool]):
-    """Tensor descriptors for K and V, or None for pointer loads.
-
-    ``use_tma``: None = on sm90+ GPUs for the measured cases (16-bit inputs, head dim 64 or
-    128); True = wherever the strides allow (any dtype and head dim, the interpreter too, for
-    tests); False = never. TMA needs a 16-byte aligned base and strides.
-    """
-    if use_tma is False:
-        return None
-    if use_tma is None and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9
-                                and k.dtype in (torch.float16, torch.bfloat16)
-                                and k.shape[-1] in (64, 128)):
-        return None
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-    except ImportError:
-        return None
-    descs = []
-    for t in (k, v):
-        item = t.element_size()
-        if t.stride(3) != 1 or t.data_ptr() % 16 or any((s * item) % 16 for s in t.stride()[:3]):
-            return None
-        descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()),
-                                      [1, 1, block_size, head_dim_pad]))
-    return descs
-
-
 def _launch(q, k, v, counts, indices, scale, block_size, key_valid, out, bits=None,
             use_tma: Optional[bool] = None, num_warps: Optional[int] = None,
             num_stages: Optional[int] = None) -> torch.Tensor:
@@ -253,7 +212,7 @@ def _launch(q, k, v, counts, indices, scale, block_size, key_valid, out, bits=No
     if indices.shape[3] == 0:  # no row keeps anything: every output row is 0
         indices = torch.zeros(B, H, n_lists, 1, dtype=torch.int32, device=q.device)
     head_dim_pad = _common.padded_head_dim(D)
-    descs = _tma_descriptors(k, v, block_size, head_dim_pad, use_tma)
+    descs = _common.tma_descriptors((k, v), block_size, head_dim_pad, use_tma)
     k_arg, v_arg = descs if descs is not None else (k, v)
     bias = _common.key_bias(key_valid, B, L, block_size, q.device)
     kernel = "sparse" if bits is None else "sparse_pair"

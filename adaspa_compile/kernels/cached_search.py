@@ -22,58 +22,107 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import MASK_ALL, MASK_LAST, load_rows, scaled_scores
+from ._tiles import MASK_ALL, MASK_LAST, MASK_NONE, load_block, load_rows, scaled_scores
 
 __all__ = ["cached_search"]
+
+# Key blocks whose row sums are gathered before one cross-warp reduction (see ``_mass_loop``).
+CHUNK = 16
 
 
 # ----------------------------------------------------------------------------- inner loop
 @triton.jit
-def _mass_loop(q, lse2, k_base, bias_base, mass_row0, mass_row1, has_row1, offs_m_local, offs_n,
-               offs_d, stride_kn, stride_kd, seq_len, j_start, j_end, qk_scale,
-               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-               SPLIT: tl.constexpr, APPLY_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Key blocks ``j_start .. j_end - 1``: sum ``exp2(qk - lse2)`` over each block's rows and columns.
-
-    ``lse2`` is the base-2 LSE in units of ``qk * QK_SCALE``; ``+inf`` for rows that must add
-    nothing (no valid key, or past the sequence end).
-    """
-    for j in range(j_start, j_end):
-        cols = j * BLOCK_SIZE + offs_n
-        k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, seq_len, HEAD_DIM, HEAD_DIM_PAD)
-        qk = scaled_scores(q, k, bias_base, cols, qk_scale, APPLY_BIAS, DOT_PREC)
-        p = tl.math.exp2(qk - lse2[:, None])
-        row_sums = tl.sum(p, 1)
-        if SPLIT == 1:
-            tl.store(mass_row0 + j, tl.sum(row_sums, 0))
-        else:
-            top = tl.sum(tl.where(offs_m_local < BLOCK_SIZE, row_sums, 0.0), 0)
-            bottom = tl.sum(tl.where(offs_m_local >= BLOCK_SIZE, row_sums, 0.0), 0)
-            tl.store(mass_row0 + j, top)
-            tl.store(mass_row1 + j, bottom, mask=has_row1)
+def exp2_f16x2(x):
+    """``2 ** x`` through the GPU's paired half-precision ``ex2`` (two results per instruction);
+    fp16 out. For ``x <= 0`` the relative error is about 1e-3 near 0 and grows with ``|x|`` as
+    fp16 spaces the inputs; results under 2**-24 flush to 0."""
+    return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
+                                     dtype=tl.float16, is_pure=True, pack=2)
 
 
 @triton.jit
-def _mass_all_blocks(q, lse2, k_base, bias_base, mass_row0, mass_row1, has_row1, offs_m_local,
-                     offs_n, offs_d, stride_kn, stride_kd, seq_len, n_k_blocks, qk_scale,
+def _block_probabilities(q, lse2, K, k_base, bias_base, off_z, off_h, j, offs_n, offs_d,
+                         stride_kn, stride_kd, seq_len, qk_scale, HEAD_DIM: tl.constexpr,
+                         HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                         APPLY_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+                         USE_TMA: tl.constexpr, EXP16: tl.constexpr):
+    """Row sums over key block ``j`` of ``exp2(qk - lse2)``, fp32 ``[BLOCK_M]``."""
+    cols = j * BLOCK_SIZE + offs_n
+    k = load_block(K, k_base, off_z, off_h, j, offs_n, offs_d, stride_kn, stride_kd, seq_len,
+                   HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, USE_TMA)
+    qk = scaled_scores(q, k, bias_base, cols, qk_scale, APPLY_BIAS, DOT_PREC)
+    if EXP16:
+        p = exp2_f16x2(qk - lse2[:, None]).to(tl.float32)
+    else:
+        p = tl.math.exp2(qk - lse2[:, None])
+    return tl.sum(p, 1)
+
+
+@triton.jit
+def _mass_loop(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, rows_left, offs_n, offs_d,
+               stride_kn, stride_kd, seq_len, n_k_blocks, j_start, j_end, qk_scale,
+               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+               SPLIT: tl.constexpr, APPLY_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+               USE_TMA: tl.constexpr, CHUNK: tl.constexpr, EXP16: tl.constexpr):
+    """Key blocks ``j_start .. j_end - 1``: sum ``exp2(qk - lse2)`` over each block's rows and columns.
+
+    ``lse2`` is the base-2 LSE in units of ``qk * QK_SCALE``; ``+inf`` for rows that must add
+    nothing (no valid key, or past the sequence end). The ``SPLIT`` query blocks of the tile
+    write mass rows ``mass_rows + s * n_k_blocks`` for ``s < rows_left``. With ``CHUNK > 1`` the
+    row sums of ``CHUNK`` consecutive key blocks are gathered in registers and reduced across
+    rows (and so across warps) once per chunk.
+    """
+    splits = tl.arange(0, SPLIT)
+    row_ptrs = mass_rows + splits * n_k_blocks
+    row_ok = splits < rows_left
+    if CHUNK == 1:
+        for j in range(j_start, j_end):
+            row_sums = _block_probabilities(q, lse2, K, k_base, bias_base, off_z, off_h, j,
+                                            offs_n, offs_d, stride_kn, stride_kd, seq_len,
+                                            qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE,
+                                            APPLY_BIAS, DOT_PREC, USE_TMA, EXP16)
+            tl.store(row_ptrs + j, tl.sum(tl.reshape(row_sums, [SPLIT, BLOCK_SIZE]), 1),
+                     mask=row_ok)
+    else:
+        slots = tl.arange(0, CHUNK)
+        for j0 in range(j_start, j_end, CHUNK):
+            acc = tl.zeros([SPLIT * BLOCK_SIZE, CHUNK], dtype=tl.float32)
+            for j in range(j0, tl.minimum(j0 + CHUNK, j_end)):
+                row_sums = _block_probabilities(q, lse2, K, k_base, bias_base, off_z, off_h, j,
+                                                offs_n, offs_d, stride_kn, stride_kd, seq_len,
+                                                qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE,
+                                                APPLY_BIAS, DOT_PREC, USE_TMA, EXP16)
+                acc = tl.where(slots[None, :] == j - j0, row_sums[:, None], acc)
+            sums = tl.sum(tl.reshape(acc, [SPLIT, BLOCK_SIZE, CHUNK]), 1)
+            blocks = j0 + slots
+            tl.store(row_ptrs[:, None] + blocks[None, :], sums,
+                     mask=row_ok[:, None] & (blocks < j_end)[None, :])
+
+
+@triton.jit
+def _mass_all_blocks(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, rows_left, offs_n,
+                     offs_d, stride_kn, stride_kd, seq_len, n_k_blocks, qk_scale,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                      BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr, MASK_MODE: tl.constexpr,
-                     DOT_PREC: tl.constexpr):
+                     DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, CHUNK: tl.constexpr,
+                     EXP16: tl.constexpr):
     """Every key block once; the bias only where ``MASK_MODE`` needs it (the last block peeled)."""
-    if MASK_MODE == MASK_ALL:
-        _mass_loop(q, lse2, k_base, bias_base, mass_row0, mass_row1, has_row1, offs_m_local,
-                   offs_n, offs_d, stride_kn, stride_kd, seq_len, 0, n_k_blocks, qk_scale,
-                   HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, True, DOT_PREC)
+    if MASK_MODE == MASK_NONE:
+        n_clean = n_k_blocks
+    elif MASK_MODE == MASK_LAST:
+        n_clean = n_k_blocks - 1
     else:
-        n_clean = n_k_blocks - 1 if MASK_MODE == MASK_LAST else n_k_blocks
-        _mass_loop(q, lse2, k_base, bias_base, mass_row0, mass_row1, has_row1, offs_m_local,
-                   offs_n, offs_d, stride_kn, stride_kd, seq_len, 0, n_clean, qk_scale,
-                   HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, False, DOT_PREC)
-        if MASK_MODE == MASK_LAST:
-            _mass_loop(q, lse2, k_base, bias_base, mass_row0, mass_row1, has_row1,
-                       offs_m_local, offs_n, offs_d, stride_kn, stride_kd, seq_len, n_clean,
-                       n_k_blocks, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, True,
-                       DOT_PREC)
+        n_clean = 0
+    if MASK_MODE != MASK_ALL:
+        _mass_loop(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, rows_left, offs_n,
+                   offs_d, stride_kn, stride_kd, seq_len, n_k_blocks, 0, n_clean, qk_scale,
+                   HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, False, DOT_PREC, USE_TMA, CHUNK,
+                   EXP16)
+    if MASK_MODE != MASK_NONE:
+        _mass_loop(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, rows_left, offs_n,
+                   offs_d, stride_kn, stride_kd, seq_len, n_k_blocks, n_clean, n_k_blocks,
+                   qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, True, DOT_PREC, USE_TMA,
+                   CHUNK, EXP16)
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -85,16 +134,18 @@ def _cached_search_kernel(Q, K, LSE, Bias, Mass,
                           H, seq_len, n_q_blocks, n_k_blocks, qk_scale,
                           HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                           BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr,
-                          MASK_MODE: tl.constexpr, DOT_PREC: tl.constexpr):
+                          MASK_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+                          USE_TMA: tl.constexpr, CHUNK: tl.constexpr, EXP16: tl.constexpr):
     BLOCK_M: tl.constexpr = BLOCK_SIZE * SPLIT
-    tl.static_assert(SPLIT == 1 or SPLIT == 2)
+    tl.static_assert(SPLIT == 1 or SPLIT == 2 or SPLIT == 4)
     pid_m = tl.program_id(0)
     pid_zh = tl.program_id(1)
-    off_z = (pid_zh // H).to(tl.int64)
-    off_h = (pid_zh % H).to(tl.int64)
+    z32 = pid_zh // H
+    h32 = pid_zh % H
+    off_z = z32.to(tl.int64)
+    off_h = h32.to(tl.int64)
 
-    offs_m_local = tl.arange(0, BLOCK_M)
-    offs_m = pid_m * BLOCK_M + offs_m_local
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_SIZE)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
 
@@ -106,16 +157,17 @@ def _cached_search_kernel(Q, K, LSE, Bias, Mass,
 
     q_block = pid_m * SPLIT
     mass_row0 = Mass + (pid_zh.to(tl.int64) * n_q_blocks + q_block) * n_k_blocks
-    _mass_all_blocks(q, lse2, K + off_z * stride_kz + off_h * stride_kh,
-                     Bias + off_z * n_k_blocks * BLOCK_SIZE, mass_row0, mass_row0 + n_k_blocks,
-                     q_block + 1 < n_q_blocks, offs_m_local, offs_n, offs_d, stride_kn,
-                     stride_kd, seq_len, n_k_blocks, qk_scale, HEAD_DIM, HEAD_DIM_PAD,
-                     BLOCK_SIZE, SPLIT, MASK_MODE, DOT_PREC)
+    k_base = Q if USE_TMA else K + off_z * stride_kz + off_h * stride_kh  # TMA: K is a descriptor
+    _mass_all_blocks(q, lse2, K, k_base, Bias + off_z * n_k_blocks * BLOCK_SIZE, z32, h32,
+                     mass_row0, n_q_blocks - q_block, offs_n, offs_d, stride_kn, stride_kd,
+                     seq_len, n_k_blocks, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT,
+                     MASK_MODE, DOT_PREC, USE_TMA, CHUNK, EXP16)
 
 
 # ----------------------------------------------------------------------------- launcher
 def _launch(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, block_size: int,
             key_valid: Optional[torch.Tensor], mass: Optional[torch.Tensor],
+            use_tma: Optional[bool] = None, chunk: int = CHUNK, exp16: bool = False, split: Optional[int] = None,
             num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> torch.Tensor:
     _common.check_qk(q, k, block_size)
     _common.check_key_valid(key_valid, q)
@@ -132,22 +184,23 @@ def _launch(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, b
     if L == 0 or B * H == 0:
         return mass
 
-    split = 2 if block_size == 64 else 1
+    split = split or (2 if block_size == 64 else 1)
     block_m = block_size * split
     head_dim_pad = _common.padded_head_dim(D)
     bias = _common.key_bias(key_valid, B, L, block_size, q.device)
     default_warps, default_stages = _common.launch_config("cached", head_dim_pad, block_size)
+    descs = _common.tma_descriptors((k,), block_size, head_dim_pad, use_tma)
     grid = (triton.cdiv(L, block_m), B * H)
     _cached_search_kernel[grid](
-        q, k, lse, bias, mass,
+        q, k if descs is None else descs[0], lse, bias, mass,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
         H, L, nb, nb, _common.log2_scale(scale),
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, SPLIT=split,
         MASK_MODE=_common.mask_mode(key_valid, L, block_size),
-        DOT_PREC=_common.dot_precision(q.dtype),
-        num_warps=num_warps or default_warps,
+        DOT_PREC=_common.dot_precision(q.dtype), USE_TMA=descs is not None, CHUNK=chunk,
+        EXP16=exp16, num_warps=num_warps or default_warps,
         num_stages=num_stages or default_stages,
     )
     return mass

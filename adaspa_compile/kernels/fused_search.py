@@ -27,9 +27,11 @@ import triton.language as tl
 from . import _common
 from ._tiles import load_rows, online_softmax_step, scaled_scores, store_rows
 from ._tiles import MASK_ALL, MASK_LAST
-from .cached_search import _mass_all_blocks
+from .cached_search import CHUNK, _mass_all_blocks
 
 __all__ = ["fused_search"]
+
+MASS_CHUNK = tl.constexpr(CHUNK)
 
 
 # ----------------------------------------------------------------------------- inner loop
@@ -66,8 +68,7 @@ def _fused_search_kernel(Q, K, V, Out, LSE, Bias, MassBias, Mass,
     off_z = (pid_zh // H).to(tl.int64)
     off_h = (pid_zh % H).to(tl.int64)
 
-    offs_m_local = tl.arange(0, BLOCK_M)
-    offs_m = pid_m * BLOCK_M + offs_m_local
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
 
@@ -108,10 +109,11 @@ def _fused_search_kernel(Q, K, V, Out, LSE, Bias, MassBias, Mass,
         lse2 = tl.where(has_keys & (offs_m < seq_len), lse2, float("inf"))
         q_block = pid_m * SPLIT
         mass_row0 = Mass + (pid_zh.to(tl.int64) * n_q_blocks + q_block) * n_k_blocks
-        _mass_all_blocks(q, lse2, k_base, MassBias + off_z * n_k_blocks * BLOCK_SIZE, mass_row0,
-                         mass_row0 + n_k_blocks, q_block + 1 < n_q_blocks, offs_m_local,
-                         offs_n, offs_d, stride_kn, stride_kd, seq_len, n_k_blocks, qk_scale,
-                         HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, MASK_MODE, DOT_PREC)
+        _mass_all_blocks(q, lse2, K, k_base, MassBias + off_z * n_k_blocks * BLOCK_SIZE,
+                         pid_zh // H, pid_zh % H, mass_row0, n_q_blocks - q_block, offs_n,
+                         offs_d, stride_kn, stride_kd, seq_len, n_k_blocks, qk_scale, HEAD_DIM,
+                         HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, MASK_MODE, DOT_PREC, False,
+                         MASS_CHUNK, False)
 
 
 # ----------------------------------------------------------------------------- launcher

@@ -1,0 +1,151 @@
+"""LSE-cached search kernel variants side by side on the ADASPA.md section 7 shapes.
+
+A variant is (query blocks per program, key-block chunk, TMA, paired fp16 exp2, num_warps,
+num_stages):
+
+- query blocks per program (``split``): 2 is 128 rows per program at block size 64; 4 halves the
+  K traffic from L2 again, at twice the registers for the score tile.
+- chunk: 1 reduces each (query block, key block) mass across the tile's rows, and so across
+  warps, at every key block (block-wide barriers every iteration); 16 gathers the row sums of 16
+  key blocks in registers and reduces once per chunk.
+- TMA: K through a tensor descriptor instead of pointer loads.
+- exp16: ``ex2.approx.f16x2`` (two exponentials per instruction issue) on fp16 arguments.
+
+Every variant's mass map is checked against the first variant's (the kernel as it was) and each
+row of the map against the number of query rows in its block (the rows of ``W`` sum to it). The
+LSE comes from cuDNN's attention, as at a cached-search step of the backend. Times are
+``triton.testing.do_bench`` medians, bf16, B=1, BSHD memory viewed as BHSD, with cuDNN dense
+attention (forward, no LSE) in the same run as the baseline.
+
+    python benchmarks/cached_search_variants.py --shapes hunyuan,wan,cogvideox
+
+Writes ``benchmarks/results/cached_search_variants.json`` (and ``$OUT/`` when set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from kernels import SHAPES, bench, random_qkv, rel_err  # noqa: E402  (benchmarks/kernels.py)
+
+cached_search = importlib.import_module("adaspa_compile.kernels.cached_search")
+cudnn_attention = importlib.import_module("adaspa_compile.kernels.cudnn_attention")
+
+BLOCK = 64
+# (split, chunk, tma, exp16, num_warps, num_stages); the first is the kernel before this sweep.
+VARIANTS = [(2, 1, False, False, 8, 2), (2, 16, False, False, 8, 2), (2, 1, True, False, 8, 2),
+            (2, 16, True, False, 8, 2), (2, 16, True, False, 8, 3), (2, 32, True, False, 8, 2),
+            (2, 16, True, False, 4, 2), (4, 1, True, False, 8, 2), (4, 16, True, False, 8, 2),
+            (4, 16, False, False, 8, 2), (4, 16, True, False, 8, 3), (2, 16, True, True, 8, 2),
+            (4, 16, True, True, 8, 2)]
+
+
+def label(variant) -> str:
+    split, chunk, tma, exp16, warps, stages = variant
+    return (f"split{split} chunk{chunk} {'tma' if tma else 'ptr'}{' exp16' if exp16 else ''} "
+            f"w{warps} s{stages}")
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="hunyuan,wan,cogvideox")
+    p.add_argument("--variants", default="all", help="comma list of labels (see VARIANTS)")
+    p.add_argument("--quick", action="store_true", help="a quarter of each shape's tokens")
+    p.add_argument("--rep", type=int, default=600, help="do_bench rep in ms")
+    return p.parse_args()
+
+
+def row_sum_error(mass: torch.Tensor, L: int) -> float:
+    """Largest |row sum - query rows in the block| / rows over the mass map."""
+    nb = mass.shape[-1]
+    rows = torch.full((nb,), float(BLOCK), device=mass.device)
+    rows[-1] = L - (nb - 1) * BLOCK
+    return float(((mass.sum(-1) - rows) / rows).abs().max())
+
+
+def run_shape(name, args, variants, rows):
+    H, D, L, _, _ = SHAPES[name]
+    if args.quick:
+        L //= 4
+    q, k, v = random_qkv(H, L, D)
+    scale = D ** -0.5
+    _, lse = cudnn_attention.cudnn_attention_with_lse(q, k, v, scale, None)
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        dense_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), args.rep)
+    rows.append({"shape": name, "what": "dense cuDNN", "ms": dense_ms, "x_cudnn": 1.0})
+    print(f"{name}: H={H} L={L} D={D}; cuDNN dense {dense_ms:.2f} ms", flush=True)
+    reference = None
+    for variant in variants:
+        split, chunk, tma, exp16, warps, stages = variant
+
+        def run():
+            return cached_search._launch(q, k, lse, scale, BLOCK, None, None, use_tma=tma,
+                                         chunk=chunk, exp16=exp16, split=split,
+                                         num_warps=warps, num_stages=stages)
+        row = {"shape": name, "what": label(variant)}
+        try:
+            mass = run()
+            torch.cuda.synchronize()
+        except Exception as exc:  # report, keep the table going
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            print(f"  {row['what']}: {row['error']}", flush=True)
+            rows.append(row)
+            continue
+        if reference is None:
+            reference = mass
+        row["err_vs_first"] = rel_err(mass, reference)
+        row["row_sum_err"] = row_sum_error(mass, L)
+        del mass
+        row["ms"] = bench(run, args.rep)
+        row["x_cudnn"] = row["ms"] / dense_ms
+        print(f"  {row['what']:36s} {row['ms']:8.2f} ms  x cuDNN {row['x_cudnn']:.3f}  "
+              f"err {row['err_vs_first']:.1e}  row-sum err {row['row_sum_err']:.1e}", flush=True)
+        rows.append(row)
+
+
+def main():
+    args = parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/cached_search_variants.py needs a CUDA device")
+    chosen = VARIANTS if args.variants == "all" else [
+        v for v in VARIANTS if label(v) in {s.strip() for s in args.variants.split(",")}]
+    meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "triton": triton.__version__, "cuda": torch.version.cuda,
+            "command": "python " + " ".join(sys.argv), "block_size": BLOCK, "dtype": "bfloat16",
+            "quick": args.quick, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    print(meta, flush=True)
+    rows = []
+    for name in [s.strip() for s in args.shapes.split(",") if s.strip()]:
+        run_shape(name, args, chosen, rows)
+    print("\n| shape | variant | ms | x cuDNN | rel err vs first | row-sum err |\n"
+          "|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        if "ms" not in r:
+            print(f"| {r['shape']} | {r['what']} | error | | | |")
+            continue
+        print(f"| {r['shape']} | {r['what']} | {r['ms']:.2f} | {r['x_cudnn']:.3f} | "
+              f"{r.get('err_vs_first', 0):.1e} | {r.get('row_sum_err', 0):.1e} |")
+    payload = json.dumps({"meta": meta, "rows": rows}, indent=1)
+    paths = [Path(__file__).resolve().parent / "results" / "cached_search_variants.json"]
+    if os.environ.get("OUT"):
+        paths.append(Path(os.environ["OUT"]) / "cached_search_variants.json")
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(payload)
+
+
+if __name__ == "__main__":
+    main()
