@@ -106,16 +106,17 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 # (num_warps, num_stages) per kernel and (padded head dim, block size). Chosen on an H100 by
-# ``benchmarks/kernels.py --tune`` and, for the block-sparse ones ("sparse": 64-row programs,
-# "sparse_pair": 128-row), ``benchmarks/block_sparse_variants.py`` (block_size 64, bf16; the
-# block_size 128 rows are untuned guesses); anything missing falls back to ``_DEFAULT_LAUNCH``.
+# ``benchmarks/kernels.py --tune``; the block-sparse ones ("sparse": 64-row programs,
+# "sparse_pair": 128-row) by ``benchmarks/block_sparse_variants.py`` and the cached search at
+# block size 64 by ``benchmarks/cached_search_variants.py`` (bf16; the block_size 128 rows of
+# those are untuned guesses); anything missing falls back to ``_DEFAULT_LAUNCH``.
 LAUNCH_CONFIGS = {
     ("fused", 128, 64): (8, 3), ("fused", 128, 128): (8, 3),
     ("fused", 64, 64): (4, 3), ("fused", 64, 128): (4, 3),
     ("attn", 128, 64): (8, 3), ("attn", 128, 128): (8, 3),
     ("attn", 64, 64): (8, 3), ("attn", 64, 128): (8, 3),
-    ("cached", 128, 64): (8, 2), ("cached", 128, 128): (8, 2),
-    ("cached", 64, 64): (4, 3), ("cached", 64, 128): (4, 3),
+    ("cached", 128, 64): (8, 3), ("cached", 128, 128): (8, 2),
+    ("cached", 64, 64): (4, 2), ("cached", 64, 128): (4, 3),
     ("sparse", 128, 64): (4, 2), ("sparse", 128, 128): (8, 2),
     ("sparse", 64, 64): (4, 2), ("sparse", 64, 128): (8, 2),
     ("sparse_pair", 128, 64): (4, 2), ("sparse_pair", 64, 64): (4, 2),

@@ -10,7 +10,8 @@ exp(scale * q_r . k_c - lse_r)``, fp32 ``[B, H, nq, nk]``, reduced over rows ins
 - block sizes 64 and 128. With ``block_size=64`` one program covers two query blocks
   (``BLOCK_M = 128``) and writes two rows of the mass map.
 - rows whose cached LSE is ``-inf`` (no valid key) and padded keys contribute 0.
-- q and k are read through their strides (BSHD memory viewed as BHSD is fine).
+- q and k are read through their strides (BSHD memory viewed as BHSD is fine); K through a
+  tensor descriptor (TMA) on sm90+ for bf16 / fp16 at head dim 64 or 128.
 """
 
 from __future__ import annotations
@@ -32,30 +33,17 @@ CHUNK = 16
 
 # ----------------------------------------------------------------------------- inner loop
 @triton.jit
-def exp2_f16x2(x):
-    """``2 ** x`` through the GPU's paired half-precision ``ex2`` (two results per instruction);
-    fp16 out. For ``x <= 0`` the relative error is about 1e-3 near 0 and grows with ``|x|`` as
-    fp16 spaces the inputs; results under 2**-24 flush to 0."""
-    return tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
-                                     dtype=tl.float16, is_pure=True, pack=2)
-
-
-@triton.jit
 def _block_probabilities(q, lse2, K, k_base, bias_base, off_z, off_h, j, offs_n, offs_d,
                          stride_kn, stride_kd, seq_len, qk_scale, HEAD_DIM: tl.constexpr,
                          HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                          APPLY_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
-                         USE_TMA: tl.constexpr, EXP16: tl.constexpr):
+                         USE_TMA: tl.constexpr):
     """Row sums over key block ``j`` of ``exp2(qk - lse2)``, fp32 ``[BLOCK_M]``."""
     cols = j * BLOCK_SIZE + offs_n
     k = load_block(K, k_base, off_z, off_h, j, offs_n, offs_d, stride_kn, stride_kd, seq_len,
                    HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, USE_TMA)
     qk = scaled_scores(q, k, bias_base, cols, qk_scale, APPLY_BIAS, DOT_PREC)
-    if EXP16:
-        p = exp2_f16x2(qk - lse2[:, None]).to(tl.float32)
-    else:
-        p = tl.math.exp2(qk - lse2[:, None])
-    return tl.sum(p, 1)
+    return tl.sum(tl.math.exp2(qk - lse2[:, None]), 1)
 
 
 @triton.jit
@@ -63,40 +51,32 @@ def _mass_loop(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, rows_left
                stride_kn, stride_kd, seq_len, n_k_blocks, j_start, j_end, qk_scale,
                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                SPLIT: tl.constexpr, APPLY_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
-               USE_TMA: tl.constexpr, CHUNK: tl.constexpr, EXP16: tl.constexpr):
+               USE_TMA: tl.constexpr, CHUNK: tl.constexpr):
     """Key blocks ``j_start .. j_end - 1``: sum ``exp2(qk - lse2)`` over each block's rows and columns.
 
     ``lse2`` is the base-2 LSE in units of ``qk * QK_SCALE``; ``+inf`` for rows that must add
     nothing (no valid key, or past the sequence end). The ``SPLIT`` query blocks of the tile
-    write mass rows ``mass_rows + s * n_k_blocks`` for ``s < rows_left``. With ``CHUNK > 1`` the
-    row sums of ``CHUNK`` consecutive key blocks are gathered in registers and reduced across
-    rows (and so across warps) once per chunk.
+    write mass rows ``mass_rows + s * n_k_blocks`` for ``s < rows_left``. The row sums of
+    ``CHUNK`` consecutive key blocks are gathered in registers and reduced across rows (and so
+    across warps) once per chunk: reducing at every block puts block-wide barriers in every
+    iteration (measured 15% slower on the H100, ``benchmarks/cached_search_variants.py``).
     """
     splits = tl.arange(0, SPLIT)
     row_ptrs = mass_rows + splits * n_k_blocks
     row_ok = splits < rows_left
-    if CHUNK == 1:
-        for j in range(j_start, j_end):
+    slots = tl.arange(0, CHUNK)
+    for j0 in range(j_start, j_end, CHUNK):
+        acc = tl.zeros([SPLIT * BLOCK_SIZE, CHUNK], dtype=tl.float32)
+        for j in range(j0, tl.minimum(j0 + CHUNK, j_end)):
             row_sums = _block_probabilities(q, lse2, K, k_base, bias_base, off_z, off_h, j,
                                             offs_n, offs_d, stride_kn, stride_kd, seq_len,
                                             qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE,
-                                            APPLY_BIAS, DOT_PREC, USE_TMA, EXP16)
-            tl.store(row_ptrs + j, tl.sum(tl.reshape(row_sums, [SPLIT, BLOCK_SIZE]), 1),
-                     mask=row_ok)
-    else:
-        slots = tl.arange(0, CHUNK)
-        for j0 in range(j_start, j_end, CHUNK):
-            acc = tl.zeros([SPLIT * BLOCK_SIZE, CHUNK], dtype=tl.float32)
-            for j in range(j0, tl.minimum(j0 + CHUNK, j_end)):
-                row_sums = _block_probabilities(q, lse2, K, k_base, bias_base, off_z, off_h, j,
-                                                offs_n, offs_d, stride_kn, stride_kd, seq_len,
-                                                qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE,
-                                                APPLY_BIAS, DOT_PREC, USE_TMA, EXP16)
-                acc = tl.where(slots[None, :] == j - j0, row_sums[:, None], acc)
-            sums = tl.sum(tl.reshape(acc, [SPLIT, BLOCK_SIZE, CHUNK]), 1)
-            blocks = j0 + slots
-            tl.store(row_ptrs[:, None] + blocks[None, :], sums,
-                     mask=row_ok[:, None] & (blocks < j_end)[None, :])
+                                            APPLY_BIAS, DOT_PREC, USE_TMA)
+            acc = tl.where(slots[None, :] == j - j0, row_sums[:, None], acc)
+        sums = tl.sum(tl.reshape(acc, [SPLIT, BLOCK_SIZE, CHUNK]), 1)
+        blocks = j0 + slots
+        tl.store(row_ptrs[:, None] + blocks[None, :], sums,
+                 mask=row_ok[:, None] & (blocks < j_end)[None, :])
 
 
 @triton.jit
@@ -104,8 +84,7 @@ def _mass_all_blocks(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, row
                      offs_d, stride_kn, stride_kd, seq_len, n_k_blocks, qk_scale,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                      BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr, MASK_MODE: tl.constexpr,
-                     DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, CHUNK: tl.constexpr,
-                     EXP16: tl.constexpr):
+                     DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, CHUNK: tl.constexpr):
     """Every key block once; the bias only where ``MASK_MODE`` needs it (the last block peeled)."""
     if MASK_MODE == MASK_NONE:
         n_clean = n_k_blocks
@@ -116,13 +95,12 @@ def _mass_all_blocks(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, row
     if MASK_MODE != MASK_ALL:
         _mass_loop(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, rows_left, offs_n,
                    offs_d, stride_kn, stride_kd, seq_len, n_k_blocks, 0, n_clean, qk_scale,
-                   HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, False, DOT_PREC, USE_TMA, CHUNK,
-                   EXP16)
+                   HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, False, DOT_PREC, USE_TMA, CHUNK)
     if MASK_MODE != MASK_NONE:
         _mass_loop(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, rows_left, offs_n,
                    offs_d, stride_kn, stride_kd, seq_len, n_k_blocks, n_clean, n_k_blocks,
                    qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, True, DOT_PREC, USE_TMA,
-                   CHUNK, EXP16)
+                   CHUNK)
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -135,9 +113,9 @@ def _cached_search_kernel(Q, K, LSE, Bias, Mass,
                           HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                           BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr,
                           MASK_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
-                          USE_TMA: tl.constexpr, CHUNK: tl.constexpr, EXP16: tl.constexpr):
+                          USE_TMA: tl.constexpr, CHUNK: tl.constexpr):
     BLOCK_M: tl.constexpr = BLOCK_SIZE * SPLIT
-    tl.static_assert(SPLIT == 1 or SPLIT == 2 or SPLIT == 4)
+    tl.static_assert(SPLIT == 1 or SPLIT == 2)
     pid_m = tl.program_id(0)
     pid_zh = tl.program_id(1)
     z32 = pid_zh // H
@@ -161,13 +139,13 @@ def _cached_search_kernel(Q, K, LSE, Bias, Mass,
     _mass_all_blocks(q, lse2, K, k_base, Bias + off_z * n_k_blocks * BLOCK_SIZE, z32, h32,
                      mass_row0, n_q_blocks - q_block, offs_n, offs_d, stride_kn, stride_kd,
                      seq_len, n_k_blocks, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT,
-                     MASK_MODE, DOT_PREC, USE_TMA, CHUNK, EXP16)
+                     MASK_MODE, DOT_PREC, USE_TMA, CHUNK)
 
 
 # ----------------------------------------------------------------------------- launcher
 def _launch(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, block_size: int,
             key_valid: Optional[torch.Tensor], mass: Optional[torch.Tensor],
-            use_tma: Optional[bool] = None, chunk: int = CHUNK, exp16: bool = False, split: Optional[int] = None,
+            use_tma: Optional[bool] = None, chunk: int = CHUNK,
             num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> torch.Tensor:
     _common.check_qk(q, k, block_size)
     _common.check_key_valid(key_valid, q)
@@ -184,7 +162,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, b
     if L == 0 or B * H == 0:
         return mass
 
-    split = split or (2 if block_size == 64 else 1)
+    split = 2 if block_size == 64 else 1
     block_m = block_size * split
     head_dim_pad = _common.padded_head_dim(D)
     bias = _common.key_bias(key_valid, B, L, block_size, q.device)
@@ -200,7 +178,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, b
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, SPLIT=split,
         MASK_MODE=_common.mask_mode(key_valid, L, block_size),
         DOT_PREC=_common.dot_precision(q.dtype), USE_TMA=descs is not None, CHUNK=chunk,
-        EXP16=exp16, num_warps=num_warps or default_warps,
+        num_warps=num_warps or default_warps,
         num_stages=num_stages or default_stages,
     )
     return mass
@@ -209,7 +187,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, b
 # ----------------------------------------------------------------------------- public
 def cached_search(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float,
                   block_size: int, key_valid: Optional[torch.Tensor], *,
-                  mass: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  tma: Optional[bool] = None, mass: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Block attention mass fp32 ``[B, H, nq, nk]`` from the cached natural-log ``lse``.
 
     Args:
@@ -219,6 +197,9 @@ def cached_search(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: fl
         scale: softmax scale.
         block_size: 64 or 128.
         key_valid: ``None`` or bool ``[B, L]`` (True = attend).
+        tma: read K through a tensor descriptor: None = on sm90+ GPUs for bf16 / fp16 with head
+            dim 64 or 128, True = wherever its strides allow (also under the interpreter),
+            False = pointer loads.
         mass: optional preallocated contiguous output (tests poison it).
     """
-    return _launch(q, k, lse, scale, block_size, key_valid, mass)
+    return _launch(q, k, lse, scale, block_size, key_valid, mass, use_tma=tma)

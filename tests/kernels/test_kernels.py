@@ -180,7 +180,7 @@ def run_fused(case: Case, dtype: torch.dtype, device: str, with_mass: bool) -> N
         assert got_mass is None
 
 
-def run_cached(case: Case, dtype: torch.dtype, device: str) -> None:
+def run_cached(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] = None) -> None:
     q, k, _ = make_qkv(case, dtype, device)
     kv = make_key_valid(case, device)
     scale = case.head_dim ** -0.5
@@ -189,7 +189,8 @@ def run_cached(case: Case, dtype: torch.dtype, device: str) -> None:
     _, lse = reference.attention_with_lse_ref(f64(q), f64(k), f64(k), scale, kv_cpu)
     nb = case.n_blocks
     mass = torch.full((case.batch, case.heads, nb, nb), float("nan"), device=device)
-    got = kernels.cached_search(q, k, lse.to(device), scale, case.block_size, kv, mass=mass)
+    got = kernels.cached_search(q, k, lse.to(device), scale, case.block_size, kv, tma=tma,
+                                mass=mass)
     ref = reference.block_mass_ref(f64(q), f64(k), lse.double(), scale, case.block_size, kv_cpu)
     err = rel_err(got, ref)
     assert err < mass_tolerance(dtype), f"mass rel err {err:.2e}"
@@ -241,9 +242,9 @@ def test_fused_search_interpreter(case, with_mass):
 
 @interpreter_only
 @settings(settings.get_profile("kernels-ci"))
-@given(case=INTERP_CASES)
-def test_cached_search_interpreter(case):
-    run_cached(case, torch.float32, "cpu")
+@given(case=INTERP_CASES, tma=st.sampled_from([None, True]))
+def test_cached_search_interpreter(case, tma):
+    run_cached(case, torch.float32, "cpu", tma)
 
 
 @interpreter_only
@@ -264,10 +265,10 @@ def test_fused_search_gpu(dtype, case, with_mass):
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @settings(settings.get_profile("kernels-gpu"))
-@given(case=GPU_CASES)
-def test_cached_search_gpu(dtype, case):
+@given(case=GPU_CASES, tma=st.sampled_from([None, False]))
+def test_cached_search_gpu(dtype, case, tma):
     assume(dtype != torch.float32 or case.head_dim <= 64)  # fp32 FMA dots compile slowly
-    run_cached(case, dtype, "cuda")
+    run_cached(case, dtype, "cuda", tma)
 
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
