@@ -116,7 +116,7 @@ def sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bloc
         counts, indices = mask.to_indices()
         return reference.block_sparse_attention_ref(q, k, v, counts, indices, scale,
                                                     mask.block_size, key_valid)
-    if kernels.prefer_pairs(mask.pair_overhead, q.shape[-1]):
+    if kernels.prefer_pairs(mask.pair_overhead, q.shape[-1], mask.block_size, q.dtype):
         counts, indices = kernels.pair_lists(mask.bits, mask.num_kv_blocks, mask.max_kept)
         return kernels.block_sparse_attention(q, k, v, counts, indices, scale, mask.block_size,
                                               key_valid, pair_bits=mask.bits)

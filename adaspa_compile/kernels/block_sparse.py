@@ -163,7 +163,10 @@ def _check_lists(counts: torch.Tensor, indices: torch.Tensor, n_lists: int, nk: 
         raise ValueError(f"counts and indices must be on {q.device}")
 
 
-def _check_pair_bits(bits: torch.Tensor, q: torch.Tensor, nb: int) -> None:
+def _check_pair_bits(bits: torch.Tensor, q: torch.Tensor, nb: int, block_size: int) -> None:
+    if block_size != 64:
+        raise ValueError(f"pair programs (pair_bits) need block_size 64 (128-row tiles); got "
+                         f"{block_size}")
     B, H = q.shape[:2]
     shape = (B, H, nb, -(-nb // 8))
     if bits.dtype != torch.uint8 or tuple(bits.shape) != shape or bits.device != q.device:
@@ -176,14 +179,16 @@ def pair_lists(bits: torch.Tensor, num_kv_blocks: int, max_kept: int):
     return mask_indices(pair_union(bits), num_kv_blocks, min(num_kv_blocks, 2 * max_kept))
 
 
-def prefer_pairs(pair_overhead: float, head_dim: int) -> bool:
+def prefer_pairs(pair_overhead: float, head_dim: int, block_size: int, dtype: torch.dtype) -> bool:
     """Whether 128-row pair programs beat 64-row ones for a mask with this ``pair_overhead``.
 
-    Measured on an H100 (bf16, TMA, ``benchmarks/block_sparse_variants.py``): at head dim 128 a
-    pair program costs 0.84x two single ones per key block (break-even overhead ~1.19); at head
-    dim 64 it costs more than two, so pairs never pay.
+    Measured on an H100 (bf16, TMA, block size 64, ``benchmarks/block_sparse_variants.py``): at
+    head dim 128 a pair program costs 0.84x two single ones per key block (break-even overhead
+    ~1.19); at head dim 64 it costs more than two, so pairs never pay. Pairs exist only at block
+    size 64, and fp32 tiles stay single (measured for 16-bit inputs only).
     """
-    return head_dim > 64 and pair_overhead <= PAIR_MAX_OVERHEAD
+    return (head_dim > 64 and block_size == 64 and dtype in (torch.float16, torch.bfloat16)
+            and pair_overhead <= PAIR_MAX_OVERHEAD)
 
 
 def work_order(counts: torch.Tensor) -> torch.Tensor:
@@ -203,7 +208,7 @@ def _launch(q, k, v, counts, indices, scale, block_size, key_valid, out, bits=No
     n_lists = -(-nb // q_blocks)
     _check_lists(counts, indices, n_lists, nb, q, "nq" if bits is None else "ceil(nq / 2)")
     if bits is not None:
-        _check_pair_bits(bits, q, nb)
+        _check_pair_bits(bits, q, nb, block_size)
     _common.check_out("out", out, tuple(q.shape), q.dtype, q.device)
     if out is None:
         out = torch.empty_like(q)

@@ -251,6 +251,7 @@ def test_cached_search_interpreter(case, tma):
 @settings(settings.get_profile("kernels-ci"))
 @given(case=INTERP_CASES, pairs=st.booleans(), tma=st.sampled_from([None, True]))
 def test_block_sparse_interpreter(case, pairs, tma):
+    assume(not pairs or case.block_size == 64)  # pair programs exist at block size 64 only
     run_sparse(case, torch.float32, "cpu", pairs, tma)
 
 
@@ -276,6 +277,7 @@ def test_cached_search_gpu(dtype, case, tma):
 @given(case=GPU_CASES, pairs=st.booleans(), tma=st.sampled_from([None, False]))
 def test_block_sparse_gpu(dtype, case, pairs, tma):
     assume(dtype != torch.float32 or case.head_dim <= 64)  # fp32 FMA dots compile slowly
+    assume(not pairs or case.block_size == 64)  # pair programs exist at block size 64 only
     run_sparse(case, dtype, "cuda", pairs, tma)
 
 
@@ -344,10 +346,23 @@ def test_kernel_support_reasons(monkeypatch):
 
 
 def test_prefer_pairs_only_for_head_dim_128_and_low_overhead():
-    assert kernels.prefer_pairs(1.0, 128)
-    assert kernels.prefer_pairs(block_sparse.PAIR_MAX_OVERHEAD, 128)
-    assert not kernels.prefer_pairs(1.3, 128)  # real AdaSpa masks: 1.44-1.72
-    assert not kernels.prefer_pairs(1.0, 64)
+    bf16 = torch.bfloat16
+    assert kernels.prefer_pairs(1.0, 128, 64, bf16)
+    assert kernels.prefer_pairs(block_sparse.PAIR_MAX_OVERHEAD, 128, 64, torch.float16)
+    assert not kernels.prefer_pairs(1.3, 128, 64, bf16)  # real AdaSpa masks: 1.44-1.72
+    assert not kernels.prefer_pairs(1.0, 64, 64, bf16)
+    assert not kernels.prefer_pairs(1.0, 128, 128, bf16)  # pairs exist at block size 64 only
+    assert not kernels.prefer_pairs(1.0, 128, 64, torch.float32)
+
+
+def test_pair_programs_need_block_size_64():
+    q = torch.randn(1, 1, 300, 64, device=DEVICE)
+    nb = 3
+    counts = torch.ones(1, 1, 2, dtype=torch.int32, device=DEVICE)
+    indices = torch.zeros(1, 1, 2, 1, dtype=torch.int32, device=DEVICE)
+    bits = torch.ones(1, 1, nb, 1, dtype=torch.uint8, device=DEVICE)
+    with pytest.raises(ValueError, match="block_size 64"):
+        kernels.block_sparse_attention(q, q, q, counts, indices, 0.125, 128, None, pair_bits=bits)
 
 
 @pytest.mark.gpu
@@ -372,7 +387,8 @@ def test_sparse_forward_picks_pairs_for_dense_masks_gpu(monkeypatch, density):
     ref = reference.block_sparse_attention_ref(f64(q), f64(k), f64(v), counts.cpu(),
                                                indices.cpu(), 128 ** -0.5, 64, kv.cpu())
     assert rel_err(got, ref) < 1e-2
-    assert bool(calls) == kernels.prefer_pairs(mask.pair_overhead, 128)
+    assert bool(calls) == kernels.prefer_pairs(mask.pair_overhead, 128, 64, torch.bfloat16)
+    assert bool(calls) == (density == 1.0)
 
 
 def test_natural_log_lse_matches_logsumexp():
