@@ -216,6 +216,14 @@ def run_shape(name, args, flex_fn, rows, checks):
         add(f"ours block-sparse d={dname} ({kept:.3f})", bench(
             lambda: block_sparse.block_sparse_attention(q, k, v, counts, indices, scale, bs, None),
             args.rep), sp_flops, {"density": kept})
+        # As the backend runs it: index lists from the bits on the GPU, pair programs where
+        # kernels.prefer_pairs says so (dense-ish masks at head dim 128).
+        pairs = block_sparse.prefer_pairs(bm.pair_overhead, D, bs, q.dtype)
+        checks.append((name, f"sparse (ops) d={dname} vs ours", rel_err(
+            ops.sparse_forward(q, k, v, bm, scale, None), o)))
+        add(f"ours block-sparse as the backend runs it (ops{', pairs' if pairs else ''}) "
+            f"d={dname}", bench(lambda: ops.sparse_forward(q, k, v, bm, scale, None), args.rep),
+            sp_flops, {"density": kept, "pairs": pairs, "pair_overhead": bm.pair_overhead})
         if flex_fn is not None:
             try:
                 fbm = flex_block_mask(counts, indices, L, bs, nb)
