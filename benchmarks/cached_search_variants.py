@@ -81,7 +81,8 @@ def run_shape(name, args, variants, rows):
     scale = D ** -0.5
     _, lse = cudnn_attention.cudnn_attention_with_lse(q, k, v, scale, None)
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        dense_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), args.rep)
+        dense_ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                         args.rep)
     rows.append({"shape": name, "what": "dense cuDNN", "ms": dense_ms, "x_cudnn": 1.0})
     default_ms = bench(lambda: cached_search.cached_search(q, k, lse, scale, BLOCK, None), args.rep)
     rows.append({"shape": name, "what": "default (cached_search)", "ms": default_ms,
