@@ -32,8 +32,8 @@ def load_rows(base, rows, offs_d, stride_row, stride_d, seq_len,
 
 @triton.jit
 def load_block(desc, base, off_z, off_h, j, offs_n, offs_d, stride_n, stride_d, seq_len,
-                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                USE_TMA: tl.constexpr):
+               HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+               USE_TMA: tl.constexpr):
     """Key (or value) block ``j``: ``[BLOCK_SIZE, HEAD_DIM_PAD]``, zeros past ``seq_len``/``D``."""
     if USE_TMA:
         tile = desc.load([off_z, off_h, j * BLOCK_SIZE, 0]).reshape(BLOCK_SIZE, HEAD_DIM_PAD)

@@ -36,8 +36,8 @@ import triton.language as tl
 
 from ..blockmask import pair_union
 from . import _common
-from ._tiles import (MASK_ALL, MASK_LAST, MASK_NONE, load_block, load_rows, online_softmax_step,
-                     scaled_scores, store_rows)
+from ._tiles import (MASK_ALL, MASK_LAST, MASK_NONE, load_block, load_rows,
+                     online_softmax_step, scaled_scores, store_rows)
 from .mask_indices import mask_indices
 
 __all__ = ["block_sparse_attention", "pair_lists", "prefer_pairs", "PAIR_MAX_OVERHEAD"]
@@ -67,13 +67,13 @@ def _sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base, bi
     for t in range(t_start, t_end):
         j = tl.load(idx_base + t * stride_ik)
         k = load_block(K, k_base, off_z, off_h, j, offs_n, offs_d, stride_kn, stride_kd, seq_len,
-                        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, USE_TMA)
+                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, USE_TMA)
         qk = scaled_scores(q, k, bias_base, j * BLOCK_SIZE + offs_n, qk_scale, APPLY_BIAS,
                            DOT_PREC)
         if Q_BLOCKS == 2:
             qk = qk + _pair_row_bias(bits_lo, bits_hi, has_hi, j, offs_local, BLOCK_SIZE)[:, None]
         v = load_block(V, v_base, off_z, off_h, j, offs_n, offs_d, stride_vn, stride_vd, seq_len,
-                        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, USE_TMA)
+                       HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, USE_TMA)
         acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, DOT_PREC)
     return acc, l_i, m_i
 
