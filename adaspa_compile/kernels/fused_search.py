@@ -113,7 +113,7 @@ def _fused_search_kernel(Q, K, V, Out, LSE, Bias, MassBias, Mass,
                          pid_zh // H, pid_zh % H, mass_row0, n_q_blocks - q_block, offs_n,
                          offs_d, stride_kn, stride_kd, seq_len, n_k_blocks, qk_scale, HEAD_DIM,
                          HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, MASK_MODE, DOT_PREC, False,
-                         MASS_CHUNK)
+                         MASS_CHUNK, False)
 
 
 # ----------------------------------------------------------------------------- launcher

@@ -8,6 +8,7 @@ NaN first, so an element the kernel forgets to write fails.
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -23,6 +24,7 @@ from adaspa_compile.blockmask import BlockMask
 pytest.importorskip("triton")
 
 from adaspa_compile.kernels import block_sparse  # noqa: E402  (needs triton)
+cached_search_module = importlib.import_module("adaspa_compile.kernels.cached_search")
 
 HAS_CUDA = torch.cuda.is_available()
 interpreter_only = pytest.mark.skipif(
@@ -180,7 +182,10 @@ def run_fused(case: Case, dtype: torch.dtype, device: str, with_mass: bool) -> N
         assert got_mass is None
 
 
-def run_cached(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] = None) -> None:
+def run_cached(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] = None,
+               skew: bool = False) -> None:
+    """Cached-search mass vs the reference; ``tma`` as in ``run_sparse``; ``skew``: the loop
+    form that issues the next block's scores before this block's exponentials."""
     q, k, _ = make_qkv(case, dtype, device)
     kv = make_key_valid(case, device)
     scale = case.head_dim ** -0.5
@@ -189,8 +194,12 @@ def run_cached(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] 
     _, lse = reference.attention_with_lse_ref(f64(q), f64(k), f64(k), scale, kv_cpu)
     nb = case.n_blocks
     mass = torch.full((case.batch, case.heads, nb, nb), float("nan"), device=device)
-    got = kernels.cached_search(q, k, lse.to(device), scale, case.block_size, kv, tma=tma,
-                                mass=mass)
+    if skew:
+        got = cached_search_module._launch(q, k, lse.to(device), scale, case.block_size, kv, mass,
+                                           use_tma=tma, skew=True)
+    else:
+        got = kernels.cached_search(q, k, lse.to(device), scale, case.block_size, kv, tma=tma,
+                                    mass=mass)
     ref = reference.block_mass_ref(f64(q), f64(k), lse.double(), scale, case.block_size, kv_cpu)
     err = rel_err(got, ref)
     assert err < mass_tolerance(dtype), f"mass rel err {err:.2e}"
@@ -242,9 +251,9 @@ def test_fused_search_interpreter(case, with_mass):
 
 @interpreter_only
 @settings(settings.get_profile("kernels-ci"))
-@given(case=INTERP_CASES, tma=st.sampled_from([None, True]))
-def test_cached_search_interpreter(case, tma):
-    run_cached(case, torch.float32, "cpu", tma)
+@given(case=INTERP_CASES, tma=st.sampled_from([None, True]), skew=st.booleans())
+def test_cached_search_interpreter(case, tma, skew):
+    run_cached(case, torch.float32, "cpu", tma, skew)
 
 
 @interpreter_only
@@ -266,10 +275,10 @@ def test_fused_search_gpu(dtype, case, with_mass):
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @settings(settings.get_profile("kernels-gpu"))
-@given(case=GPU_CASES, tma=st.sampled_from([None, False]))
-def test_cached_search_gpu(dtype, case, tma):
+@given(case=GPU_CASES, tma=st.sampled_from([None, False]), skew=st.booleans())
+def test_cached_search_gpu(dtype, case, tma, skew):
     assume(dtype != torch.float32 or case.head_dim <= 64)  # fp32 FMA dots compile slowly
-    run_cached(case, dtype, "cuda", tma)
+    run_cached(case, dtype, "cuda", tma, skew)
 
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
