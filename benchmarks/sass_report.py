@@ -47,6 +47,8 @@ def parse_args():
     p.add_argument("--block-size", type=int, default=64, choices=(64, 128))
     p.add_argument("--no-tma", action="store_true", help="pointer loads instead of descriptors")
     p.add_argument("--skew", action="store_true", help="cached search: the skewed loop")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="cached search: key blocks per cross-warp reduction (default: CHUNK)")
     p.add_argument("--pairs", action="store_true", help="block-sparse: 128-row pair programs")
     p.add_argument("--warps", type=int, default=None, help="default: the launcher's config")
     p.add_argument("--stages", type=int, default=None, help="default: the launcher's config")
@@ -64,7 +66,7 @@ def kernel_spec(args):
         types = {"Q": "*bf16", "K": desc if tma else "*bf16", "LSE": "*fp32", "Bias": "*fp32",
                  "Mass": "*fp32", "qk_scale": "fp32"}
         const = dict(HEAD_DIM=d, HEAD_DIM_PAD=d_pad, BLOCK_SIZE=bs, SPLIT=2 if bs == 64 else 1,
-                     MASK_MODE=0, DOT_PREC="tf32", USE_TMA=tma, CHUNK=module.CHUNK,
+                     MASK_MODE=0, DOT_PREC="tf32", USE_TMA=tma, CHUNK=args.chunk or module.CHUNK,
                      SKEW=args.skew, stride_qd=1, stride_kd=1, stride_lm=1)
         key = "cached"
     else:
