@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple, Union
 
+from .schedule import DEFAULT_SEARCH_STEPS
+
 __all__ = ["AdaSpaConfig", "TextTokens"]
 
 MODES = ("sparsity", "recall")
@@ -52,7 +54,7 @@ class AdaSpaConfig:
 
     sparsity: float = 0.8
     block_size: int = 64
-    search_steps: Tuple[int, ...] = (9, 29)
+    search_steps: Tuple[int, ...] = DEFAULT_SEARCH_STEPS
     head_adaptive: bool = True
     text_sink: bool = True
     mode: str = "sparsity"
