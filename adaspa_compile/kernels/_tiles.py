@@ -59,16 +59,35 @@ MASK_ALL = tl.constexpr(2)
 
 
 @triton.jit
-def scaled_scores(q, k, bias_ptr, cols, qk_scale, APPLY_BIAS: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
-    """``q @ k^T * QK_SCALE`` (base 2), plus the key bias when ``APPLY_BIAS``."""
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+def unbiased_blocks(n, MASK_MODE: tl.constexpr):
+    """How many of ``n`` ascending key blocks need no bias: all (``MASK_NONE``), all but the
+    ragged last one (``MASK_LAST``), none (``MASK_ALL``). The rest run with ``APPLY_BIAS``."""
+    if MASK_MODE == MASK_NONE:
+        clean = n
+    elif MASK_MODE == MASK_LAST:
+        clean = tl.maximum(n - 1, 0)
+    else:
+        clean = 0
+    return clean
+
+
+@triton.jit
+def scale_scores(qk, bias_ptr, cols, qk_scale, APPLY_BIAS: tl.constexpr):
+    """Raw scores ``qk`` times ``QK_SCALE`` (base 2), plus the key bias when ``APPLY_BIAS``."""
     if APPLY_BIAS:
         bias = tl.load(bias_ptr + cols)
         qk = qk * qk_scale + bias[None, :]
     else:
         qk = qk * qk_scale
     return qk
+
+
+@triton.jit
+def scaled_scores(q, k, bias_ptr, cols, qk_scale, APPLY_BIAS: tl.constexpr,
+                  DOT_PREC: tl.constexpr):
+    """``q @ k^T * QK_SCALE`` (base 2), plus the key bias when ``APPLY_BIAS``."""
+    return scale_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), bias_ptr, cols,
+                        qk_scale, APPLY_BIAS)
 
 
 @triton.jit

@@ -36,8 +36,8 @@ import triton.language as tl
 
 from ..blockmask import pair_union
 from . import _common
-from ._tiles import (MASK_ALL, MASK_LAST, MASK_NONE, load_block, load_rows,
-                     online_softmax_step, scaled_scores, store_rows)
+from ._tiles import (MASK_NONE, load_block, load_rows, online_softmax_step, scaled_scores,
+                     store_rows, unbiased_blocks)
 from .mask_indices import mask_indices
 
 __all__ = ["block_sparse_attention", "pair_lists", "prefer_pairs", "PAIR_MAX_OVERHEAD"]
@@ -126,12 +126,7 @@ def _block_sparse_kernel(Q, K, V, Out, Counts, Indices, Order, Bias, Bits,
         v_base = V + off_z * stride_vz + off_h * stride_vh
     bias_base = Bias + off_z * n_k_blocks * BLOCK_SIZE
     # Ascending lists put the ragged last key block, if kept, in the last slot.
-    if MASK_MODE == MASK_ALL:
-        n_clean = 0
-    elif MASK_MODE == MASK_LAST:
-        n_clean = tl.maximum(count - 1, 0)
-    else:
-        n_clean = count
+    n_clean = unbiased_blocks(count, MASK_MODE)
     acc, l_i, m_i = _sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base,
                                  bits_lo, bits_hi, has_hi, z32, h32, 0, n_clean, offs_local,
                                  offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,

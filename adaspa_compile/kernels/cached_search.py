@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import MASK_ALL, MASK_LAST, MASK_NONE, load_block, load_rows
+from ._tiles import MASK_ALL, MASK_NONE, load_block, load_rows, scale_scores, unbiased_blocks
 
 __all__ = ["cached_search"]
 
@@ -46,9 +46,7 @@ def _raw_scores(q, K, k_base, off_z, off_h, j, offs_n, offs_d, stride_kn, stride
 def _row_mass(qk, lse2, bias_base, j, offs_n, qk_scale, BLOCK_SIZE: tl.constexpr,
               APPLY_BIAS: tl.constexpr):
     """Row sums of ``exp2(qk * QK_SCALE (+ key bias) - lse2)`` over key block ``j``'s columns."""
-    s = qk * qk_scale
-    if APPLY_BIAS:
-        s = s + tl.load(bias_base + j * BLOCK_SIZE + offs_n)[None, :]
+    s = scale_scores(qk, bias_base, j * BLOCK_SIZE + offs_n, qk_scale, APPLY_BIAS)
     return tl.sum(tl.math.exp2(s - lse2[:, None]), 1)
 
 
@@ -114,12 +112,7 @@ def _mass_all_blocks(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, row
                      DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, CHUNK: tl.constexpr,
                      SKEW: tl.constexpr):
     """Every key block once; the bias only where ``MASK_MODE`` needs it (the last block peeled)."""
-    if MASK_MODE == MASK_NONE:
-        n_clean = n_k_blocks
-    elif MASK_MODE == MASK_LAST:
-        n_clean = n_k_blocks - 1
-    else:
-        n_clean = 0
+    n_clean = unbiased_blocks(n_k_blocks, MASK_MODE)
     if MASK_MODE != MASK_ALL:
         _mass_loop(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, rows_left, offs_n,
                    offs_d, stride_kn, stride_kd, seq_len, n_k_blocks, 0, n_clean, qk_scale,

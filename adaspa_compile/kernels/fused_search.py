@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import load_rows, online_softmax_step, scaled_scores, store_rows
-from ._tiles import MASK_ALL, MASK_LAST
+from ._tiles import (MASK_ALL, MASK_NONE, load_rows, online_softmax_step, scaled_scores,
+                     store_rows, unbiased_blocks)
 from .cached_search import CHUNK, _mass_all_blocks
 
 __all__ = ["fused_search"]
@@ -80,22 +80,17 @@ def _fused_search_kernel(Q, K, V, Out, LSE, Bias, MassBias, Mass,
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     v_base = V + off_z * stride_vz + off_h * stride_vh
     bias_base = Bias + off_z * n_k_tiles * BLOCK_N
-    if MASK_MODE == MASK_ALL:
-        acc, l_i, m_i = _forward_loop(acc, l_i, m_i, q, k_base, v_base, bias_base, offs_n, offs_d,
-                                      stride_kn, stride_kd, stride_vn, stride_vd, seq_len, 0,
-                                      n_k_tiles, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True,
-                                      DOT_PREC)
-    else:
-        n_clean = n_k_tiles - 1 if MASK_MODE == MASK_LAST else n_k_tiles
+    n_clean = unbiased_blocks(n_k_tiles, MASK_MODE)  # the ragged last tile, if any, peeled
+    if MASK_MODE != MASK_ALL:
         acc, l_i, m_i = _forward_loop(acc, l_i, m_i, q, k_base, v_base, bias_base, offs_n, offs_d,
                                       stride_kn, stride_kd, stride_vn, stride_vd, seq_len, 0,
                                       n_clean, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, False,
                                       DOT_PREC)
-        if MASK_MODE == MASK_LAST:  # the ragged last tile, peeled
-            acc, l_i, m_i = _forward_loop(acc, l_i, m_i, q, k_base, v_base, bias_base, offs_n,
-                                          offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                                          seq_len, n_clean, n_k_tiles, qk_scale, HEAD_DIM,
-                                          HEAD_DIM_PAD, BLOCK_N, True, DOT_PREC)
+    if MASK_MODE != MASK_NONE:
+        acc, l_i, m_i = _forward_loop(acc, l_i, m_i, q, k_base, v_base, bias_base, offs_n, offs_d,
+                                      stride_kn, stride_kd, stride_vn, stride_vd, seq_len, n_clean,
+                                      n_k_tiles, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, True,
+                                      DOT_PREC)
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
