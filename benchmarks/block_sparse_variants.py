@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from adaspa_compile.blockmask import BlockMask  # noqa: E402
-from kernels import bench, random_qkv, rel_err  # noqa: E402  (benchmarks/kernels.py)
+from kernels import bench, random_qkv, rel_err, write_results  # noqa: E402  (kernels.py)
 
 block_sparse = importlib.import_module("adaspa_compile.kernels.block_sparse")
 mask_indices = importlib.import_module("adaspa_compile.kernels.mask_indices")
@@ -242,11 +241,7 @@ def main():
         torch.cuda.empty_cache()
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": triton.__version__, "command": " ".join(sys.argv)}
-    payload = json.dumps({"meta": meta, "rows": rows}, indent=1)
-    dest = Path(__file__).resolve().parent / "results" / "block_sparse_variants.json"
-    dest.write_text(payload)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "block_sparse_variants.json").write_text(payload)
+    write_results("block_sparse_variants.json", {"meta": meta, "rows": rows})
     print(json.dumps(meta))
 
 

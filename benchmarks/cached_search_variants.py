@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -42,7 +40,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernels import SHAPES, bench, random_qkv, rel_err  # noqa: E402  (benchmarks/kernels.py)
+from kernels import SHAPES, bench, random_qkv, rel_err, write_results  # noqa: E402
 
 cached_search = importlib.import_module("adaspa_compile.kernels.cached_search")
 cudnn_attention = importlib.import_module("adaspa_compile.kernels.cudnn_attention")
@@ -144,13 +142,7 @@ def main():
             continue
         print(f"| {r['shape']} | {r['what']} | {r['ms']:.2f} | {r['x_cudnn']:.3f} | "
               f"{r.get('err_vs_first', 0):.1e} | {r.get('row_sum_err', 0):.1e} |")
-    payload = json.dumps({"meta": meta, "rows": rows}, indent=1)
-    paths = [Path(__file__).resolve().parent / "results" / "cached_search_variants.json"]
-    if os.environ.get("OUT"):
-        paths.append(Path(os.environ["OUT"]) / "cached_search_variants.json")
-    for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(payload)
+    write_results("cached_search_variants.json", {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

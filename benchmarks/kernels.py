@@ -66,6 +66,16 @@ def random_qkv(H: int, L: int, D: int, device: str = "cuda"):
             for _ in range(3)]
 
 
+def write_results(name: str, payload: dict) -> None:
+    """``payload`` as JSON to ``benchmarks/results/<name>`` and, when set, ``$OUT/<name>``."""
+    paths = [Path(__file__).resolve().parent / "results" / name]
+    if os.environ.get("OUT"):
+        paths.append(Path(os.environ["OUT"]) / name)
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=1))
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     if not torch.isfinite(a).all():
@@ -335,12 +345,7 @@ def main():
     payload = {"meta": meta, "rows": rows,
                "checks": [{"shape": s, "what": w, "rel_err": e} for s, w, e in checks],
                "tuning": tuning}
-    paths = [Path(__file__).resolve().parent / "results" / "kernels.json"]
-    if os.environ.get("OUT"):
-        paths.append(Path(os.environ["OUT"]) / "kernels.json")
-    for p in paths:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(payload, indent=1))
+    write_results("kernels.json", payload)
     bad = [c for c in checks if not (c[2] < 2e-2)]
     if bad:
         print(f"CHECK FAILURES: {bad}")
