@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from adaspa_compile.blockmask import BlockMask  # noqa: E402
-from kernels import bench, random_qkv, rel_err, write_results  # noqa: E402  (kernels.py)
+from kernels import bench, head_densities, random_qkv, rel_err, write_results  # noqa: E402
 
 block_sparse = importlib.import_module("adaspa_compile.kernels.block_sparse")
 mask_indices = importlib.import_module("adaspa_compile.kernels.mask_indices")
@@ -109,13 +109,6 @@ def make_mask(H, L, bs, densities, centroid, text_blk, local, device, seed=1):
         dense[0, h].scatter_(-1, scores.topk(k, dim=-1).indices, True)
     dense |= forced
     return BlockMask.from_dense(dense.to(device), block_size=bs, seq_len=L)
-
-
-def head_densities(name, H):
-    base = name.split("-")[0]
-    if name.startswith("0.2-tiers"):
-        return [(0.1, 0.2, 0.3)[h * 3 // H] for h in range(H)]
-    return [float(base)] * H
 
 
 def fa4_forward():

@@ -112,9 +112,11 @@ def make_mask(H: int, L: int, bs: int, densities, text_blk: torch.Tensor, seed: 
 
 
 def head_densities(name: str, H: int):
-    if name == "0.2-tiers":
+    """Per-head density of a mask named ``"<density>[-...]"``; ``"0.2-tiers..."`` gives a third of
+    the heads 0.1, 0.2 and 0.3 each (suffixes such as ``-random`` / ``-local`` are ignored)."""
+    if name.startswith("0.2-tiers"):
         return [(0.1, 0.2, 0.3)[h * 3 // H] for h in range(H)]
-    return [float(name)] * H
+    return [float(name.split("-")[0])] * H
 
 
 def flex_block_mask(counts, indices, L, bs, nb):
