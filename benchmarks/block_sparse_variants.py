@@ -47,10 +47,20 @@ SHAPES = {
     "cogvideox": (48, 64, (11, 48, 85), 226, "first"),
 }
 BLOCK = 64
-# (query blocks per program, TMA, num_warps, num_stages)
-VARIANTS = [(1, False, 4, 2), (1, False, 4, 3), (1, True, 4, 2), (1, True, 4, 3),
-            (2, False, 4, 2), (2, False, 8, 2), (2, False, 8, 3), (2, False, 4, 3),
-            (2, True, 4, 2), (2, True, 8, 2), (2, True, 8, 3), (2, True, 4, 3)]
+# (query blocks per program, TMA, num_warps, num_stages, exp_poly, layout); exp_poly: how many of
+# every 8 softmax exponentials take the FMA-unit polynomial; layout "bhsd": q, k, v copied to
+# contiguous [B, H, L, D] (a probe of what the BSHD strides cost), else the diffusers BSHD view.
+VARIANTS = [(1, False, 4, 2, 0, "bshd"), (1, False, 4, 3, 0, "bshd"), (1, True, 4, 2, 0, "bshd"),
+            (1, True, 4, 3, 0, "bshd"), (2, False, 4, 2, 0, "bshd"), (2, False, 8, 2, 0, "bshd"),
+            (2, False, 8, 3, 0, "bshd"), (2, False, 4, 3, 0, "bshd"), (2, True, 4, 2, 0, "bshd"),
+            (2, True, 8, 2, 0, "bshd"), (2, True, 8, 3, 0, "bshd"), (2, True, 4, 3, 0, "bshd"),
+            (1, True, 4, 2, 1, "bshd"), (1, True, 4, 2, 2, "bshd"), (1, True, 4, 2, 3, "bshd"),
+            (1, True, 4, 3, 2, "bshd"), (1, True, 4, 2, 0, "bhsd"), (2, True, 4, 2, 0, "bhsd")]
+
+
+def variant_label(qb, tma, w, s, poly, layout) -> str:
+    return (f"{'pair' if qb == 2 else 'single'}{'-tma' if tma else ''} w{w} s{s}"
+            f"{f' poly{poly}' if poly else ''}{' bhsd' if layout == 'bhsd' else ''}")
 
 
 def parse_args():
@@ -163,6 +173,15 @@ def run_shape(name, args, rows):
     centroid, text_blk = block_stats(coords, is_text, L, BLOCK)
     dev = "cuda"
     q, k, v = random_qkv(H, L, D, dev)
+    contiguous = {}
+
+    def tensors(layout):
+        """The BSHD views, or (made once) the same values in contiguous BHSD memory."""
+        if layout == "bshd":
+            return q, k, v
+        if not contiguous:
+            contiguous["bhsd"] = tuple(t.contiguous() for t in (q, k, v))
+        return contiguous["bhsd"]
     scale = D ** -0.5
     flops = 4.0 * H * L * L * D
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
@@ -200,16 +219,17 @@ def run_shape(name, args, rows):
         unpadded = None
         for kv in paddings:
             base = None
-            for qb, tma, w, s in VARIANTS:
-                label = f"{'pair' if qb == 2 else 'single'}{'-tma' if tma else ''} w{w} s{s}"
+            for qb, tma, w, s, poly, layout in VARIANTS:
+                label = variant_label(qb, tma, w, s, poly, layout)
                 if args.variants != "all" and label not in args.variants.split(","):
                     continue
                 lists = (counts, indices, None) if qb == 1 else (pc, pi, bm.bits)
+                qkv = tensors(layout)
 
                 def call():
-                    return block_sparse._launch(q, k, v, lists[0], lists[1], scale, BLOCK, kv, None,
+                    return block_sparse._launch(*qkv, lists[0], lists[1], scale, BLOCK, kv, None,
                                                 bits=lists[2], use_tma=tma, num_warps=w,
-                                                num_stages=s)
+                                                num_stages=s, exp_poly=poly)
                 row = {"shape": name, "mask": mname, "key_padding": kv is not None,
                        "variant": label, "density": density, "inflation": inflation,
                        "lists_ms": pair_build_ms if qb == 2 else single_build_ms}

@@ -16,6 +16,16 @@ an ``scf.if`` yielding the score tile inside the loop.)
 import triton
 import triton.language as tl
 
+from ._exp2 import PACK, mixed_exp2_asm
+
+# One inline-asm body per polynomial share (``exp2_mixed``); constexpr strings, chosen by if-chain.
+_EXP2_POLY_1 = tl.constexpr(mixed_exp2_asm(1))
+_EXP2_POLY_2 = tl.constexpr(mixed_exp2_asm(2))
+_EXP2_POLY_3 = tl.constexpr(mixed_exp2_asm(3))
+_EXP2_POLY_4 = tl.constexpr(mixed_exp2_asm(4))
+_EXP2_CONSTRAINTS = tl.constexpr(",".join(["=r"] * PACK + ["r"] * PACK))
+_EXP2_PACK = tl.constexpr(PACK)
+
 
 @triton.jit
 def load_rows(base, rows, offs_d, stride_row, stride_d, seq_len,
@@ -91,14 +101,39 @@ def scaled_scores(q, k, bias_ptr, cols, qk_scale, APPLY_BIAS: tl.constexpr,
 
 
 @triton.jit
-def online_softmax_step(acc, l_i, m_i, qk, v, DOT_PREC: tl.constexpr):
+def _asm_exp2(x, ASM: tl.constexpr):
+    return tl.inline_asm_elementwise(ASM, _EXP2_CONSTRAINTS, [x], dtype=tl.float32, is_pure=True,
+                                     pack=_EXP2_PACK)
+
+
+@triton.jit
+def exp2_mixed(x, EXP_POLY: tl.constexpr):
+    """``2^x`` elementwise; ``EXP_POLY`` of every 8 by the FMA-unit polynomial of ``_exp2``
+    (0 = all on ``MUFU.EX2``; 1..4 need a GPU, and finite inputs: see ``_exp2``)."""
+    if EXP_POLY == 0:
+        y = tl.math.exp2(x)
+    elif EXP_POLY == 1:
+        y = _asm_exp2(x, _EXP2_POLY_1)
+    elif EXP_POLY == 2:
+        y = _asm_exp2(x, _EXP2_POLY_2)
+    elif EXP_POLY == 3:
+        y = _asm_exp2(x, _EXP2_POLY_3)
+    else:
+        tl.static_assert(EXP_POLY == 4)
+        y = _asm_exp2(x, _EXP2_POLY_4)
+    return y
+
+
+@triton.jit
+def online_softmax_step(acc, l_i, m_i, qk, v, DOT_PREC: tl.constexpr, EXP_POLY: tl.constexpr = 0):
     """One flash-attention update with scores ``qk`` (base 2) and values ``v``.
 
     ``m_i`` starts at a large finite negative, so fully masked tiles give ``p = 0`` and
-    ``alpha = 1`` (never ``inf - inf``).
+    ``alpha = 1`` (never ``inf - inf``). ``EXP_POLY``: see :func:`exp2_mixed` (only for tiles
+    with no ``-inf`` score, whose ``p`` may then be 2^-126 instead of 0).
     """
     m_ij = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_ij[:, None])
+    p = exp2_mixed(qk - m_ij[:, None], EXP_POLY)
     alpha = tl.math.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]

@@ -183,9 +183,9 @@ def run_fused(case: Case, dtype: torch.dtype, device: str, with_mass: bool) -> N
 
 
 def run_cached(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] = None,
-               skew: bool = False) -> None:
-    """Cached-search mass vs the reference; ``tma`` as in ``run_sparse``; ``skew``: the loop
-    form that issues the next block's scores before this block's exponentials."""
+               exp_poly: Optional[int] = None) -> None:
+    """Cached-search mass vs the reference; ``tma`` as in ``run_sparse``; ``exp_poly``: how many
+    of every 8 exponentials take the FMA-unit polynomial (None = the launcher's default)."""
     q, k, _ = make_qkv(case, dtype, device)
     kv = make_key_valid(case, device)
     scale = case.head_dim ** -0.5
@@ -194,9 +194,9 @@ def run_cached(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] 
     _, lse = reference.attention_with_lse_ref(f64(q), f64(k), f64(k), scale, kv_cpu)
     nb = case.n_blocks
     mass = torch.full((case.batch, case.heads, nb, nb), float("nan"), device=device)
-    if skew:
+    if exp_poly is not None:
         got = cached_search_module._launch(q, k, lse.to(device), scale, case.block_size, kv, mass,
-                                           use_tma=tma, skew=True)
+                                           use_tma=tma, exp_poly=exp_poly)
     else:
         got = kernels.cached_search(q, k, lse.to(device), scale, case.block_size, kv, tma=tma,
                                     mass=mass)
@@ -212,9 +212,10 @@ def run_cached(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] 
 
 
 def run_sparse(case: Case, dtype: torch.dtype, device: str, pairs: bool = False,
-               tma: Optional[bool] = None) -> None:
+               tma: Optional[bool] = None, exp_poly: Optional[int] = None) -> None:
     """Block-sparse output vs the reference; ``pairs``: 128-row programs over union lists;
-    ``tma``: K/V through tensor descriptors (forced under the interpreter when True)."""
+    ``tma``: K/V through tensor descriptors (forced under the interpreter when True);
+    ``exp_poly``: as in ``run_cached`` (64-row programs only)."""
     q, k, v = make_qkv(case, dtype, device)
     kv = make_key_valid(case, device)
     mask = make_mask(case, device)
@@ -225,6 +226,9 @@ def run_sparse(case: Case, dtype: torch.dtype, device: str, pairs: bool = False,
         lists = block_sparse.pair_lists(mask.bits, mask.num_kv_blocks, mask.max_kept)
         got = kernels.block_sparse_attention(q, k, v, *lists, scale, case.block_size, kv,
                                              pair_bits=mask.bits, tma=tma, out=out)
+    elif exp_poly is not None:
+        got = block_sparse._launch(q, k, v, counts, indices, scale, case.block_size, kv, out,
+                                   use_tma=tma, exp_poly=exp_poly)
     else:
         got = kernels.block_sparse_attention(q, k, v, counts, indices, scale, case.block_size, kv,
                                              tma=tma, out=out)
@@ -251,9 +255,9 @@ def test_fused_search_interpreter(case, with_mass):
 
 @interpreter_only
 @settings(settings.get_profile("kernels-ci"))
-@given(case=INTERP_CASES, tma=st.sampled_from([None, True]), skew=st.booleans())
-def test_cached_search_interpreter(case, tma, skew):
-    run_cached(case, torch.float32, "cpu", tma, skew)
+@given(case=INTERP_CASES, tma=st.sampled_from([None, True]))
+def test_cached_search_interpreter(case, tma):
+    run_cached(case, torch.float32, "cpu", tma)
 
 
 @interpreter_only
@@ -265,6 +269,9 @@ def test_block_sparse_interpreter(case, pairs, tma):
 
 
 # ----------------------------------------------------------------------------- GPU
+EXP_POLIES = st.sampled_from([None, 0, 1, 3, 4])  # None: the launcher's default
+
+
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @settings(settings.get_profile("kernels-gpu"))
 @given(case=GPU_CASES, with_mass=st.booleans())
@@ -275,19 +282,22 @@ def test_fused_search_gpu(dtype, case, with_mass):
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @settings(settings.get_profile("kernels-gpu"))
-@given(case=GPU_CASES, tma=st.sampled_from([None, False]), skew=st.booleans())
-def test_cached_search_gpu(dtype, case, tma, skew):
+@given(case=GPU_CASES, tma=st.sampled_from([None, False]), exp_poly=EXP_POLIES)
+def test_cached_search_gpu(dtype, case, tma, exp_poly):
     assume(dtype != torch.float32 or case.head_dim <= 64)  # fp32 FMA dots compile slowly
-    run_cached(case, dtype, "cuda", tma, skew)
+    assume(dtype != torch.float32 or not exp_poly)  # the polynomial's 7.5e-5 vs fp32's 1e-4
+    run_cached(case, dtype, "cuda", tma, exp_poly)
 
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @settings(settings.get_profile("kernels-gpu"))
-@given(case=GPU_CASES, pairs=st.booleans(), tma=st.sampled_from([None, False]))
-def test_block_sparse_gpu(dtype, case, pairs, tma):
+@given(case=GPU_CASES, pairs=st.booleans(), tma=st.sampled_from([None, False]),
+       exp_poly=EXP_POLIES)
+def test_block_sparse_gpu(dtype, case, pairs, tma, exp_poly):
     assume(dtype != torch.float32 or case.head_dim <= 64)  # fp32 FMA dots compile slowly
+    assume(dtype != torch.float32 or not exp_poly)  # the polynomial's 7.5e-5 vs fp32's 1e-4
     assume(not pairs or case.block_size == 64)  # pair programs exist at block size 64 only
-    run_sparse(case, dtype, "cuda", pairs, tma)
+    run_sparse(case, dtype, "cuda", pairs, tma, None if pairs else exp_poly)
 
 
 for _test in (test_fused_search_gpu, test_cached_search_gpu, test_block_sparse_gpu):

@@ -1,8 +1,8 @@
-"""benchmarks/sass_report.py on the CPU: the sm_90 code of the cached search, plain and skewed.
+"""benchmarks/sass_report.py on the CPU: the sm_90 code of the cached search.
 
-Guards the structural claim behind ``cached_search._launch(..., skew=True)``: in the plain loop
-every wgmma group is waited on before the exponentials, in the skewed loop the next block's
-wgmmas are interleaved with this block's exponentials.
+Guards two structural claims: in the mass loop every wgmma group is waited on before the
+exponentials (the overlap comes from other warps, not from within one), and ``--exp-poly n``
+moves ``n`` of every 8 exponentials off ``MUFU.EX2`` (the inline PTX compiles for sm_90).
 """
 
 from __future__ import annotations
@@ -24,14 +24,22 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 pytestmark = pytest.mark.skipif(not CUOBJDUMP.exists(), reason="triton ships no cuobjdump here")
 
 
-def order(*flags: str):
-    """The run-length ``order:`` line of the report, as ``[(count, opcode), ...]``."""
+def report(*flags: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, not run
     out = subprocess.run([sys.executable, str(SCRIPT), "--kernel", "cached", "--head-dim", "64",
                           *flags], capture_output=True, text=True, env=env, check=True).stdout
     assert re.search(r"HGMMA [1-9]", out) and re.search(r"MUFU [1-9]", out), out
-    line = next(line for line in out.splitlines() if line.startswith("order: "))
+    return out
+
+
+def order(*flags: str):
+    """The run-length ``order:`` line of the report, as ``[(count, opcode), ...]``."""
+    line = next(line for line in report(*flags).splitlines() if line.startswith("order: "))
     return [(int(n), op) for n, op in re.findall(r"(\d+)x (\S+)", line)]
+
+
+def count(out: str, opcode: str) -> int:
+    return int(re.search(rf"\b{opcode} (\d+)", out).group(1))
 
 
 def exps_between_wgmmas(runs) -> bool:
@@ -45,5 +53,8 @@ def test_plain_loop_waits_before_the_exponentials():
     assert not exps_between_wgmmas(order())
 
 
-def test_skewed_loop_overlaps_wgmma_and_exponentials():
-    assert exps_between_wgmmas(order("--skew"))
+def test_exp_poly_moves_exponentials_to_the_fma_units():
+    """D=64, w4: a 128x64 tile is 64 exponentials per thread per key block."""
+    plain, mixed = report(), report("--exp-poly", "3")
+    assert count(plain, "MUFU") - count(mixed, "MUFU") == 3 * 64 // 8
+    assert count(mixed, "FFMA") - count(plain, "FFMA") == 3 * 3 * 64 // 8  # the cubic's FMAs
