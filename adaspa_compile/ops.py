@@ -58,13 +58,13 @@ def _resolve_scale(scale: Optional[float], q: torch.Tensor) -> float:
     return float(scale) if scale is not None else q.shape[-1] ** -0.5
 
 
-def _kernels_for(q: torch.Tensor, block_size: int):
+def _kernels_for(q: torch.Tensor, block_size: int, scale: float):
     """The kernels module when it can run ``q``, else ``None`` (logged once per reason)."""
     if not q.is_cuda:
         return None
     from . import kernels
 
-    ok, reason = kernels.kernel_support(q, block_size)
+    ok, reason = kernels.kernel_support(q, block_size, scale)
     if ok:
         return kernels
     log_once(logger, f"adaspa: CUDA input runs the PyTorch reference: {reason}")
@@ -80,7 +80,7 @@ def fused_search(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     (benchmarks/RESULTS.md): cuDNN is faster than our attention+LSE kernel, and the two launches
     are faster than the one-kernel fused search (``kernels.fused_search(..., with_mass=True)``).
     """
-    kernels = _kernels_for(q, block_size)
+    kernels = _kernels_for(q, block_size, scale)
     if kernels is not None:
         from .kernels.cudnn_attention import cudnn_attention_with_lse
 
@@ -96,7 +96,7 @@ def fused_search(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 def cached_search(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float,
                   block_size: int, key_valid: Optional[torch.Tensor]) -> torch.Tensor:
     """Block mass from a cached LSE (no V, no output)."""
-    kernels = _kernels_for(q, block_size)
+    kernels = _kernels_for(q, block_size, scale)
     if kernels is not None:
         return kernels.cached_search(q, k, lse, scale, block_size, key_valid)
     return reference.block_mass_ref(q, k, lse, scale, block_size, key_valid)
@@ -111,7 +111,7 @@ def sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bloc
     when adjacent rows keep nearly the same blocks (``mask.pair_overhead``). Elsewhere the lists
     come from the reference ``BlockMask.to_indices()``.
     """
-    kernels = _kernels_for(q, mask.block_size)
+    kernels = _kernels_for(q, mask.block_size, scale)
     if kernels is None:
         counts, indices = mask.to_indices()
         return reference.block_sparse_attention_ref(q, k, v, counts, indices, scale,
@@ -143,7 +143,7 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     _check_qkv(q, k, v)
     s = _resolve_scale(scale, q)
     valid = key_valid_from_mask(key_padding_mask, q.shape[0], q.shape[2])
-    kernels = _kernels_for(q, 64)
+    kernels = _kernels_for(q, 64, s)
     if kernels is not None:
         out, lse, _ = kernels.fused_search(q, k, v, s, 64, valid, with_mass=False)
         return out, lse

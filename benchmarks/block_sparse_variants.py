@@ -47,20 +47,18 @@ SHAPES = {
     "cogvideox": (48, 64, (11, 48, 85), 226, "first"),
 }
 BLOCK = 64
-# (query blocks per program, TMA, num_warps, num_stages, exp_poly, layout); exp_poly: how many of
-# every 8 softmax exponentials take the FMA-unit polynomial; layout "bhsd": q, k, v copied to
+# (query blocks per program, TMA, num_warps, num_stages, layout); layout "bhsd": q, k, v copied to
 # contiguous [B, H, L, D] (a probe of what the BSHD strides cost), else the diffusers BSHD view.
-VARIANTS = [(1, False, 4, 2, 0, "bshd"), (1, False, 4, 3, 0, "bshd"), (1, True, 4, 2, 0, "bshd"),
-            (1, True, 4, 3, 0, "bshd"), (2, False, 4, 2, 0, "bshd"), (2, False, 8, 2, 0, "bshd"),
-            (2, False, 8, 3, 0, "bshd"), (2, False, 4, 3, 0, "bshd"), (2, True, 4, 2, 0, "bshd"),
-            (2, True, 8, 2, 0, "bshd"), (2, True, 8, 3, 0, "bshd"), (2, True, 4, 3, 0, "bshd"),
-            (1, True, 4, 2, 1, "bshd"), (1, True, 4, 2, 2, "bshd"), (1, True, 4, 2, 3, "bshd"),
-            (1, True, 4, 3, 2, "bshd"), (1, True, 4, 2, 0, "bhsd"), (2, True, 4, 2, 0, "bhsd")]
+VARIANTS = [(1, False, 4, 2, "bshd"), (1, False, 4, 3, "bshd"), (1, True, 4, 2, "bshd"),
+            (1, True, 4, 3, "bshd"), (2, False, 4, 2, "bshd"), (2, False, 8, 2, "bshd"),
+            (2, False, 8, 3, "bshd"), (2, False, 4, 3, "bshd"), (2, True, 4, 2, "bshd"),
+            (2, True, 8, 2, "bshd"), (2, True, 8, 3, "bshd"), (2, True, 4, 3, "bshd"),
+            (1, True, 4, 2, "bhsd"), (2, True, 4, 2, "bhsd")]
 
 
-def variant_label(qb, tma, w, s, poly, layout) -> str:
+def variant_label(qb, tma, w, s, layout) -> str:
     return (f"{'pair' if qb == 2 else 'single'}{'-tma' if tma else ''} w{w} s{s}"
-            f"{f' poly{poly}' if poly else ''}{' bhsd' if layout == 'bhsd' else ''}")
+            f"{' bhsd' if layout == 'bhsd' else ''}")
 
 
 def parse_args():
@@ -219,8 +217,8 @@ def run_shape(name, args, rows):
         unpadded = None
         for kv in paddings:
             base = None
-            for qb, tma, w, s, poly, layout in VARIANTS:
-                label = variant_label(qb, tma, w, s, poly, layout)
+            for qb, tma, w, s, layout in VARIANTS:
+                label = variant_label(qb, tma, w, s, layout)
                 if args.variants != "all" and label not in args.variants.split(","):
                     continue
                 lists = (counts, indices, None) if qb == 1 else (pc, pi, bm.bits)
@@ -229,7 +227,7 @@ def run_shape(name, args, rows):
                 def call():
                     return block_sparse._launch(*qkv, lists[0], lists[1], scale, BLOCK, kv, None,
                                                 bits=lists[2], use_tma=tma, num_warps=w,
-                                                num_stages=s, exp_poly=poly)
+                                                num_stages=s)
                 row = {"shape": name, "mask": mname, "key_padding": kv is not None,
                        "variant": label, "density": density, "inflation": inflation,
                        "lists_ms": pair_build_ms if qb == 2 else single_build_ms}

@@ -1,19 +1,17 @@
 """LSE-cached search kernel variants side by side on the ADASPA.md section 7 shapes.
 
-A variant is (key-block chunk, TMA, exp_poly, num_warps, num_stages); programs own 128 query rows
+A variant is (key-block chunk, TMA, num_warps, num_stages); programs own 128 query rows
 (two query blocks of 64):
 
 - chunk: 1 reduces each (query block, key block) mass across the tile's rows, and so across
   warps, at every key block (block-wide barriers every iteration); 16 gathers the row sums of 16
   key blocks in registers and reduces once per chunk.
 - TMA: K through a tensor descriptor instead of pointer loads.
-- exp_poly: how many of every 8 exponentials take the FMA-unit polynomial (``kernels/_exp2.py``)
-  instead of ``MUFU.EX2``.
-
 Earlier sweeps (RESULTS.md) also had programs of four query blocks, a paired fp16
-``ex2.approx.f16x2`` (on sm_90 it issues two MUFU.EX2.F16, so it saves nothing) and a skewed loop
+``ex2.approx.f16x2`` (on sm_90 it issues two MUFU.EX2.F16, so it saves nothing), a skewed loop
 that issues block j + 1's scores before block j's exponentials (overlap visible in the SASS, but
-slower on the H100 at every shape); all three lost and were removed.
+slower on the H100 at every shape) and 1-4 of every 8 exponentials computed by a cubic on the FMA
+units (commit 5360108; no gain at head dim 64, slower at 128); all lost and were removed.
 
 Every variant's mass map is checked against the first variant's and each
 row of the map against the number of query rows in its block (the rows of ``W`` sum to it). The
@@ -47,15 +45,14 @@ cached_search = importlib.import_module("adaspa_compile.kernels.cached_search")
 cudnn_attention = importlib.import_module("adaspa_compile.kernels.cudnn_attention")
 
 BLOCK = 64
-# (chunk, tma, exp_poly, num_warps, num_stages); the first is the reference of the checks.
-VARIANTS = [(16, True, poly, warps, stages) for warps, stages in ((8, 2), (8, 3), (4, 2), (4, 3))
-            for poly in (0, 2, 3)] + [(16, True, poly, warps, stages) for warps, stages in
-                                      ((8, 2), (4, 3)) for poly in (1, 4)]
+# (chunk, tma, num_warps, num_stages); the first is the reference of the checks.
+VARIANTS = [(16, True, 8, 2), (16, True, 8, 3), (16, True, 4, 2), (16, True, 4, 3),
+            (1, True, 8, 2), (16, False, 8, 2), (32, True, 8, 2)]
 
 
 def label(variant) -> str:
-    chunk, tma, poly, warps, stages = variant
-    return f"chunk{chunk} {'tma' if tma else 'ptr'}{f' poly{poly}' if poly else ''} w{warps} s{stages}"
+    chunk, tma, warps, stages = variant
+    return f"chunk{chunk} {'tma' if tma else 'ptr'} w{warps} s{stages}"
 
 
 def parse_args():
@@ -93,12 +90,11 @@ def run_shape(name, args, variants, rows):
           f"{default_ms:.2f} ms ({default_ms / dense_ms:.3f}x)", flush=True)
     reference = None
     for variant in variants:
-        chunk, tma, poly, warps, stages = variant
+        chunk, tma, warps, stages = variant
 
         def run():
             return cached_search._launch(q, k, lse, scale, BLOCK, None, None, use_tma=tma,
-                                         chunk=chunk, exp_poly=poly, num_warps=warps,
-                                         num_stages=stages)
+                                         chunk=chunk, num_warps=warps, num_stages=stages)
         row = {"shape": name, "what": label(variant)}
         try:
             mass = run()

@@ -54,8 +54,20 @@ SHAPES = {
 DENSITIES = ("1.0", "0.5", "0.2-tiers", "0.1")
 
 
+MIN_CALLS = 10
+
+
 def bench(fn, rep_ms: int) -> float:
-    return float(triton.testing.do_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms,
+    """Median ms of ``fn`` (``triton.testing.do_bench``) over ``rep_ms`` of calls, and at least
+    ``MIN_CALLS`` calls: do_bench alone times a 300 ms kernel once at ``rep=100``."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    once_ms = (time.perf_counter() - start) * 1e3
+    rep = max(rep_ms, MIN_CALLS * once_ms)
+    return float(triton.testing.do_bench(fn, warmup=max(25, rep / 4), rep=rep,
                                          return_mode="median"))
 
 

@@ -9,11 +9,9 @@ waits (WARPGROUP.DEPBAR), exponentials (MUFU.EX2) and block barriers (BAR.SYNC) 
 
 It times nothing: it shows structure (e.g. whether a wgmma is waited on at once or overlaps the
 exponentials, how many barriers an iteration has), which is what to check before spending device
-time. Example (the cached search as the backend launches it at head dim 128, and with 3 of every
-8 exponentials on the FMA units):
+time. Example (the cached search as the backend launches it at head dim 128):
 
     python benchmarks/sass_report.py --kernel cached --head-dim 128
-    python benchmarks/sass_report.py --kernel cached --head-dim 64 --exp-poly 3
     python benchmarks/sass_report.py --kernel sparse --head-dim 128 --pairs
 """
 
@@ -47,8 +45,6 @@ def parse_args():
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=64, choices=(64, 128))
     p.add_argument("--no-tma", action="store_true", help="pointer loads instead of descriptors")
-    p.add_argument("--exp-poly", type=int, default=0,
-                   help="of every 8 exponentials, how many by the FMA-unit polynomial")
     p.add_argument("--chunk", type=int, default=None,
                    help="cached search: key blocks per cross-warp reduction (default: CHUNK)")
     p.add_argument("--pairs", action="store_true", help="block-sparse: 128-row pair programs")
@@ -69,7 +65,7 @@ def kernel_spec(args):
                  "Mass": "*fp32", "qk_scale": "fp32"}
         const = dict(HEAD_DIM=d, HEAD_DIM_PAD=d_pad, BLOCK_SIZE=bs, SPLIT=2 if bs == 64 else 1,
                      MASK_MODE=0, DOT_PREC="tf32", USE_TMA=tma, CHUNK=args.chunk or module.CHUNK,
-                     EXP_POLY=args.exp_poly, stride_qd=1, stride_kd=1, stride_lm=1)
+                     stride_qd=1, stride_kd=1, stride_lm=1)
         key = "cached"
     else:
         module = importlib.import_module("adaspa_compile.kernels.block_sparse")
@@ -79,7 +75,6 @@ def kernel_spec(args):
                  "Bias": "*fp32", "Bits": "*u8", "qk_scale": "fp32"}
         const = dict(HEAD_DIM=d, HEAD_DIM_PAD=d_pad, BLOCK_SIZE=bs,
                      Q_BLOCKS=2 if args.pairs else 1, MASK_MODE=0, USE_TMA=tma, DOT_PREC="tf32",
-                     EXP_POLY=args.exp_poly,
                      stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1, stride_ik=1)
         key = "sparse_pair" if args.pairs else "sparse"
     div16 = {n for n in fn.arg_names if n.startswith("stride_") and n not in const}
@@ -138,7 +133,7 @@ def main():
     ops = list(opcodes(sass))
     counts = {name: sum(op.split(".")[0] == name for op in ops) for name in COUNTED}
     print(f"{args.kernel} D={args.head_dim} block={args.block_size} tma={not args.no_tma} "
-          f"exp_poly={args.exp_poly} pairs={args.pairs} warps={warps} stages={stages}")
+          f"pairs={args.pairs} warps={warps} stages={stages}")
     print(f"resources: {usage}")
     print("instructions (whole kernel): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     sequence = runs(op for op in ops if SEQUENCE.match(op))

@@ -11,7 +11,8 @@ dims 1..128 (64 and 128 tuned), block sizes 64 and 128.
 
 from __future__ import annotations
 
-from typing import Tuple
+import math
+from typing import Optional, Tuple
 
 import torch
 
@@ -39,8 +40,10 @@ except ImportError as exc:  # CPU installs without Triton
     prefer_pairs = _missing
 
 
-def kernel_support(q: torch.Tensor, block_size: int) -> Tuple[bool, str]:
-    """``(True, "")`` when the kernels can run ``q`` with ``block_size``, else ``(False, reason)``."""
+def kernel_support(q: torch.Tensor, block_size: int,
+                   scale: Optional[float] = None) -> Tuple[bool, str]:
+    """``(True, "")`` when the kernels can run ``q`` with ``block_size`` (and the softmax
+    ``scale``, when given), else ``(False, reason)``."""
     if TRITON_IMPORT_ERROR is not None:
         return False, TRITON_IMPORT_ERROR
     if not q.is_cuda and not _common.interpreting():
@@ -54,6 +57,8 @@ def kernel_support(q: torch.Tensor, block_size: int) -> Tuple[bool, str]:
         return False, f"head dim {d} is outside 1..{_common.MAX_HEAD_DIM}"
     if block_size not in _common.SUPPORTED_BLOCK_SIZES:
         return False, f"block_size {block_size} is not one of {_common.SUPPORTED_BLOCK_SIZES}"
+    if scale is not None and not (math.isfinite(scale) and scale > 0):
+        return False, f"softmax scale {scale!r} is not positive and finite"
     if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 8:
         return False, "the kernels need compute capability 8.0 or newer (bf16 tensor cores)"
     return True, ""

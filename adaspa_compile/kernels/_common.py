@@ -5,6 +5,7 @@ Nothing here is a Triton kernel; each kernel lives in its own file beside its la
 
 from __future__ import annotations
 
+import math
 import os
 from typing import List, Optional, Sequence, Tuple
 
@@ -49,6 +50,13 @@ def check_qk(q: torch.Tensor, k: torch.Tensor, block_size: int,
     if block_size not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES} for the Triton "
                          f"kernels, got {block_size!r}")
+
+
+def check_scale(scale: float) -> None:
+    """The attention kernels take the row max on unscaled scores: the scale must be positive."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"the Triton kernels need a positive finite softmax scale, got {scale!r}; "
+                         "use the reference in adaspa_compile.reference")
 
 
 def check_key_valid(key_valid: Optional[torch.Tensor], q: torch.Tensor) -> None:
@@ -129,30 +137,6 @@ def launch_config(kernel: str, head_dim_pad: int, block_size: int) -> Tuple[int,
     """``(num_warps, num_stages)`` for one kernel; small head dims take the 64 entry."""
     key = (kernel, max(64, head_dim_pad), block_size)
     return LAUNCH_CONFIGS.get(key, _DEFAULT_LAUNCH)
-
-
-# How many of every 8 exponentials take the FMA-unit polynomial (``_exp2``), per kernel and padded
-# head dim, on sm90+ GPUs for 16-bit inputs; anything missing: 0 (all on MUFU.EX2).
-EXP_POLY_DEFAULTS: dict = {}
-MAX_EXP_POLY = 4
-
-
-def exp_poly(kernel: str, head_dim_pad: int, q: torch.Tensor, requested: Optional[int]) -> int:
-    """The ``EXP_POLY`` of a launch: ``requested`` if given (GPU only), else the measured default.
-
-    The polynomial is inline PTX, so the interpreter and other devices always get 0.
-    """
-    gpu = q.is_cuda and not interpreting()
-    if requested is not None:
-        if not 0 <= requested <= MAX_EXP_POLY:
-            raise ValueError(f"exp_poly must be in 0..{MAX_EXP_POLY}, got {requested}")
-        if requested and not gpu:
-            raise ValueError("exp_poly > 0 needs a CUDA device (inline PTX; not the interpreter)")
-        return requested
-    if not gpu or q.dtype not in (torch.float16, torch.bfloat16) \
-            or torch.cuda.get_device_capability(q.device)[0] < 9:
-        return 0
-    return EXP_POLY_DEFAULTS.get((kernel, head_dim_pad), 0)
 
 
 def tma_descriptors(tensors: Sequence[torch.Tensor], block_size: int, head_dim_pad: int,

@@ -16,16 +16,6 @@ an ``scf.if`` yielding the score tile inside the loop.)
 import triton
 import triton.language as tl
 
-from ._exp2 import PACK, mixed_exp2_asm
-
-# One inline-asm body per polynomial share (``exp2_mixed``); constexpr strings, chosen by if-chain.
-_EXP2_POLY_1 = tl.constexpr(mixed_exp2_asm(1))
-_EXP2_POLY_2 = tl.constexpr(mixed_exp2_asm(2))
-_EXP2_POLY_3 = tl.constexpr(mixed_exp2_asm(3))
-_EXP2_POLY_4 = tl.constexpr(mixed_exp2_asm(4))
-_EXP2_CONSTRAINTS = tl.constexpr(",".join(["=r"] * PACK + ["r"] * PACK))
-_EXP2_PACK = tl.constexpr(PACK)
-
 
 @triton.jit
 def load_rows(base, rows, offs_d, stride_row, stride_d, seq_len,
@@ -93,47 +83,26 @@ def scale_scores(qk, bias_ptr, cols, qk_scale, APPLY_BIAS: tl.constexpr):
 
 
 @triton.jit
-def scaled_scores(q, k, bias_ptr, cols, qk_scale, APPLY_BIAS: tl.constexpr,
-                  DOT_PREC: tl.constexpr):
-    """``q @ k^T * QK_SCALE`` (base 2), plus the key bias when ``APPLY_BIAS``."""
-    return scale_scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), bias_ptr, cols,
-                        qk_scale, APPLY_BIAS)
+def biased_scores(q, k, bias_ptr, cols, APPLY_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Unscaled ``q @ k^T``, plus the key bias when ``APPLY_BIAS`` (0 / -inf: the scale, which
+    is positive, would not change it, so it is left to :func:`online_softmax_step`)."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    if APPLY_BIAS:
+        qk = qk + tl.load(bias_ptr + cols)[None, :]
+    return qk
 
 
 @triton.jit
-def _asm_exp2(x, ASM: tl.constexpr):
-    return tl.inline_asm_elementwise(ASM, _EXP2_CONSTRAINTS, [x], dtype=tl.float32, is_pure=True,
-                                     pack=_EXP2_PACK)
+def online_softmax_step(acc, l_i, m_i, qk, qk_scale, v, DOT_PREC: tl.constexpr):
+    """One flash-attention update with unscaled scores ``qk`` and values ``v``.
 
-
-@triton.jit
-def exp2_mixed(x, EXP_POLY: tl.constexpr):
-    """``2^x`` elementwise; ``EXP_POLY`` of every 8 by the FMA-unit polynomial of ``_exp2``
-    (0 = all on ``MUFU.EX2``; 1..4 need a GPU, and finite inputs: see ``_exp2``)."""
-    if EXP_POLY == 0:
-        y = tl.math.exp2(x)
-    elif EXP_POLY == 1:
-        y = _asm_exp2(x, _EXP2_POLY_1)
-    elif EXP_POLY == 2:
-        y = _asm_exp2(x, _EXP2_POLY_2)
-    elif EXP_POLY == 3:
-        y = _asm_exp2(x, _EXP2_POLY_3)
-    else:
-        tl.static_assert(EXP_POLY == 4)
-        y = _asm_exp2(x, _EXP2_POLY_4)
-    return y
-
-
-@triton.jit
-def online_softmax_step(acc, l_i, m_i, qk, v, DOT_PREC: tl.constexpr, EXP_POLY: tl.constexpr = 0):
-    """One flash-attention update with scores ``qk`` (base 2) and values ``v``.
-
-    ``m_i`` starts at a large finite negative, so fully masked tiles give ``p = 0`` and
-    ``alpha = 1`` (never ``inf - inf``). ``EXP_POLY``: see :func:`exp2_mixed` (only for tiles
-    with no ``-inf`` score, whose ``p`` may then be 2^-126 instead of 0).
+    The running max ``m_i`` is in base-2 units (``qk * QK_SCALE``). Since ``QK_SCALE > 0`` the
+    tile's max is taken on the unscaled scores and scaled once per row, and the scale goes into
+    the exponent's FMA: no multiply per score. ``m_i`` starts at a large finite negative, so
+    fully masked tiles give ``p = 0`` and ``alpha = 1`` (never ``inf - inf``).
     """
-    m_ij = tl.maximum(m_i, tl.max(qk, 1))
-    p = exp2_mixed(qk - m_ij[:, None], EXP_POLY)
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
     alpha = tl.math.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]

@@ -23,8 +23,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import (MASK_ALL, MASK_NONE, exp2_mixed, load_block, load_rows, scale_scores,
-                     unbiased_blocks)
+from ._tiles import MASK_ALL, MASK_NONE, load_block, load_rows, scale_scores, unbiased_blocks
 
 __all__ = ["cached_search"]
 
@@ -35,18 +34,10 @@ CHUNK = 16
 # ----------------------------------------------------------------------------- inner loop
 @triton.jit
 def _row_mass(qk, lse2, bias_base, j, offs_n, qk_scale, BLOCK_SIZE: tl.constexpr,
-              APPLY_BIAS: tl.constexpr, EXP_POLY: tl.constexpr):
-    """Row sums of ``exp2(qk * QK_SCALE (+ key bias) - lse2)`` over key block ``j``'s columns.
-
-    ``EXP_POLY`` of every 8 exponentials on the FMA units (``_tiles.exp2_mixed``), in unbiased
-    blocks only: a ``-inf`` bias must give exactly 0.
-    """
+              APPLY_BIAS: tl.constexpr):
+    """Row sums of ``exp2(qk * QK_SCALE (+ key bias) - lse2)`` over key block ``j``'s columns."""
     s = scale_scores(qk, bias_base, j * BLOCK_SIZE + offs_n, qk_scale, APPLY_BIAS)
-    if APPLY_BIAS:
-        p = tl.math.exp2(s - lse2[:, None])
-    else:
-        p = exp2_mixed(s - lse2[:, None], EXP_POLY)
-    return tl.sum(p, 1)
+    return tl.sum(tl.math.exp2(s - lse2[:, None]), 1)
 
 
 @triton.jit
@@ -54,7 +45,7 @@ def _mass_loop(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, rows_left
                stride_kn, stride_kd, seq_len, n_k_blocks, j_start, j_end, qk_scale,
                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                SPLIT: tl.constexpr, APPLY_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
-               USE_TMA: tl.constexpr, CHUNK: tl.constexpr, EXP_POLY: tl.constexpr):
+               USE_TMA: tl.constexpr, CHUNK: tl.constexpr):
     """Key blocks ``j_start .. j_end - 1``: sum ``exp2(qk - lse2)`` over each block's rows and columns.
 
     ``lse2`` is the base-2 LSE in units of ``qk * QK_SCALE``; ``+inf`` for rows that must add
@@ -74,8 +65,7 @@ def _mass_loop(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, rows_left
             k = load_block(K, k_base, off_z, off_h, j, offs_n, offs_d, stride_kn, stride_kd,
                            seq_len, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, USE_TMA)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-            row_sums = _row_mass(qk, lse2, bias_base, j, offs_n, qk_scale, BLOCK_SIZE, APPLY_BIAS,
-                                 EXP_POLY)
+            row_sums = _row_mass(qk, lse2, bias_base, j, offs_n, qk_scale, BLOCK_SIZE, APPLY_BIAS)
             acc = tl.where(slots[None, :] == j - j0, row_sums[:, None], acc)
         sums = tl.sum(tl.reshape(acc, [SPLIT, BLOCK_SIZE, CHUNK]), 1)
         blocks = j0 + slots
@@ -88,20 +78,18 @@ def _mass_all_blocks(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, row
                      offs_d, stride_kn, stride_kd, seq_len, n_k_blocks, qk_scale,
                      HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                      BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr, MASK_MODE: tl.constexpr,
-                     DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, CHUNK: tl.constexpr,
-                     EXP_POLY: tl.constexpr):
+                     DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, CHUNK: tl.constexpr):
     """Every key block once; the bias only where ``MASK_MODE`` needs it (the last block peeled)."""
     n_clean = unbiased_blocks(n_k_blocks, MASK_MODE)
     if MASK_MODE != MASK_ALL:
         _mass_loop(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, rows_left, offs_n,
                    offs_d, stride_kn, stride_kd, seq_len, n_k_blocks, 0, n_clean, qk_scale,
-                   HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, False, DOT_PREC, USE_TMA, CHUNK,
-                   EXP_POLY)
+                   HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, False, DOT_PREC, USE_TMA, CHUNK)
     if MASK_MODE != MASK_NONE:
         _mass_loop(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, rows_left, offs_n,
                    offs_d, stride_kn, stride_kd, seq_len, n_k_blocks, n_clean, n_k_blocks,
                    qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, True, DOT_PREC, USE_TMA,
-                   CHUNK, EXP_POLY)
+                   CHUNK)
 
 
 # ----------------------------------------------------------------------------- kernel
@@ -114,7 +102,7 @@ def _cached_search_kernel(Q, K, LSE, Bias, Mass,
                           HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                           BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr,
                           MASK_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
-                          USE_TMA: tl.constexpr, CHUNK: tl.constexpr, EXP_POLY: tl.constexpr):
+                          USE_TMA: tl.constexpr, CHUNK: tl.constexpr):
     BLOCK_M: tl.constexpr = BLOCK_SIZE * SPLIT
     tl.static_assert(SPLIT == 1 or SPLIT == 2)
     pid_m = tl.program_id(0)
@@ -140,13 +128,13 @@ def _cached_search_kernel(Q, K, LSE, Bias, Mass,
     _mass_all_blocks(q, lse2, K, k_base, Bias + off_z * n_k_blocks * BLOCK_SIZE, z32, h32,
                      mass_row0, n_q_blocks - q_block, offs_n, offs_d, stride_kn, stride_kd,
                      seq_len, n_k_blocks, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT,
-                     MASK_MODE, DOT_PREC, USE_TMA, CHUNK, EXP_POLY)
+                     MASK_MODE, DOT_PREC, USE_TMA, CHUNK)
 
 
 # ----------------------------------------------------------------------------- launcher
 def _launch(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, block_size: int,
             key_valid: Optional[torch.Tensor], mass: Optional[torch.Tensor],
-            use_tma: Optional[bool] = None, chunk: int = CHUNK, exp_poly: Optional[int] = None,
+            use_tma: Optional[bool] = None, chunk: int = CHUNK,
             num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> torch.Tensor:
     _common.check_qk(q, k, block_size)
     _common.check_key_valid(key_valid, q)
@@ -179,7 +167,6 @@ def _launch(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, b
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, SPLIT=split,
         MASK_MODE=_common.mask_mode(key_valid, L, block_size),
         DOT_PREC=_common.dot_precision(q.dtype), USE_TMA=descs is not None, CHUNK=chunk,
-        EXP_POLY=_common.exp_poly("cached", head_dim_pad, q, exp_poly),
         num_warps=num_warps or default_warps,
         num_stages=num_stages or default_stages,
     )

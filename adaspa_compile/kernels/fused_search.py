@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import (MASK_ALL, MASK_NONE, load_rows, online_softmax_step, scaled_scores,
+from ._tiles import (MASK_ALL, MASK_NONE, biased_scores, load_rows, online_softmax_step,
                      store_rows, unbiased_blocks)
 from .cached_search import CHUNK, _mass_all_blocks
 
@@ -43,9 +43,9 @@ def _forward_loop(acc, l_i, m_i, q, k_base, v_base, bias_base, offs_n, offs_d, s
     for j in range(j_start, j_end):
         cols = j * BLOCK_N + offs_n
         k = load_rows(k_base, cols, offs_d, stride_kn, stride_kd, seq_len, HEAD_DIM, HEAD_DIM_PAD)
-        qk = scaled_scores(q, k, bias_base, cols, qk_scale, APPLY_BIAS, DOT_PREC)
+        qk = biased_scores(q, k, bias_base, cols, APPLY_BIAS, DOT_PREC)
         v = load_rows(v_base, cols, offs_d, stride_vn, stride_vd, seq_len, HEAD_DIM, HEAD_DIM_PAD)
-        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, v, DOT_PREC)
+        acc, l_i, m_i = online_softmax_step(acc, l_i, m_i, qk, qk_scale, v, DOT_PREC)
     return acc, l_i, m_i
 
 
@@ -108,7 +108,7 @@ def _fused_search_kernel(Q, K, V, Out, LSE, Bias, MassBias, Mass,
                          pid_zh // H, pid_zh % H, mass_row0, n_q_blocks - q_block, offs_n,
                          offs_d, stride_kn, stride_kd, seq_len, n_k_blocks, qk_scale, HEAD_DIM,
                          HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, MASK_MODE, DOT_PREC, False,
-                         MASS_CHUNK, False)
+                         MASS_CHUNK)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -119,6 +119,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, blo
             num_stages: Optional[int] = None
             ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     _common.check_qk(q, k, block_size, v)
+    _common.check_scale(scale)
     _common.check_key_valid(key_valid, q)
     B, H, L, D = q.shape
     nb = -(-L // block_size)

@@ -8,7 +8,6 @@ NaN first, so an element the kernel forgets to write fails.
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -18,13 +17,12 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from adaspa_compile import kernels, reference
+from adaspa_compile import kernels, ops, reference
 from adaspa_compile.blockmask import BlockMask
 
 pytest.importorskip("triton")
 
 from adaspa_compile.kernels import block_sparse  # noqa: E402  (needs triton)
-cached_search_module = importlib.import_module("adaspa_compile.kernels.cached_search")
 
 HAS_CUDA = torch.cuda.is_available()
 interpreter_only = pytest.mark.skipif(
@@ -182,10 +180,8 @@ def run_fused(case: Case, dtype: torch.dtype, device: str, with_mass: bool) -> N
         assert got_mass is None
 
 
-def run_cached(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] = None,
-               exp_poly: Optional[int] = None) -> None:
-    """Cached-search mass vs the reference; ``tma`` as in ``run_sparse``; ``exp_poly``: how many
-    of every 8 exponentials take the FMA-unit polynomial (None = the launcher's default)."""
+def run_cached(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] = None) -> None:
+    """Cached-search mass vs the reference; ``tma`` as in ``run_sparse``."""
     q, k, _ = make_qkv(case, dtype, device)
     kv = make_key_valid(case, device)
     scale = case.head_dim ** -0.5
@@ -194,12 +190,8 @@ def run_cached(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] 
     _, lse = reference.attention_with_lse_ref(f64(q), f64(k), f64(k), scale, kv_cpu)
     nb = case.n_blocks
     mass = torch.full((case.batch, case.heads, nb, nb), float("nan"), device=device)
-    if exp_poly is not None:
-        got = cached_search_module._launch(q, k, lse.to(device), scale, case.block_size, kv, mass,
-                                           use_tma=tma, exp_poly=exp_poly)
-    else:
-        got = kernels.cached_search(q, k, lse.to(device), scale, case.block_size, kv, tma=tma,
-                                    mass=mass)
+    got = kernels.cached_search(q, k, lse.to(device), scale, case.block_size, kv, tma=tma,
+                                mass=mass)
     ref = reference.block_mass_ref(f64(q), f64(k), lse.double(), scale, case.block_size, kv_cpu)
     err = rel_err(got, ref)
     assert err < mass_tolerance(dtype), f"mass rel err {err:.2e}"
@@ -212,10 +204,9 @@ def run_cached(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] 
 
 
 def run_sparse(case: Case, dtype: torch.dtype, device: str, pairs: bool = False,
-               tma: Optional[bool] = None, exp_poly: Optional[int] = None) -> None:
+               tma: Optional[bool] = None) -> None:
     """Block-sparse output vs the reference; ``pairs``: 128-row programs over union lists;
-    ``tma``: K/V through tensor descriptors (forced under the interpreter when True);
-    ``exp_poly``: as in ``run_cached`` (64-row programs only)."""
+    ``tma``: K/V through tensor descriptors (forced under the interpreter when True)."""
     q, k, v = make_qkv(case, dtype, device)
     kv = make_key_valid(case, device)
     mask = make_mask(case, device)
@@ -226,9 +217,6 @@ def run_sparse(case: Case, dtype: torch.dtype, device: str, pairs: bool = False,
         lists = block_sparse.pair_lists(mask.bits, mask.num_kv_blocks, mask.max_kept)
         got = kernels.block_sparse_attention(q, k, v, *lists, scale, case.block_size, kv,
                                              pair_bits=mask.bits, tma=tma, out=out)
-    elif exp_poly is not None:
-        got = block_sparse._launch(q, k, v, counts, indices, scale, case.block_size, kv, out,
-                                   use_tma=tma, exp_poly=exp_poly)
     else:
         got = kernels.block_sparse_attention(q, k, v, counts, indices, scale, case.block_size, kv,
                                              tma=tma, out=out)
@@ -269,9 +257,6 @@ def test_block_sparse_interpreter(case, pairs, tma):
 
 
 # ----------------------------------------------------------------------------- GPU
-EXP_POLIES = st.sampled_from([None, 0, 1, 3, 4])  # None: the launcher's default
-
-
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @settings(settings.get_profile("kernels-gpu"))
 @given(case=GPU_CASES, with_mass=st.booleans())
@@ -282,22 +267,19 @@ def test_fused_search_gpu(dtype, case, with_mass):
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @settings(settings.get_profile("kernels-gpu"))
-@given(case=GPU_CASES, tma=st.sampled_from([None, False]), exp_poly=EXP_POLIES)
-def test_cached_search_gpu(dtype, case, tma, exp_poly):
+@given(case=GPU_CASES, tma=st.sampled_from([None, False]))
+def test_cached_search_gpu(dtype, case, tma):
     assume(dtype != torch.float32 or case.head_dim <= 64)  # fp32 FMA dots compile slowly
-    assume(dtype != torch.float32 or not exp_poly)  # the polynomial's 7.5e-5 vs fp32's 1e-4
-    run_cached(case, dtype, "cuda", tma, exp_poly)
+    run_cached(case, dtype, "cuda", tma)
 
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @settings(settings.get_profile("kernels-gpu"))
-@given(case=GPU_CASES, pairs=st.booleans(), tma=st.sampled_from([None, False]),
-       exp_poly=EXP_POLIES)
-def test_block_sparse_gpu(dtype, case, pairs, tma, exp_poly):
+@given(case=GPU_CASES, pairs=st.booleans(), tma=st.sampled_from([None, False]))
+def test_block_sparse_gpu(dtype, case, pairs, tma):
     assume(dtype != torch.float32 or case.head_dim <= 64)  # fp32 FMA dots compile slowly
-    assume(dtype != torch.float32 or not exp_poly)  # the polynomial's 7.5e-5 vs fp32's 1e-4
     assume(not pairs or case.block_size == 64)  # pair programs exist at block size 64 only
-    run_sparse(case, dtype, "cuda", pairs, tma, None if pairs else exp_poly)
+    run_sparse(case, dtype, "cuda", pairs, tma)
 
 
 for _test in (test_fused_search_gpu, test_cached_search_gpu, test_block_sparse_gpu):
@@ -341,6 +323,33 @@ def test_bad_mask_shape_raises():
     indices = torch.zeros(1, 2, 3, 1, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="counts"):
         kernels.block_sparse_attention(q, k, v, counts, indices, 0.1, 64, None)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.1, float("inf"), float("nan")])
+def test_attention_kernels_need_a_positive_scale(scale):
+    """The row max is taken on unscaled scores (``_tiles.online_softmax_step``)."""
+    q, k, v = _qkv()
+    nb = -(-100 // 64)
+    counts = torch.ones(1, 2, nb, dtype=torch.int32, device=DEVICE)
+    indices = torch.zeros(1, 2, nb, 1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="positive finite softmax scale"):
+        kernels.block_sparse_attention(q, k, v, counts, indices, scale, 64, None)
+    with pytest.raises(ValueError, match="positive finite softmax scale"):
+        kernels.fused_search(q, k, v, scale, 64, None)
+    ok, reason = kernels.kernel_support(q, 64, scale)
+    assert not ok and "scale" in reason
+
+
+def test_ops_run_the_reference_for_a_negative_scale():
+    """Where the kernels cannot take the scale, the ops fall back to the reference (same result)."""
+    q, k, v = _qkv()
+    mask = torch.rand(1, 2, 2, 2, generator=torch.Generator().manual_seed(0)) < 0.6
+    mask |= torch.eye(2, dtype=torch.bool)
+    got = ops.block_sparse_attention(q, k, v, mask.to(DEVICE), block_size=64, scale=-0.2)
+    counts, indices = BlockMask.from_dense(mask, block_size=64, seq_len=100).to_indices()
+    want = reference.block_sparse_attention_ref(q.cpu(), k.cpu(), v.cpu(), counts, indices, -0.2,
+                                                64, None)
+    assert torch.allclose(got.cpu(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_lse_raises():

@@ -124,7 +124,7 @@ def test_sparse_forward_uses_the_kernel(monkeypatch):
         raise AssertionError("to_indices() called on the kernel path")
 
     monkeypatch.setattr(kernels, "mask_indices", spy)
-    monkeypatch.setattr(ops, "_kernels_for", lambda q, block_size: kernels)
+    monkeypatch.setattr(ops, "_kernels_for", lambda q, block_size, scale: kernels)
     gen = torch.Generator().manual_seed(0)
     B, H, L, D, bs = 1, 2, 200, 16, 64
     q, k, v = (torch.randn(B, H, L, D, generator=gen) for _ in range(3))
