@@ -75,22 +75,35 @@ def fused_search(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
                  key_valid: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dense output, LSE and block mass.
 
-    On CUDA this runs dense attention with LSE (cuDNN's fused attention where it can run, else
-    our attention+LSE kernel), then the cached-search kernel. Measured on the H100
-    (benchmarks/RESULTS.md): cuDNN is faster than our attention+LSE kernel, and the two launches
-    are faster than the one-kernel fused search (``kernels.fused_search(..., with_mass=True)``).
+    On CUDA this runs dense attention with LSE (see :func:`dense_pass_uses_cudnn`), then the
+    cached-search kernel: on the H100 the two launches are faster than the one-kernel fused
+    search (``kernels.fused_search(..., with_mass=True)``, benchmarks/RESULTS.md).
     """
     kernels = _kernels_for(q, block_size, scale)
     if kernels is not None:
         from .kernels.cudnn_attention import cudnn_attention_with_lse
 
-        dense = cudnn_attention_with_lse(q, k, v, scale, key_valid) if q.is_cuda else None
+        dense = None
+        if dense_pass_uses_cudnn(q.shape[-1], key_valid):
+            dense = cudnn_attention_with_lse(q, k, v, scale, key_valid)
         if dense is None:
             dense = kernels.fused_search(q, k, v, scale, block_size, key_valid, with_mass=False)
         out, lse = dense[:2]
         return out, lse, kernels.cached_search(q, k, lse, scale, block_size, key_valid)
     out, lse = reference.attention_with_lse_ref(q, k, v, scale, key_valid, block_size)
     return out, lse, reference.block_mass_ref(q, k, lse, scale, block_size, key_valid)
+
+
+def dense_pass_uses_cudnn(head_dim: int, key_valid: Optional[torch.Tensor]) -> bool:
+    """Whether the fused search's dense attention+LSE goes to cuDNN (where cuDNN can run it)
+    rather than our kernel.
+
+    Measured on the H100 (``benchmarks/kernels.py``, bf16): cuDNN is faster at head dim 128
+    (HunyuanVideo shape 310 vs 355 ms), ours at head dim 64 (CogVideoX shape 57.1 / 58.5 vs
+    61.2 / 60.1 ms in two runs); with key padding cuDNN runs only the valid keys, which ours does
+    not, so padded calls keep cuDNN.
+    """
+    return head_dim > 64 or key_valid is not None
 
 
 def cached_search(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float,

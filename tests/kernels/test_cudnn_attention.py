@@ -20,6 +20,14 @@ def test_unsupported_inputs_decline_with_a_reason():
     assert cudnn_attention_with_lse(q, q, q, 0.125, None) is None
 
 
+def test_dense_pass_goes_to_cudnn_at_head_dim_128_or_with_padding():
+    """The measured split (ops.dense_pass_uses_cudnn): ours at head dim <= 64 without padding."""
+    valid = torch.ones(1, 10, dtype=torch.bool)
+    assert ops.dense_pass_uses_cudnn(128, None) and ops.dense_pass_uses_cudnn(80, None)
+    assert not ops.dense_pass_uses_cudnn(64, None) and not ops.dense_pass_uses_cudnn(40, None)
+    assert ops.dense_pass_uses_cudnn(64, valid)
+
+
 @settings(settings.get_profile("kernels-gpu"))
 @given(case=GPU_CASES)
 def test_fused_search_through_ops_matches_reference_gpu(case):
