@@ -100,10 +100,10 @@ def dense_pass_uses_cudnn(head_dim: int, key_valid: Optional[torch.Tensor]) -> b
 
     Measured on the H100 (``benchmarks/kernels.py``, bf16): cuDNN is faster at head dim 128
     (HunyuanVideo shape 310 vs 355 ms), ours at head dim 64 (CogVideoX shape 57.1 / 58.5 vs
-    61.2 / 60.1 ms in two runs); with key padding cuDNN runs only the valid keys, which ours does
-    not, so padded calls keep cuDNN.
+    61.2 / 60.1 ms in two runs); other head dims were not compared and keep cuDNN, as do calls
+    with key padding (cuDNN then runs only the valid keys, ours masks them).
     """
-    return head_dim > 64 or key_valid is not None
+    return head_dim != 64 or key_valid is not None
 
 
 def cached_search(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float,
