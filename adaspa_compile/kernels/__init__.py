@@ -11,7 +11,6 @@ dims 1..128 (64 and 128 tuned), block sizes 64 and 128.
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -57,7 +56,7 @@ def kernel_support(q: torch.Tensor, block_size: int,
         return False, f"head dim {d} is outside 1..{_common.MAX_HEAD_DIM}"
     if block_size not in _common.SUPPORTED_BLOCK_SIZES:
         return False, f"block_size {block_size} is not one of {_common.SUPPORTED_BLOCK_SIZES}"
-    if scale is not None and not (math.isfinite(scale) and scale > 0):
+    if scale is not None and not _common.scale_supported(scale):
         return False, f"softmax scale {scale!r} is not positive and finite"
     if q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 8:
         return False, "the kernels need compute capability 8.0 or newer (bf16 tensor cores)"

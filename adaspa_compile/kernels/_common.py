@@ -52,9 +52,13 @@ def check_qk(q: torch.Tensor, k: torch.Tensor, block_size: int,
                          f"kernels, got {block_size!r}")
 
 
-def check_scale(scale: float) -> None:
+def scale_supported(scale: float) -> bool:
     """The attention kernels take the row max on unscaled scores: the scale must be positive."""
-    if not (math.isfinite(scale) and scale > 0):
+    return math.isfinite(scale) and scale > 0
+
+
+def check_scale(scale: float) -> None:
+    if not scale_supported(scale):
         raise ValueError(f"the Triton kernels need a positive finite softmax scale, got {scale!r}; "
                          "use the reference in adaspa_compile.reference")
 
