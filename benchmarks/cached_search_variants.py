@@ -1,12 +1,14 @@
 """LSE-cached search kernel variants side by side on the ADASPA.md section 7 shapes.
 
-A variant is (key-block chunk, TMA, num_warps, num_stages); programs own 128 query rows
-(two query blocks of 64):
+A variant is (key-block chunk, TMA, num_warps, num_stages, maxnreg); programs own 128 query
+rows (two query blocks of 64):
 
 - chunk: 1 reduces each (query block, key block) mass across the tile's rows, and so across
   warps, at every key block (block-wide barriers every iteration); 16 gathers the row sums of 16
   key blocks in registers and reduces once per chunk.
 - TMA: K through a tensor descriptor instead of pointer loads.
+- maxnreg (``r<N>`` in the label): a cap on registers per thread, so that more programs fit on
+  an SM; none = the compiler's choice.
 Earlier sweeps (RESULTS.md) also had programs of four query blocks, a paired fp16
 ``ex2.approx.f16x2`` (on sm_90 it issues two MUFU.EX2.F16, so it saves nothing), a skewed loop
 that issues block j + 1's scores before block j's exponentials (overlap visible in the SASS, but
@@ -45,14 +47,20 @@ cached_search = importlib.import_module("adaspa_compile.kernels.cached_search")
 cudnn_attention = importlib.import_module("adaspa_compile.kernels.cudnn_attention")
 
 BLOCK = 64
-# (chunk, tma, num_warps, num_stages); the first is the reference of the checks.
-VARIANTS = [(16, True, 8, 2), (16, True, 8, 3), (16, True, 4, 2), (16, True, 4, 3),
-            (1, True, 8, 2), (16, False, 8, 2), (32, True, 8, 2)]
+# (chunk, tma, num_warps, num_stages, maxnreg); the first is the reference of the checks.
+# maxnreg caps registers per thread so more programs share an SM (ncu: the head-dim-64 pass
+# keeps the exponential unit 74% busy at 4 programs of 4 warps per SM, limited by registers).
+VARIANTS = [(16, True, 8, 2, None), (16, True, 8, 3, None), (16, True, 4, 2, None),
+            (16, True, 4, 3, None), (1, True, 8, 2, None), (16, False, 8, 2, None),
+            (32, True, 8, 2, None), (16, True, 4, 2, 96), (16, True, 4, 3, 96),
+            (16, True, 4, 2, 80), (16, True, 4, 2, 72), (16, True, 8, 2, 80),
+            (16, True, 8, 3, 80)]
 
 
 def label(variant) -> str:
-    chunk, tma, warps, stages = variant
-    return f"chunk{chunk} {'tma' if tma else 'ptr'} w{warps} s{stages}"
+    chunk, tma, warps, stages, maxnreg = variant
+    regs = f" r{maxnreg}" if maxnreg else ""
+    return f"chunk{chunk} {'tma' if tma else 'ptr'} w{warps} s{stages}{regs}"
 
 
 def parse_args():
@@ -90,11 +98,12 @@ def run_shape(name, args, variants, rows):
           f"{default_ms:.2f} ms ({default_ms / dense_ms:.3f}x)", flush=True)
     reference = None
     for variant in variants:
-        chunk, tma, warps, stages = variant
+        chunk, tma, warps, stages, maxnreg = variant
 
         def run():
             return cached_search._launch(q, k, lse, scale, BLOCK, None, None, use_tma=tma,
-                                         chunk=chunk, num_warps=warps, num_stages=stages)
+                                         chunk=chunk, num_warps=warps, num_stages=stages,
+                                         maxnreg=maxnreg)
         row = {"shape": name, "what": label(variant)}
         try:
             mass = run()

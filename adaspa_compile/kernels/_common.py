@@ -129,18 +129,28 @@ LAUNCH_CONFIGS = {
     ("attn", 128, 64): (8, 3), ("attn", 128, 128): (8, 3),
     ("attn", 64, 64): (8, 3), ("attn", 64, 128): (8, 3),
     ("cached", 128, 64): (8, 3), ("cached", 128, 128): (8, 2),
-    ("cached", 64, 64): (4, 2), ("cached", 64, 128): (4, 3),
+    ("cached", 64, 64): (4, 3), ("cached", 64, 128): (4, 3),
     ("sparse", 128, 64): (4, 2), ("sparse", 128, 128): (8, 2),
     ("sparse", 64, 64): (4, 2), ("sparse", 64, 128): (8, 2),
     ("sparse_pair", 128, 64): (4, 2), ("sparse_pair", 64, 64): (4, 2),
 }
 _DEFAULT_LAUNCH = (4, 2)
+# Registers per thread, capped where a cap lets one more program share an SM and was faster
+# (cached search at head dim 64: 5 programs of 4 warps instead of 4, -3% on the H100,
+# benchmarks/RESULTS.md, sixth run).
+MAX_REGISTERS = {("cached", 64, 64): 96}
 
 
 def launch_config(kernel: str, head_dim_pad: int, block_size: int) -> Tuple[int, int]:
     """``(num_warps, num_stages)`` for one kernel; small head dims take the 64 entry."""
     key = (kernel, max(64, head_dim_pad), block_size)
     return LAUNCH_CONFIGS.get(key, _DEFAULT_LAUNCH)
+
+
+def register_cap(kernel: str, head_dim_pad: int, block_size: int) -> dict:
+    """Launch options capping registers per thread (``{"maxnreg": n}``), or ``{}``."""
+    cap = MAX_REGISTERS.get((kernel, max(64, head_dim_pad), block_size))
+    return {} if cap is None or interpreting() else {"maxnreg": cap}
 
 
 def tma_descriptors(tensors: Sequence[torch.Tensor], block_size: int, head_dim_pad: int,

@@ -135,7 +135,8 @@ def _cached_search_kernel(Q, K, LSE, Bias, Mass,
 def _launch(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, block_size: int,
             key_valid: Optional[torch.Tensor], mass: Optional[torch.Tensor],
             use_tma: Optional[bool] = None, chunk: int = CHUNK,
-            num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> torch.Tensor:
+            num_warps: Optional[int] = None, num_stages: Optional[int] = None,
+            maxnreg: Optional[int] = None) -> torch.Tensor:
     _common.check_qk(q, k, block_size)
     _common.check_key_valid(key_valid, q)
     B, H, L, D = q.shape
@@ -158,6 +159,8 @@ def _launch(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, b
     default_warps, default_stages = _common.launch_config("cached", head_dim_pad, block_size)
     descs = _common.tma_descriptors((k,), block_size, head_dim_pad, use_tma)
     grid = (triton.cdiv(L, block_m), B * H)
+    extra = (_common.register_cap("cached", head_dim_pad, block_size) if maxnreg is None
+             else {"maxnreg": maxnreg})
     _cached_search_kernel[grid](
         q, k if descs is None else descs[0], lse, bias, mass,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
@@ -168,7 +171,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, b
         MASK_MODE=_common.mask_mode(key_valid, L, block_size),
         DOT_PREC=_common.dot_precision(q.dtype), USE_TMA=descs is not None, CHUNK=chunk,
         num_warps=num_warps or default_warps,
-        num_stages=num_stages or default_stages,
+        num_stages=num_stages or default_stages, **extra,
     )
     return mass
 

@@ -373,6 +373,18 @@ def test_kernel_support_reasons(monkeypatch):
     assert not ok and "not CUDA" in reason
 
 
+def test_register_cap_only_on_the_gpu_and_where_measured(monkeypatch):
+    from adaspa_compile.kernels import _common
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert _common.register_cap("cached", 64, 64) == {"maxnreg": 96}
+    assert _common.register_cap("cached", 32, 64) == {"maxnreg": 96}  # small dims take 64's
+    assert _common.register_cap("cached", 128, 64) == {}
+    assert _common.register_cap("sparse", 64, 64) == {}
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter has no registers to cap
+    assert _common.register_cap("cached", 64, 64) == {}
+
+
 def test_prefer_pairs_only_for_head_dim_128_and_low_overhead():
     bf16 = torch.bfloat16
     assert kernels.prefer_pairs(1.0, 128, 64, bf16)
