@@ -7,7 +7,7 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["BlockMask", "pair_union"]
+__all__ = ["BlockMask", "pack_bits", "pair_union"]
 
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -18,6 +18,14 @@ def pair_union(rows: torch.Tensor) -> torch.Tensor:
     if rows.shape[2] % 2:
         rows = torch.nn.functional.pad(rows, (0, 0, 0, 1))
     return rows[:, :, 0::2] | rows[:, :, 1::2]
+
+
+def pack_bits(dense: torch.Tensor) -> torch.Tensor:
+    """Bool ``[..., nk]`` -> uint8 ``[..., ceil(nk / 8)]``, bit ``j % 8`` of byte ``j // 8``."""
+    nk = dense.shape[-1]
+    padded = torch.nn.functional.pad(dense.to(torch.uint8), (0, (-nk) % 8))
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=dense.device)
+    return (padded.view(*dense.shape[:-1], -1, 8) * weights).sum(-1, dtype=torch.uint8)
 
 
 @dataclass(frozen=True)
@@ -62,18 +70,22 @@ class BlockMask:
         if dense.dtype != torch.bool or dense.dim() != 4:
             raise ValueError(f"dense block mask must be bool [B, H, nq, nk], got {dense.dtype} "
                              f"{tuple(dense.shape)}")
-        nk = dense.shape[-1]
-        padded = torch.nn.functional.pad(dense.to(torch.uint8), (0, (-nk) % 8))
-        weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=dense.device)
-        groups = padded.view(*dense.shape[:-1], -1, 8)
-        bits = (groups * weights).sum(-1, dtype=torch.uint8)
-        if not dense.numel():
-            return cls(bits=bits, num_kv_blocks=nk, block_size=block_size, seq_len=seq_len,
-                       max_kept=0)
-        counts = dense.sum(-1)
+        return cls.from_bits(pack_bits(dense), dense.sum(-1, dtype=torch.int32),
+                             pair_union(dense).sum(-1, dtype=torch.int32),
+                             num_kv_blocks=dense.shape[-1], block_size=block_size, seq_len=seq_len)
+
+    @classmethod
+    def from_bits(cls, bits: torch.Tensor, counts: torch.Tensor, pair_counts: torch.Tensor, *,
+                  num_kv_blocks: int, block_size: int, seq_len: int) -> "BlockMask":
+        """A mask from packed ``bits``, its kept blocks per row ``counts`` ``[B, H, nq]`` and per
+        row pair ``pair_counts`` ``[B, H, ceil(nq / 2)]`` (sizes of :func:`pair_union`'s rows).
+        Reads ``max_kept`` and the pair overhead back to the host once."""
+        if not counts.numel():
+            return cls(bits=bits, num_kv_blocks=num_kv_blocks, block_size=block_size,
+                       seq_len=seq_len, max_kept=0)
         max_kept, kept, pairs = torch.stack([counts.max(), counts.sum(),
-                                             pair_union(dense).sum()]).tolist()
-        return cls(bits=bits, num_kv_blocks=nk, block_size=block_size, seq_len=seq_len,
+                                             pair_counts.sum()]).tolist()
+        return cls(bits=bits, num_kv_blocks=num_kv_blocks, block_size=block_size, seq_len=seq_len,
                    max_kept=max_kept, pair_overhead=2.0 * pairs / kept if kept else 2.0)
 
     @property

@@ -12,15 +12,20 @@ Every choice is read off one sort of each row, so the recall of any budget is ex
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 
-from .blockmask import BlockMask
+from .blockmask import BlockMask, pack_bits, pair_union
 from .config import AdaSpaConfig
+from .logs import log_once
 
-__all__ = ["BlockLayout", "Selection", "select_blocks", "tier_sparsities"]
+__all__ = ["BlockLayout", "Selection", "keep_best", "select_blocks", "sorted_candidate_rows",
+           "tier_sparsities"]
+
+logger = logging.getLogger(__name__)
 
 # A head whose recall at the layer's sparsity exceeds this is "easy" (ADASPA.md section 4.3).
 EASY_HEAD_RECALL = 0.8
@@ -103,16 +108,24 @@ def select_blocks(mass: torch.Tensor, layout: BlockLayout, cfg: AdaSpaConfig,
                   head_group: Optional[str] = None) -> Selection:
     """Choose the block mask of one attention call from its block mass ``[B, H, nb, nb]``.
 
+    On CUDA the two passes over the mass map (:func:`sorted_candidate_rows`, :func:`keep_best`)
+    run as Triton kernels; elsewhere, and for rows longer than the kernels sort, in PyTorch.
+
     ``head_group``: see :func:`tier_sparsities` (the heads are a slice of the layer's).
     """
     B, H, nq, nk = mass.shape
     if nq != layout.num_blocks or nk != nq:
         raise ValueError(f"mass {tuple(mass.shape)} does not match {layout.num_blocks} blocks")
     mass = mass.float()
-    candidate, forced = _candidates(layout, B, mass.device, cfg.text_sink)
-    order = _row_order(mass, candidate)
-    curve, total = _recall_curve(mass, candidate, forced, order)
-    n_cand = candidate[:, 0].any(-2).sum(-1).clamp(min=1)  # [B]: candidate key blocks per row
+    text = layout.text_blocks(mass.device) if cfg.text_sink else \
+        torch.zeros(nk, dtype=torch.bool, device=mass.device)
+    valid = layout.valid_key_blocks(B, mass.device)
+    kernels = _selection_kernels(mass)
+    rows = kernels.sorted_candidate_mass if kernels else sorted_candidate_rows
+    sorted_mass, row_forced, row_total = rows(mass, text, valid)
+    curve = row_forced.sum(-1)[..., None] + torch.cumsum(sorted_mass.sum(-2), dim=-1)
+    total = row_total.sum(-1)
+    n_cand = (valid & ~text).sum(-1).clamp(min=1)  # [B]: candidate key blocks per row
 
     def budget(sparsity: torch.Tensor) -> torch.Tensor:
         return torch.round((1 - sparsity) * n_cand[:, None]).clamp(min=1).long()
@@ -128,26 +141,70 @@ def select_blocks(mass: torch.Tensor, layout: BlockLayout, cfg: AdaSpaConfig,
             recall_at_s = _recall_at(curve, total, budget(target))
             target = tier_sparsities(recall_at_s, cfg.sparsity, head_group)
         keep = budget(target)
-    dense = _mask_from_order(order, keep, candidate, forced)
-    recall = _recall_at(curve, total, keep)
-    block_mask = BlockMask.from_dense(dense, block_size=layout.block_size, seq_len=layout.seq_len)
+    bits, counts, pair_counts = (kernels.keep_blocks if kernels else keep_best)(
+        mass, text, valid, keep)
+    block_mask = BlockMask.from_bits(bits, counts, pair_counts, num_kv_blocks=nk,
+                                     block_size=layout.block_size, seq_len=layout.seq_len)
     return Selection(mask=block_mask, target_sparsity=target.float(),
-                     density=dense.float().mean(dim=(-2, -1)), recall=recall)
+                     density=counts.sum(-1).float() / (nq * nk),
+                     recall=_recall_at(curve, total, keep))
 
 
-def _candidates(layout: BlockLayout, batch: int, device: torch.device,
-                text_sink: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``candidate`` ``[B,1,nb,nb]`` (competes for the budget) and ``forced`` (kept outside it)."""
-    text = layout.text_blocks(device)
-    valid_cols = layout.valid_key_blocks(batch, device)[:, None, None, :]
-    nb = layout.num_blocks
-    if text_sink:
-        touches_text = text[:, None] | text[None, :]
+def _selection_kernels(mass: torch.Tensor):
+    """The kernels module when it can run the selection of ``mass``, else ``None`` (logged once
+    per reason on CUDA)."""
+    if not mass.is_cuda:
+        return None
+    from . import kernels
+
+    if kernels.TRITON_IMPORT_ERROR is not None:
+        reason = kernels.TRITON_IMPORT_ERROR
+    elif mass.shape[-1] > kernels.SELECTION_MAX_BLOCKS:
+        reason = f"{mass.shape[-1]} blocks per row > {kernels.SELECTION_MAX_BLOCKS}"
     else:
-        touches_text = torch.zeros(nb, nb, dtype=torch.bool, device=device)
-    forced = touches_text[None, None] & valid_cols
-    candidate = ~touches_text[None, None] & valid_cols
-    return candidate, forced
+        return kernels
+    log_once(logger, f"adaspa: block selection runs in PyTorch: {reason}")
+    return None
+
+
+def sorted_candidate_rows(mass: torch.Tensor, text: torch.Tensor, valid: torch.Tensor
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """First pass of the selection: ``(sorted, row_forced, row_total)``.
+
+    Key block ``j`` of row ``i`` is *forced* when it is valid (``valid`` bool ``[B, nb]``) and
+    block ``i`` or ``j`` holds text (``text`` bool ``[nb]``), a *candidate* when it is valid and
+    neither does. ``sorted`` fp32 ``[B, H, nb, nb]``: each row's candidate masses, the diagonal
+    first (when a candidate), then descending, zeros after the last; ``row_forced`` and
+    ``row_total`` ``[B, H, nb]``: each row's forced and total mass. The PyTorch path and the
+    reference of ``kernels.sorted_candidate_mass``.
+    """
+    candidate, forced = _candidates(text, valid)
+    order = _row_order(mass, candidate)
+    return torch.gather(mass * candidate, -1, order), (mass * forced).sum(-1), mass.sum(-1)
+
+
+def keep_best(mass: torch.Tensor, text: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Second pass: the first ``keep[b, h]`` blocks of each row's order (as
+    :func:`sorted_candidate_rows` ranks them; ties by column) plus its forced blocks, as
+    ``(bits, counts, pair_counts)`` for :meth:`BlockMask.from_bits`. The PyTorch path and the
+    reference of ``kernels.keep_blocks``."""
+    candidate, forced = _candidates(text, valid)
+    order = _row_order(mass, candidate)
+    nb = order.shape[-1]
+    in_budget = torch.arange(nb, device=order.device) < keep[..., None, None]
+    dense = torch.zeros(order.shape, dtype=torch.bool, device=order.device)
+    dense.scatter_(-1, order, in_budget.expand(order.shape))
+    dense = (dense & candidate) | forced
+    return (pack_bits(dense), dense.sum(-1, dtype=torch.int32),
+            pair_union(dense).sum(-1, dtype=torch.int32))
+
+
+def _candidates(text: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``candidate`` ``[B,1,nb,nb]`` (competes for the budget) and ``forced`` (kept outside it)."""
+    touches_text = text[:, None] | text[None, :]
+    valid_cols = valid[:, None, None, :]
+    return ~touches_text[None, None] & valid_cols, touches_text[None, None] & valid_cols
 
 
 def _row_order(mass: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
@@ -159,28 +216,6 @@ def _row_order(mass: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
     return torch.sort(score, dim=-1, descending=True, stable=True).indices
 
 
-def _recall_curve(mass: torch.Tensor, candidate: torch.Tensor, forced: torch.Tensor,
-                  order: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Kept mass when every row keeps its ``k`` best candidates, for ``k = 1..nb``: ``[B,H,nb]``.
-
-    Also returns the total mass ``[B, H]``. Forced blocks count in every entry.
-    """
-    forced_mass = (mass * forced).sum(dim=(-2, -1))
-    candidate_mass = torch.gather(mass * candidate, -1, order)
-    curve = forced_mass[..., None] + torch.cumsum(candidate_mass.sum(-2), dim=-1)
-    return curve, mass.sum(dim=(-2, -1))
-
-
 def _recall_at(curve: torch.Tensor, total: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     kept = torch.gather(curve, -1, (keep - 1).clamp(min=0)[..., None])[..., 0]
     return torch.where(total > 0, kept / total.clamp(min=1e-30), torch.ones_like(total))
-
-
-def _mask_from_order(order: torch.Tensor, keep: torch.Tensor, candidate: torch.Tensor,
-                     forced: torch.Tensor) -> torch.Tensor:
-    """Bool ``[B,H,nb,nb]``: the first ``keep[b,h]`` entries of each row's order, plus forced."""
-    nb = order.shape[-1]
-    in_budget = torch.arange(nb, device=order.device) < keep[..., None, None]
-    dense = torch.zeros(order.shape, dtype=torch.bool, device=order.device)
-    dense.scatter_(-1, order, in_budget.expand(order.shape))
-    return (dense & candidate) | forced

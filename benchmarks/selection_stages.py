@@ -24,7 +24,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adaspa_compile import selection as sel  # noqa: E402
-from adaspa_compile.blockmask import BlockMask  # noqa: E402
 from adaspa_compile.config import AdaSpaConfig  # noqa: E402
 
 # name: (batch as e2e runs it, heads, tokens, text tokens, text first?)
@@ -63,26 +62,42 @@ def timer(device):
 
 
 def stages(mass, layout, cfg):
-    """The stage functions of ``select_blocks`` on this mass map, as zero-argument callables."""
-    B = mass.shape[0]
-    candidate, forced = sel._candidates(layout, B, mass.device, cfg.text_sink)
-    order = sel._row_order(mass, candidate)
-    curve, total = sel._recall_curve(mass, candidate, forced, order)
-    keep = torch.full(mass.shape[:2], max(1, round(0.2 * mass.shape[-1])), device=mass.device)
-    dense = sel._mask_from_order(order, keep.long(), candidate, forced)
-    return {
-        "select_blocks s=0.8 tiers": lambda: sel.select_blocks(mass, layout, cfg),
-        "_candidates": lambda: sel._candidates(layout, B, mass.device, cfg.text_sink),
-        "_row_order (masked_fill + stable sort)": lambda: sel._row_order(mass, candidate),
-        "torch.sort stable, fp32 rows": lambda: torch.sort(mass, dim=-1, descending=True, stable=True),
-        "torch.sort unstable, fp32 rows": lambda: torch.sort(mass, -1, descending=True),
-        "torch.topk k=0.3*nb": lambda: torch.topk(mass, max(1, round(0.3 * mass.shape[-1])), -1),
-        "_recall_curve (gather + cumsum)": lambda: sel._recall_curve(mass, candidate, forced, order),
-        "_mask_from_order (scatter)": lambda: sel._mask_from_order(order, keep.long(), candidate,
-                                                                   forced),
-        "BlockMask.from_dense (pack + sync)": lambda: BlockMask.from_dense(
-            dense, block_size=layout.block_size, seq_len=layout.seq_len),
-    }
+    """``select_blocks`` and its two passes over the mass map, in PyTorch and as kernels (CUDA),
+    as zero-argument callables."""
+    B, _, nb, _ = mass.shape
+    text = layout.text_blocks(mass.device)
+    valid = layout.valid_key_blocks(B, mass.device)
+    keep = torch.full(mass.shape[:2], max(1, round(0.2 * nb)), device=mass.device,
+                      dtype=torch.long)
+    out = {"select_blocks s=0.8 tiers": lambda: sel.select_blocks(mass, layout, cfg),
+           "torch: sorted_candidate_rows": lambda: sel.sorted_candidate_rows(mass, text, valid),
+           "torch: keep_best": lambda: sel.keep_best(mass, text, valid, keep),
+           "torch.sort fp32 rows (for scale)": lambda: torch.sort(mass, dim=-1, descending=True)}
+    if mass.is_cuda:
+        from adaspa_compile import kernels
+
+        out["kernel: sorted_candidate_mass"] = lambda: kernels.sorted_candidate_mass(
+            mass, text, valid)
+        out["kernel: keep_blocks"] = lambda: kernels.keep_blocks(mass, text, valid, keep)
+        out["select_blocks, PyTorch passes"] = lambda: _torch_select(mass, layout, cfg)
+    return out
+
+
+def _torch_select(mass, layout, cfg):
+    saved = sel._selection_kernels
+    sel._selection_kernels = lambda _mass: None
+    try:
+        return sel.select_blocks(mass, layout, cfg)
+    finally:
+        sel._selection_kernels = saved
+
+
+def check_kernels(mass, layout, cfg):
+    """Largest differences between the kernel and PyTorch selections: (mask bits differ,
+    recall abs diff); run where the kernels run."""
+    fast, slow = sel.select_blocks(mass, layout, cfg), _torch_select(mass, layout, cfg)
+    bits = int((fast.mask.bits != slow.mask.bits).sum())
+    return bits, float((fast.recall - slow.recall).abs().max())
 
 
 def main():
@@ -102,7 +117,14 @@ def main():
         span = None if not text else ((0, text) if first else (L - text, L))
         layout = sel.BlockLayout(seq_len=L, block_size=block, text_span=span)
         mass = synthetic_mass(B, H, nb, block, device)
-        for label, fn in stages(mass, layout, AdaSpaConfig(sparsity=0.8)).items():
+        cfg = AdaSpaConfig(sparsity=0.8)
+        if device.type == "cuda":
+            bits, recall = check_kernels(mass, layout, cfg)
+            rows.append({"shape": name, "check": "kernel vs torch", "bits_differ": bits,
+                         "recall_abs_diff": recall})
+            print(f"{name:10s} kernel vs torch selection: {bits} mask bytes differ, recall "
+                  f"diff {recall:.1e}", flush=True)
+        for label, fn in stages(mass, layout, cfg).items():
             ms = run(fn)
             rows.append({"shape": name, "B": B, "H": H, "nb": nb, "stage": label, "ms": ms})
             print(f"{name:10s} B={B} H={H} nb={nb}  {label:40s} {ms:8.3f} ms", flush=True)

@@ -1,5 +1,6 @@
-"""Triton kernels of AdaSpa: fused search, LSE-cached search, block-sparse attention, and the
-mask-to-index expansion that feeds the block-sparse kernel.
+"""Triton kernels of AdaSpa: fused search, LSE-cached search, block-sparse attention, the
+mask-to-index expansion that feeds the block-sparse kernel, and the two passes of the block
+selection (sorting each mass row's candidates; packing each row's best blocks into mask bits).
 
 Each kernel lives in its own file with its launcher; their meaning is fixed by the pure-PyTorch
 reference in :mod:`adaspa_compile.reference`. Importing this package never fails: without Triton
@@ -18,14 +19,18 @@ import torch
 from . import _common
 
 __all__ = ["kernel_support", "fused_search", "cached_search", "block_sparse_attention",
-           "pair_lists", "prefer_pairs", "mask_indices", "TRITON_IMPORT_ERROR"]
+           "pair_lists", "prefer_pairs", "mask_indices", "sorted_candidate_mass", "keep_blocks",
+           "SELECTION_MAX_BLOCKS", "TRITON_IMPORT_ERROR"]
 
 try:
     import triton  # noqa: F401
 
     from .block_sparse import block_sparse_attention, pair_lists, prefer_pairs
     from .cached_search import cached_search
+    from .candidate_sort import MAX_BLOCKS as SELECTION_MAX_BLOCKS
+    from .candidate_sort import sorted_candidate_mass
     from .fused_search import fused_search
+    from .keep_blocks import keep_blocks
     from .mask_indices import mask_indices
 
     TRITON_IMPORT_ERROR = None
@@ -36,7 +41,8 @@ except ImportError as exc:  # CPU installs without Triton
         raise RuntimeError(f"adaspa_compile.kernels: {TRITON_IMPORT_ERROR}")
 
     fused_search = cached_search = block_sparse_attention = mask_indices = pair_lists = _missing
-    prefer_pairs = _missing
+    prefer_pairs = sorted_candidate_mass = keep_blocks = _missing
+    SELECTION_MAX_BLOCKS = 0
 
 
 def kernel_support(q: torch.Tensor, block_size: int,
