@@ -142,7 +142,7 @@ def select_blocks(mass: torch.Tensor, layout: BlockLayout, cfg: AdaSpaConfig,
             target = tier_sparsities(recall_at_s, cfg.sparsity, head_group)
         keep = budget(target)
     bits, counts, pair_counts = (kernels.keep_blocks if kernels else keep_best)(
-        mass, text, valid, keep)
+        mass, text, valid, keep, sorted_mass)
     block_mask = BlockMask.from_bits(bits, counts, pair_counts, num_kv_blocks=nk,
                                      block_size=layout.block_size, seq_len=layout.seq_len)
     return Selection(mask=block_mask, target_sparsity=target.float(),
@@ -179,23 +179,34 @@ def sorted_candidate_rows(mass: torch.Tensor, text: torch.Tensor, valid: torch.T
     reference of ``kernels.sorted_candidate_mass``.
     """
     candidate, forced = _candidates(text, valid)
-    order = _row_order(mass, candidate)
+    order = torch.sort(_scores(mass, candidate), dim=-1, descending=True, stable=True).indices
     return torch.gather(mass * candidate, -1, order), (mass * forced).sum(-1), mass.sum(-1)
 
 
-def keep_best(mass: torch.Tensor, text: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor
-              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Second pass: the first ``keep[b, h]`` blocks of each row's order (as
-    :func:`sorted_candidate_rows` ranks them; ties by column) plus its forced blocks, as
-    ``(bits, counts, pair_counts)`` for :meth:`BlockMask.from_bits`. The PyTorch path and the
-    reference of ``kernels.keep_blocks``."""
+def keep_best(mass: torch.Tensor, text: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor,
+              sorted_mass: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Second pass: the first ``keep[b, h]`` blocks of each row in the order of
+    :func:`sorted_candidate_rows` (its ``sorted_mass``; equal masses by column, as a stable
+    sort) plus the row's forced blocks, as ``(bits, counts, pair_counts)`` for
+    :meth:`BlockMask.from_bits`. The PyTorch path and the reference of ``kernels.keep_blocks``.
+
+    The ``keep``-th best score is read off ``sorted_mass``; every candidate scoring above it is
+    kept, and the first of those scoring equal to it, by column, until ``keep`` are.
+    """
     candidate, forced = _candidates(text, valid)
-    order = _row_order(mass, candidate)
-    nb = order.shape[-1]
-    in_budget = torch.arange(nb, device=order.device) < keep[..., None, None]
-    dense = torch.zeros(order.shape, dtype=torch.bool, device=order.device)
-    dense.scatter_(-1, order, in_budget.expand(order.shape))
-    dense = (dense & candidate) | forced
+    nb = mass.shape[-1]
+    k = keep[..., None]  # [B, H, 1]
+    kth = torch.gather(sorted_mass, -1, (k - 1).clamp(0, max(nb - 1, 0))[..., None]
+                       .expand(*mass.shape[:-1], 1))[..., 0]
+    diagonal_first = torch.diagonal(candidate, dim1=-2, dim2=-1)  # [B, 1, nb]
+    worst = torch.where(diagonal_first & (k == 1), float("inf"), kth)
+    worst = torch.where(k > candidate.sum(-1), float("-inf"), worst)[..., None]
+    score = _scores(mass, candidate)
+    above = candidate & (score > worst)
+    tie = candidate & (score == worst)
+    earlier_ties = torch.cumsum(tie, -1) - tie.long()
+    room = k[..., None] - above.sum(-1, keepdim=True)
+    dense = ((above | (tie & (earlier_ties < room))) & (k[..., None] > 0)) | forced
     return (pack_bits(dense), dense.sum(-1, dtype=torch.int32),
             pair_union(dense).sum(-1, dtype=torch.int32))
 
@@ -207,13 +218,12 @@ def _candidates(text: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, 
     return ~touches_text[None, None] & valid_cols, touches_text[None, None] & valid_cols
 
 
-def _row_order(mass: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
-    """Key blocks of each row, best first: the diagonal, then candidates by mass."""
-    nb = mass.shape[-1]
-    eye = torch.eye(nb, dtype=torch.bool, device=mass.device)
+def _scores(mass: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """The row's order of preference as values: ``+inf`` on a candidate diagonal, the mass of
+    other candidates, ``-inf`` elsewhere."""
+    eye = torch.eye(mass.shape[-1], dtype=torch.bool, device=mass.device)
     score = mass.masked_fill(~candidate, float("-inf"))
-    score = score.masked_fill(eye & candidate, float("inf"))
-    return torch.sort(score, dim=-1, descending=True, stable=True).indices
+    return score.masked_fill(eye & candidate, float("inf"))
 
 
 def _recall_at(curve: torch.Tensor, total: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

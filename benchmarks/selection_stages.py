@@ -69,16 +69,17 @@ def stages(mass, layout, cfg):
     valid = layout.valid_key_blocks(B, mass.device)
     keep = torch.full(mass.shape[:2], max(1, round(0.2 * nb)), device=mass.device,
                       dtype=torch.long)
+    ranked = sel.sorted_candidate_rows(mass, text, valid)[0]
     out = {"select_blocks s=0.8 tiers": lambda: sel.select_blocks(mass, layout, cfg),
            "torch: sorted_candidate_rows": lambda: sel.sorted_candidate_rows(mass, text, valid),
-           "torch: keep_best": lambda: sel.keep_best(mass, text, valid, keep),
+           "torch: keep_best": lambda: sel.keep_best(mass, text, valid, keep, ranked),
            "torch.sort fp32 rows (for scale)": lambda: torch.sort(mass, dim=-1, descending=True)}
     if mass.is_cuda:
         from adaspa_compile import kernels
 
         out["kernel: sorted_candidate_mass"] = lambda: kernels.sorted_candidate_mass(
             mass, text, valid)
-        out["kernel: keep_blocks"] = lambda: kernels.keep_blocks(mass, text, valid, keep)
+        out["kernel: keep_blocks"] = lambda: kernels.keep_blocks(mass, text, valid, keep, ranked)
         out["select_blocks, PyTorch passes"] = lambda: _torch_select(mass, layout, cfg)
     return out
 

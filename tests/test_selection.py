@@ -3,7 +3,8 @@
 import torch
 from hypothesis import assume, given, strategies as st
 
-from adaspa_compile import AdaSpaConfig, BlockLayout, select_blocks
+from adaspa_compile import AdaSpaConfig, BlockLayout, select_blocks, selection
+from adaspa_compile.blockmask import pack_bits, pair_union
 from adaspa_compile.selection import tier_sparsities
 
 
@@ -126,3 +127,30 @@ def test_no_text_sink_lets_text_compete():
                                                     head_adaptive=False))
     per_row = sel.mask.to_dense().sum(-1)
     assert (per_row == 1).all()
+
+
+@given(nb=st.integers(1, 12), keep=st.integers(0, 12), levels=st.sampled_from([0, 2, 3]),
+       text_start=st.integers(0, 12), padded=st.integers(0, 3), seed=st.integers(0, 2**31 - 1))
+def test_keep_best_is_the_stable_sort_prefix(nb, keep, levels, text_start, padded, seed):
+    """``keep_best`` (threshold + ties by column) keeps exactly the first ``keep`` candidates of
+    a stable descending sort of the scores (diagonal first), plus the forced blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    mass = torch.rand(2, 2, nb, nb, generator=gen)
+    if levels:
+        mass = torch.floor(mass * levels) / levels
+    text = torch.arange(nb) >= max(text_start, 1)
+    valid = torch.ones(2, nb, dtype=torch.bool)
+    valid[1, nb - min(padded, nb):] = False
+    keep_t = torch.tensor([[keep, max(keep - 1, 0)], [1, keep]])
+    candidate, forced = selection._candidates(text, valid)
+    order = torch.sort(selection._scores(mass, candidate), dim=-1, descending=True,
+                       stable=True).indices
+    in_budget = torch.arange(nb) < keep_t[..., None, None]
+    want = torch.zeros(order.shape, dtype=torch.bool).scatter_(-1, order, in_budget.expand(
+        order.shape))
+    want = (want & candidate) | forced
+    sorted_mass = selection.sorted_candidate_rows(mass, text, valid)[0]
+    bits, counts, pairs = selection.keep_best(mass, text, valid, keep_t, sorted_mass)
+    assert torch.equal(bits, pack_bits(want))
+    assert torch.equal(counts, want.sum(-1, dtype=torch.int32))
+    assert torch.equal(pairs, pair_union(want).sum(-1, dtype=torch.int32))

@@ -3,9 +3,9 @@ as packed mask bits, with the counts that size the block-sparse launch.
 
 One program owns two adjacent rows ``2p, 2p + 1`` of a ``(b, h)``. For each it rebuilds the
 row's scores (:func:`candidate_sort.row_scores`: the diagonal first, then candidates by mass),
-sorts them to find the ``keep``-th best score ``v``, and keeps every candidate above ``v`` plus
-the first ties at ``v`` in column order (what a stable descending sort keeps), and the forced
-blocks. Outputs:
+reads the ``keep``-th best score ``v`` off the first pass's sorted row (no sort here), and keeps
+every candidate above ``v`` plus the first ties at ``v`` in column order (what a stable
+descending sort keeps), and the forced blocks. Outputs:
 
 - ``bits`` uint8 ``[B, H, nb, ceil(nb / 8)]`` (``BlockMask.bits``: bit ``j % 8`` of byte
   ``j // 8``);
@@ -32,11 +32,14 @@ __all__ = ["keep_blocks"]
 
 # ----------------------------------------------------------------------------- device helpers
 @triton.jit
-def _kept(Mass, Text, Valid, row, i, b, keep, cols, nb):
+def _kept(Mass, Text, Valid, Sorted, row, i, b, keep, cols, nb):
     """Bool over ``cols``: the blocks row ``i`` keeps with a budget of ``keep`` candidates."""
     _, score, candidate, forced = row_scores(Mass, Text, Valid, row, i, b, cols, nb)
-    ranked = tl.sort(score, descending=True)
-    worst = tl.max(tl.where(cols == keep - 1, ranked, float("-inf")))
+    n_candidates = tl.sum(candidate.to(tl.int32))
+    diagonal_first = tl.sum((candidate & (cols == i)).to(tl.int32)) > 0
+    kth = tl.load(Sorted + row.to(tl.int64) * nb + tl.maximum(keep - 1, 0))
+    worst = tl.where(diagonal_first & (keep == 1), float("inf"), kth)
+    worst = tl.where(keep > n_candidates, float("-inf"), worst)
     above = candidate & (score > worst)
     tie = (candidate & (score == worst)).to(tl.int32)
     earlier_ties = tl.cumsum(tie, 0) - tie
@@ -56,8 +59,8 @@ def _store_bits(Bits, row, kept, n_bytes, NB_PAD: tl.constexpr):
 
 # ----------------------------------------------------------------------------- kernel
 @triton.jit
-def _keep_blocks_kernel(Mass, Text, Valid, Keep, Bits, Counts, PairCounts, H, nb, n_pairs,
-                        n_bytes, NB_PAD: tl.constexpr):
+def _keep_blocks_kernel(Mass, Text, Valid, Sorted, Keep, Bits, Counts, PairCounts, H, nb,
+                        n_pairs, n_bytes, NB_PAD: tl.constexpr):
     pid = tl.program_id(0)
     bh = pid // n_pairs
     pair = pid % n_pairs
@@ -66,12 +69,13 @@ def _keep_blocks_kernel(Mass, Text, Valid, Keep, Bits, Counts, PairCounts, H, nb
     cols = tl.arange(0, NB_PAD)
     i0 = 2 * pair
     row0 = bh * nb + i0
-    kept0 = _kept(Mass, Text, Valid, row0, i0, b, keep, cols, nb) & (cols < nb)
+    kept0 = _kept(Mass, Text, Valid, Sorted, row0, i0, b, keep, cols, nb) & (cols < nb)
     _store_bits(Bits, row0, kept0, n_bytes, NB_PAD)
     tl.store(Counts + row0, tl.sum(kept0.to(tl.int32)))
     union = kept0
     if i0 + 1 < nb:
-        kept1 = _kept(Mass, Text, Valid, row0 + 1, i0 + 1, b, keep, cols, nb) & (cols < nb)
+        kept1 = _kept(Mass, Text, Valid, Sorted, row0 + 1, i0 + 1, b, keep, cols,
+                      nb) & (cols < nb)
         _store_bits(Bits, row0 + 1, kept1, n_bytes, NB_PAD)
         tl.store(Counts + row0 + 1, tl.sum(kept1.to(tl.int32)))
         union = union | kept1
@@ -80,11 +84,13 @@ def _keep_blocks_kernel(Mass, Text, Valid, Keep, Bits, Counts, PairCounts, H, nb
 
 # ----------------------------------------------------------------------------- launcher
 def keep_blocks(mass: torch.Tensor, text_blocks: torch.Tensor, valid_blocks: torch.Tensor,
-                keep: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                keep: torch.Tensor, sorted_mass: torch.Tensor
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(bits, counts, pair_counts)`` of the mask keeping ``keep[b, h]`` candidates per row.
 
     Args:
         mass, text_blocks, valid_blocks: as :func:`candidate_sort.sorted_candidate_mass`.
+        sorted_mass: that function's first output for them.
         keep: integer ``[B, H]``: candidates kept per row (the diagonal first; 0 keeps only the
             forced blocks).
     """
@@ -94,6 +100,10 @@ def keep_blocks(mass: torch.Tensor, text_blocks: torch.Tensor, valid_blocks: tor
             or keep.device != mass.device:
         raise ValueError(f"keep must be an integer [{B}, {H}] tensor on {mass.device}, got "
                          f"{keep.dtype} {tuple(keep.shape)} on {keep.device}")
+    if sorted_mass.dtype != torch.float32 or sorted_mass.shape != mass.shape \
+            or sorted_mass.device != mass.device:
+        raise ValueError(f"sorted_mass must be fp32 {tuple(mass.shape)} on {mass.device}, got "
+                         f"{sorted_mass.dtype} {tuple(sorted_mass.shape)} on {sorted_mass.device}")
     n_bytes, n_pairs = -(-nb // 8), -(-nb // 2)
     dev = mass.device
     bits = torch.empty(B, H, nb, n_bytes, dtype=torch.uint8, device=dev)
@@ -104,6 +114,7 @@ def keep_blocks(mass: torch.Tensor, text_blocks: torch.Tensor, valid_blocks: tor
     pad, warps = launch_shape(nb)
     _keep_blocks_kernel[(B * H * n_pairs,)](
         mass.contiguous(), text_blocks.to(torch.uint8), valid_blocks.to(torch.uint8).contiguous(),
-        keep.to(torch.int32).contiguous(), bits, counts, pair_counts, H, nb, n_pairs, n_bytes,
+        sorted_mass.contiguous(), keep.to(torch.int32).contiguous(), bits, counts, pair_counts,
+        H, nb, n_pairs, n_bytes,
         NB_PAD=pad, num_warps=warps)
     return bits, counts, pair_counts

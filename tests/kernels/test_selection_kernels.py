@@ -82,8 +82,9 @@ def check_sorted_rows(mass, text, valid) -> None:
 
 
 def check_keep(mass, text, valid, keep) -> None:
-    want = selection.keep_best(mass, text, valid, keep)
-    got = kernels.keep_blocks(mass, text, valid, keep)
+    sorted_mass = selection.sorted_candidate_rows(mass, text, valid)[0]
+    want = selection.keep_best(mass, text, valid, keep, sorted_mass)
+    got = kernels.keep_blocks(mass, text, valid, keep, sorted_mass)
     for g, w, what in zip(got, want, ("bits", "counts", "pair counts")):
         assert g.dtype == w.dtype and torch.equal(g.cpu(), w.cpu()), f"{what} differ"
 
@@ -147,10 +148,13 @@ def test_selection_kernels_reject_bad_input():
         kernels.sorted_candidate_mass(mass[..., :4], text, valid)
     with pytest.raises(ValueError, match="text_blocks"):
         kernels.sorted_candidate_mass(mass, text[:4], valid)
+    one = torch.ones(1, 2, dtype=torch.long)
     with pytest.raises(ValueError, match="valid_blocks"):
-        kernels.keep_blocks(mass, text, valid.float(), torch.ones(1, 2, dtype=torch.long))
+        kernels.keep_blocks(mass, text, valid.float(), one, mass)
     with pytest.raises(ValueError, match="keep"):
-        kernels.keep_blocks(mass, text, valid, torch.ones(2, 1, dtype=torch.long))
+        kernels.keep_blocks(mass, text, valid, one.T, mass)
+    with pytest.raises(ValueError, match="sorted_mass"):
+        kernels.keep_blocks(mass, text, valid, one, mass[..., :1])
     with pytest.raises(ValueError, match="contiguous"):
         kernels.sorted_candidate_mass(mass, text, valid, out=torch.empty(5, 5, 2, 1).permute(
             3, 2, 0, 1))
