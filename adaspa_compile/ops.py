@@ -75,16 +75,18 @@ def fused_search(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
                  key_valid: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dense output, LSE and block mass.
 
-    On CUDA this runs dense attention with LSE (see :func:`dense_pass_uses_cudnn`), then the
-    cached-search kernel: on the H100 the two launches are faster than the one-kernel fused
-    search (``kernels.fused_search(..., with_mass=True)``, benchmarks/RESULTS.md).
+    On CUDA this runs dense attention with LSE (FlashAttention-4 where it is installed and takes
+    the call, else see :func:`dense_pass_uses_cudnn`), then the cached-search kernel: on the
+    H100 the two launches are faster than the one-kernel fused search
+    (``kernels.fused_search(..., with_mass=True)``, benchmarks/RESULTS.md).
     """
     kernels = _kernels_for(q, block_size, scale)
     if kernels is not None:
         from .kernels.cudnn_attention import cudnn_attention_with_lse
+        from .kernels.fa4_attention import fa4_attention_with_lse
 
-        dense = None
-        if dense_pass_uses_cudnn(q.shape[-1], key_valid):
+        dense = fa4_attention_with_lse(q, k, v, scale, key_valid)
+        if dense is None and dense_pass_uses_cudnn(q.shape[-1], key_valid):
             dense = cudnn_attention_with_lse(q, k, v, scale, key_valid)
         if dense is None:
             dense = kernels.fused_search(q, k, v, scale, block_size, key_valid, with_mass=False)

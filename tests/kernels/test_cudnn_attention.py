@@ -1,4 +1,5 @@
-"""cuDNN dense attention + LSE (the fused search's first half on CUDA) against the reference."""
+"""cuDNN and FlashAttention-4 dense attention + LSE (the fused search's first half on CUDA)
+against the reference, and the order in which ``ops.fused_search`` tries them."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from adaspa_compile import ops, reference
+from adaspa_compile import kernels, ops, reference
+from adaspa_compile.kernels import fa4_attention
 from adaspa_compile.kernels.cudnn_attention import (cudnn_attention_with_lse,
                                                     cudnn_unsupported_reason)
 
@@ -18,6 +20,37 @@ def test_unsupported_inputs_decline_with_a_reason():
     q = torch.randn(1, 2, 64, 64)
     assert cudnn_unsupported_reason(q, None) == "not a CUDA tensor"
     assert cudnn_attention_with_lse(q, q, q, 0.125, None) is None
+
+
+def test_fa4_declines_with_a_reason(monkeypatch):
+    q = torch.randn(1, 2, 64, 64)
+    assert fa4_attention.fa4_unsupported_reason(q, None) == "not a CUDA tensor"
+    assert fa4_attention.fa4_attention_with_lse(q, q, q, 0.125, None) is None
+    monkeypatch.setenv("ADASPA_FA4", "0")
+    assert fa4_attention.fa4_unsupported_reason(q, None) == "ADASPA_FA4=0"
+
+
+@pytest.mark.parametrize("fa4_takes_it", [True, False])
+def test_fused_search_tries_fa4_first(monkeypatch, fa4_takes_it):
+    """The dense pass goes to FlashAttention-4 when it returns a result, else on as before."""
+    q = torch.randn(1, 2, 100, 64)
+    calls = []
+
+    def fake_fa4(q_, k_, v_, scale, key_valid):
+        calls.append("fa4")
+        return (torch.zeros_like(q_), torch.zeros(q_.shape[:3])) if fa4_takes_it else None
+
+    def fake_ours(*args, **kwargs):
+        calls.append("ours")
+        return torch.ones_like(q), torch.ones(q.shape[:3]), None
+
+    monkeypatch.setattr(ops, "_kernels_for", lambda q_, block_size, scale: kernels)
+    monkeypatch.setattr(fa4_attention, "fa4_attention_with_lse", fake_fa4)
+    monkeypatch.setattr(kernels, "fused_search", fake_ours)
+    monkeypatch.setattr(kernels, "cached_search", lambda *args: "mass")
+    out, lse, mass = ops.fused_search(q, q, q, 0.125, 64, None)
+    assert calls == (["fa4"] if fa4_takes_it else ["fa4", "ours"])
+    assert float(out.sum()) == (0.0 if fa4_takes_it else float(q.numel())) and mass == "mass"
 
 
 def test_dense_pass_goes_to_our_kernel_only_where_it_measured_faster():
@@ -65,7 +98,26 @@ def test_cudnn_runs_and_matches_gpu(padding, head_dim):
     check_lse(got[1], ref_lse, 1e-3)
 
 
-for _test in (test_fused_search_through_ops_matches_reference_gpu, test_cudnn_runs_and_matches_gpu):
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_fa4_runs_and_matches_gpu(head_dim):
+    """FlashAttention-4 (where installed: it is optional) against the reference."""
+    case = Case(batch=2, heads=3, seq_len=1000, head_dim=head_dim, block_size=64, layout="bshd",
+                padding="none", density=1.0, input_scale=1.0, seed=7)
+    q, k, v = make_qkv(case, torch.bfloat16, "cuda")
+    reason = fa4_attention.fa4_unsupported_reason(q, None)
+    if "not importable" in reason:
+        pytest.skip(reason)
+    got = fa4_attention.fa4_attention_with_lse(q, k, v, head_dim ** -0.5, None)
+    assert got is not None, f"FlashAttention-4 declined: {reason}"
+    ref_out, ref_lse = reference.attention_with_lse_ref(f64(q), f64(k), f64(v), head_dim ** -0.5,
+                                                        None, 64)
+    assert got[0].shape == q.shape and got[1].shape == q.shape[:3]
+    assert rel_err(got[0], ref_out) < 1e-2
+    check_lse(got[1], ref_lse, 1e-3)
+
+
+for _test in (test_fused_search_through_ops_matches_reference_gpu, test_cudnn_runs_and_matches_gpu,
+              test_fa4_runs_and_matches_gpu):
     for _mark in gpu_only:
         _mark(_test)
 

@@ -1,0 +1,74 @@
+"""Dense attention with its log-sum-exp through FlashAttention-4 (optional, not a Triton kernel).
+
+The fused search's dense pass needs the output and the per-row LSE. Where the optional
+``flash-attn-4`` package (with ``nvidia-cutlass-dsl``) is installed, its Hopper forward is the
+fastest dense attention measured on the H100 (0.74x cuDNN at the CogVideoX shape, 0.78x at
+HunyuanVideo's, benchmarks/RESULTS.md), so the fused search runs it first; without it, or for
+calls it does not take, cuDNN or our kernel (:mod:`.cudnn_attention`). Set ``ADASPA_FA4=0`` to
+turn it off. Semantics are those of :func:`adaspa_compile.reference.attention_with_lse_ref`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from ..logs import log_once
+
+logger = logging.getLogger("adaspa_compile")
+
+__all__ = ["fa4_attention_with_lse", "fa4_unsupported_reason"]
+
+# Head dims measured on the H100 (bf16): 64 (CogVideoX) and 128 (HunyuanVideo, Wan).
+_HEAD_DIMS = (64, 128)
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _fa4_forward():
+    """FlashAttention-4's forward, or an import error message."""
+    try:
+        from flash_attn.cute.interface import _flash_attn_fwd
+    except Exception as exc:  # not installed, or the CuTe DSL cannot load here
+        return f"flash-attn-4 is not importable ({type(exc).__name__}: {str(exc)[:120]})"
+    return _flash_attn_fwd
+
+
+def fa4_unsupported_reason(q: torch.Tensor, key_valid: Optional[torch.Tensor]) -> str:
+    """Why FlashAttention-4 does not run this call, or ``""`` when it does."""
+    if os.environ.get("ADASPA_FA4", "1") == "0":
+        return "ADASPA_FA4=0"
+    if not q.is_cuda:
+        return "not a CUDA tensor"
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return "not an sm_90 GPU (measured on the H100 only)"
+    if q.dtype not in _DTYPES:
+        return f"dtype {q.dtype} (FlashAttention-4 takes fp16 / bf16)"
+    if q.shape[-1] not in _HEAD_DIMS:
+        return f"head dim {q.shape[-1]} (measured at {_HEAD_DIMS} only)"
+    if key_valid is not None:
+        return "key padding (not wired to FlashAttention-4's variable lengths)"
+    forward = _fa4_forward()
+    return forward if isinstance(forward, str) else ""
+
+
+def fa4_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                           key_valid: Optional[torch.Tensor]
+                           ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(out, lse)`` with ``lse`` fp32 ``[B, H, L]`` (natural log), or ``None`` (reason logged
+    once). ``q, k, v`` are ``[B, H, L, D]``; FlashAttention-4 reads them as ``[B, L, H, D]``
+    views (no copy for the BSHD memory diffusers hands over) and ``out`` comes back as such a
+    view."""
+    reason = fa4_unsupported_reason(q, key_valid)
+    if not reason:
+        try:
+            out, lse = _fa4_forward()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                      softmax_scale=scale, return_lse=True)[:2]
+            return out.transpose(1, 2), lse.float()
+        except Exception as exc:  # a layout or configuration this build rejects
+            reason = f"FlashAttention-4 raised {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    log_once(logger, f"adaspa: fused search's dense pass does not use FlashAttention-4: {reason}",
+             logging.INFO)
+    return None
