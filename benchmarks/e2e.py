@@ -805,6 +805,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def fa4_status() -> str:
+    """Whether the fused search's dense pass can run FlashAttention-4 here (an optional
+    dependency that changes the fused-search times), with its version."""
+    from importlib import metadata
+
+    from adaspa_compile.kernels.fa4_attention import _fa4_forward
+
+    forward = _fa4_forward()
+    if isinstance(forward, str):
+        return forward
+    return (f"flash-attn-4 {metadata.version('flash-attn-4')} "
+            f"(ADASPA_FA4={os.environ.get('ADASPA_FA4', '1')})")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -838,6 +852,7 @@ def main(argv=None) -> int:
         meta["triton"] = triton.__version__
     except ImportError:
         meta["triton"] = None
+    meta["fused_search_dense_pass_fa4"] = fa4_status()
     args.meta = meta
     log(f"e2e benchmark: {meta}")
     specs = {"hunyuan_video": lambda: hunyuan_spec(args.quick, *args.hunyuan_layers),
