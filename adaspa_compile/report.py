@@ -14,7 +14,8 @@ class SiteReport:
 
     ``phases`` maps a CFG branch to one letter per step of the current generation:
     D dense, F fused search, C cached search, S sparse. ``density`` and ``recall`` are
-    ``[B][H]`` lists from the last search; ``search_ms`` the wall time of each search.
+    ``[B][H]`` lists from the last search; ``search_ms`` the time of each search (mass and
+    selection; on a GPU the time between CUDA events, so the backend never syncs to measure it).
     """
 
     site_id: Optional[int]

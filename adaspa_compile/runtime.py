@@ -89,7 +89,7 @@ class Site:
     phases: Dict[int, List[Phase]] = field(default_factory=dict)
     density: Optional[torch.Tensor] = None
     recall: Optional[torch.Tensor] = None
-    search_ms: List[float] = field(default_factory=list)
+    search_ms: List["SearchTimer"] = field(default_factory=list)
     # Ulysses context parallelism: the process group whose ranks hold the other heads.
     head_group: Optional[str] = None
     # A graph shared by several layers (Dynamo compiled a block's frame once and calls it for
@@ -133,14 +133,14 @@ class Site:
         s = float(scale) if scale is not None else q.shape[-1] ** -0.5
         key_valid = ops.key_valid_from_mask(_as_4d(attn_mask), q.shape[0], q.shape[2])
         if phase is Phase.FUSED_SEARCH:
-            start = _timer_start(q)
+            timer = SearchTimer(q.device)
             out, cache.lse, mass = ops.fused_search(q, k, v, s, self.cfg.block_size, key_valid)
-            self._select(mass, key_valid, cache, q, k, s, start)
+            self._select(mass, key_valid, cache, q, k, s, timer)
             return _with_strides_of(out, q)
         if phase is Phase.CACHED_SEARCH:
-            start = _timer_start(q)
+            timer = SearchTimer(q.device)
             mass = ops.cached_search(q, k, cache.lse, s, self.cfg.block_size, key_valid)
-            self._select(mass, key_valid, cache, q, k, s, start)
+            self._select(mass, key_valid, cache, q, k, s, timer)
         mask = cache.mask if lead is None else lead
         return _with_strides_of(ops.sparse_forward(q, k, v, mask, s, key_valid), q)
 
@@ -201,7 +201,7 @@ class Site:
             log_once(logger, f"adaspa: {self.info.name} stays dense: {reason}")
 
     def _select(self, mass: torch.Tensor, key_valid: Optional[torch.Tensor], cache: _BranchCache,
-                q: torch.Tensor, k: torch.Tensor, scale: float, start: float) -> None:
+                q: torch.Tensor, k: torch.Tensor, scale: float, timer: "SearchTimer") -> None:
         """Choose this branch's mask from the exact ``mass`` and the configured selector."""
         cfg = self.cfg
         layout = BlockLayout(seq_len=q.shape[2], block_size=cfg.block_size,
@@ -213,11 +213,10 @@ class Site:
         cache.mask = chosen.mask
         recall = chosen.recall if cfg.selector == "adaspa" else \
             block_recall(chosen.mask.to_dense(), mass)
-        if q.is_cuda:
-            torch.cuda.synchronize(q.device)
+        timer.stop()
         if self._occurrence == 0:  # a graph shared by layers: report its first layer
-            self.density, self.recall = chosen.density.cpu(), recall.cpu()
-            self.search_ms.append((time.perf_counter() - start) * 1e3)
+            self.density, self.recall = chosen.density, recall  # read when reported: no sync
+            self.search_ms.append(timer)
 
     def report_row(self) -> SiteReport:
         return SiteReport(
@@ -225,7 +224,7 @@ class Site:
             reason=self.dense_reason, text=str(self.info.text),
             phases={b: "".join(p.letter for p in ps) for b, ps in sorted(self.phases.items())},
             density=_as_list(self.density), recall=_as_list(self.recall),
-            search_ms=list(self.search_ms), cache_bytes=self.cache_bytes())
+            search_ms=[t.ms() for t in self.search_ms], cache_bytes=self.cache_bytes())
 
 
 class Runtime:
@@ -321,14 +320,35 @@ def _is_padding_mask(mask: Optional[torch.Tensor]) -> bool:
     return bool(((mask == 0) | (mask <= ops.PADDING_BIAS)).all())
 
 
-def _timer_start(q: torch.Tensor) -> float:
-    if q.is_cuda:
-        torch.cuda.synchronize(q.device)
-    return time.perf_counter()
+class SearchTimer:
+    """The time of one search without a host sync: CUDA events on a GPU (read, and waited for,
+    only when reported), the wall clock elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._events = None
+        self._elapsed: Optional[float] = None
+        if device.type == "cuda":
+            self._events = (torch.cuda.Event(enable_timing=True),
+                            torch.cuda.Event(enable_timing=True))
+            self._events[0].record()
+        self._start = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._events is not None:
+            self._events[1].record()
+        else:
+            self._elapsed = (time.perf_counter() - self._start) * 1e3
+
+    def ms(self) -> float:
+        """Milliseconds from construction to :meth:`stop`."""
+        if self._events is not None:
+            self._events[1].synchronize()
+            return self._events[0].elapsed_time(self._events[1])
+        return self._elapsed
 
 
 def _as_list(x: Optional[torch.Tensor]) -> Optional[List[List[float]]]:
-    return None if x is None else [[round(float(v), 4) for v in row] for row in x]
+    return None if x is None else [[round(v, 4) for v in row] for row in x.tolist()]
 
 
 @torch.library.custom_op("adaspa::attention", mutates_args=())
