@@ -3,8 +3,10 @@ mask-to-index expansion that feeds the block-sparse kernel, and the two passes o
 selection (sorting each mass row's candidates; packing each row's best blocks into mask bits).
 
 Each kernel lives in its own file with its launcher; their meaning is fixed by the pure-PyTorch
-reference in :mod:`adaspa_compile.reference`. Importing this package never fails: without Triton
-the launchers are absent and :func:`kernel_support` says why.
+references in :mod:`adaspa_compile.reference` (attention, mass, index lists) and
+:mod:`adaspa_compile.selection` (the selection passes). ``cudnn_attention`` and
+``fa4_attention`` launch other libraries' dense attention for the fused search. Importing this
+package never fails: without Triton the launchers are absent and :func:`kernel_support` says why.
 
 Supported: CUDA tensors (or any device under ``TRITON_INTERPRET=1``), fp16 / bf16 / fp32, head
 dims 1..128 (64 and 128 tuned), block sizes 64 and 128.
