@@ -1,7 +1,7 @@
 """Block-sparse kernel variants side by side: 64-row vs 128-row (query-block pair) programs,
 pointer loads vs tensor descriptors (TMA), and launch configs, on the ADASPA.md section 7 shapes.
 
-Masks: density 1.0; head-adaptive 0.2 (heads at 0.1 / 0.2 / 0.3) and 0.1, either random (row-wise
+Programs may also walk their lists rotated (see ``VARIANTS``). Masks: density 1.0; head-adaptive 0.2 (heads at 0.1 / 0.2 / 0.3) and 0.1, either random (row-wise
 top-k of uniform scores) or *local*: row-wise top-k of a score that falls with the distance
 between the blocks' (frame, row, column) centroids on the video grid, plus Gumbel noise, with a
 per-head spatial and temporal reach. Random masks are the worst case for pair programs (adjacent
@@ -47,18 +47,27 @@ SHAPES = {
     "cogvideox": (48, 64, (11, 48, 85), 226, "first"),
 }
 BLOCK = 64
-# (query blocks per program, TMA, num_warps, num_stages, layout); layout "bhsd": q, k, v copied to
-# contiguous [B, H, L, D] (a probe of what the BSHD strides cost), else the diffusers BSHD view.
-VARIANTS = [(1, False, 4, 2, "bshd"), (1, False, 4, 3, "bshd"), (1, True, 4, 2, "bshd"),
-            (1, True, 4, 3, "bshd"), (2, False, 4, 2, "bshd"), (2, False, 8, 2, "bshd"),
-            (2, False, 8, 3, "bshd"), (2, False, 4, 3, "bshd"), (2, True, 4, 2, "bshd"),
-            (2, True, 8, 2, "bshd"), (2, True, 8, 3, "bshd"), (2, True, 4, 3, "bshd"),
-            (1, True, 4, 2, "bhsd"), (2, True, 4, 2, "bhsd")]
+# (query blocks per program, TMA, num_warps, num_stages, layout, rotate period); layout "bhsd":
+# q, k, v copied to contiguous [B, H, L, D] (a probe of what the BSHD strides cost), else the
+# diffusers BSHD view. Rotate period P (``block_sparse._launch(rotate_period=P)``): program p
+# starts its walk at the fraction (p mod P) / P of its list, so the ~P programs resident at once
+# read K/V in step (ncu: the HunyuanVideo random mask re-reads 204 GB from DRAM at a 49% L2 hit
+# rate). 264 and 528 are the H100's 132 SMs times 2 and 4 resident programs (64-row programs at
+# head dim 128 and 64).
+VARIANTS = [(1, False, 4, 2, "bshd", None), (1, False, 4, 3, "bshd", None),
+            (1, True, 4, 2, "bshd", None), (1, True, 4, 3, "bshd", None),
+            (2, False, 4, 2, "bshd", None), (2, False, 8, 2, "bshd", None),
+            (2, False, 8, 3, "bshd", None), (2, False, 4, 3, "bshd", None),
+            (2, True, 4, 2, "bshd", None), (2, True, 8, 2, "bshd", None),
+            (2, True, 8, 3, "bshd", None), (2, True, 4, 3, "bshd", None),
+            (1, True, 4, 2, "bhsd", None), (2, True, 4, 2, "bhsd", None),
+            (1, True, 4, 2, "bshd", 132), (1, True, 4, 2, "bshd", 264),
+            (1, True, 4, 2, "bshd", 528)]
 
 
-def variant_label(qb, tma, w, s, layout) -> str:
+def variant_label(qb, tma, w, s, layout, rotate=None) -> str:
     return (f"{'pair' if qb == 2 else 'single'}{'-tma' if tma else ''} w{w} s{s}"
-            f"{' bhsd' if layout == 'bhsd' else ''}")
+            f"{' bhsd' if layout == 'bhsd' else ''}{f' rot{rotate}' if rotate else ''}")
 
 
 def parse_args():
@@ -217,8 +226,8 @@ def run_shape(name, args, rows):
         unpadded = None
         for kv in paddings:
             base = None
-            for qb, tma, w, s, layout in VARIANTS:
-                label = variant_label(qb, tma, w, s, layout)
+            for qb, tma, w, s, layout, rotate in VARIANTS:
+                label = variant_label(qb, tma, w, s, layout, rotate)
                 if args.variants != "all" and label not in args.variants.split(","):
                     continue
                 lists = (counts, indices, None) if qb == 1 else (pc, pi, bm.bits)
@@ -227,7 +236,7 @@ def run_shape(name, args, rows):
                 def call():
                     return block_sparse._launch(*qkv, lists[0], lists[1], scale, BLOCK, kv, None,
                                                 bits=lists[2], use_tma=tma, num_warps=w,
-                                                num_stages=s)
+                                                num_stages=s, rotate_period=rotate)
                 row = {"shape": name, "mask": mname, "key_padding": kv is not None,
                        "variant": label, "density": density, "inflation": inflation,
                        "lists_ms": pair_build_ms if qb == 2 else single_build_ms}

@@ -63,6 +63,9 @@ def parse_args():
     p.add_argument("--quick", action="store_true", help="a quarter of each shape's tokens")
     p.add_argument("--tokens", type=int, default=None, help="override the token count")
     p.add_argument("--ncu", default=os.environ.get("NCU", "ncu"), help="the ncu executable")
+    p.add_argument("--rotate-period", type=int, default=None,
+                   help="sparse targets: programs walk their lists rotated with this period "
+                        "(block_sparse._launch(rotate_period=...), an experiment)")
     return p.parse_args()
 
 
@@ -103,7 +106,7 @@ def cached_launch(shape: str, L: int, device: str):
     return lambda: adaspa_kernels.cached_search(q, k, lse, scale, 64, None)
 
 
-def sparse_launch(shape: str, mask: str, L: int, device: str):
+def sparse_launch(shape: str, mask: str, L: int, device: str, rotate_period=None):
     """The 64-row block-sparse launch on the shape's head-adaptive d=0.2 mask."""
     import block_sparse_variants as variants
     from kernels import SHAPES, head_densities, make_mask, random_qkv, text_blocks
@@ -123,8 +126,10 @@ def sparse_launch(shape: str, mask: str, L: int, device: str):
         centroid, text_blk = variants.block_stats(coords, is_text, L, 64)
         bm = variants.make_mask(H, L, 64, densities, centroid, text_blk, True, device)
     counts, indices = adaspa_kernels.mask_indices(bm.bits, bm.num_kv_blocks, bm.max_kept)
-    return lambda: adaspa_kernels.block_sparse_attention(q, k, v, counts, indices, D ** -0.5, 64,
-                                                         None)
+    from adaspa_compile.kernels import block_sparse
+
+    return lambda: block_sparse._launch(q, k, v, counts, indices, D ** -0.5, 64, None, None,
+                                        rotate_period=rotate_period)
 
 
 def launch(target: str, args) -> None:
@@ -132,7 +137,7 @@ def launch(target: str, args) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     L = _tokens(shape, args)
     run = cached_launch(shape, L, device) if kernel == "cached" else \
-        sparse_launch(shape, mask, L, device)
+        sparse_launch(shape, mask, L, device, args.rotate_period)
     for _ in range(2):  # ncu skips the first (compile, warm caches) and profiles the second
         out = run()
     if device == "cuda":
@@ -148,6 +153,8 @@ def ncu_csv(args, target: str, extra: list) -> str:
            sys.executable, str(Path(__file__).resolve()), "--launch", target]
     if args.quick:
         cmd.append("--quick")
+    if args.rotate_period:
+        cmd += ["--rotate-period", str(args.rotate_period)]
     if args.tokens:
         cmd += ["--tokens", str(args.tokens)]
     done = subprocess.run(cmd, capture_output=True, text=True)

@@ -48,6 +48,7 @@ def parse_args():
     p.add_argument("--chunk", type=int, default=None,
                    help="cached search: key blocks per cross-warp reduction (default: CHUNK)")
     p.add_argument("--pairs", action="store_true", help="block-sparse: 128-row pair programs")
+    p.add_argument("--rotate", action="store_true", help="block-sparse: the rotated list walk")
     p.add_argument("--warps", type=int, default=None, help="default: the launcher's config")
     p.add_argument("--stages", type=int, default=None, help="default: the launcher's config")
     return p.parse_args()
@@ -75,6 +76,7 @@ def kernel_spec(args):
                  "Bias": "*fp32", "Bits": "*u8", "qk_scale": "fp32"}
         const = dict(HEAD_DIM=d, HEAD_DIM_PAD=d_pad, BLOCK_SIZE=bs,
                      Q_BLOCKS=2 if args.pairs else 1, MASK_MODE=0, USE_TMA=tma, DOT_PREC="tf32",
+                     ROTATE=args.rotate,
                      stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1, stride_ik=1)
         key = "sparse_pair" if args.pairs else "sparse"
     div16 = {n for n in fn.arg_names if n.startswith("stride_") and n not in const}

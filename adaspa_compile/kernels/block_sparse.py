@@ -58,14 +58,19 @@ def _pair_row_bias(bits_lo, bits_hi, has_hi, j, offs_local, BLOCK_SIZE: tl.const
 
 @triton.jit
 def _sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base, bits_lo, bits_hi,
-                 has_hi, off_z, off_h, t_start, t_end, offs_local, offs_n, offs_d, stride_kn,
-                 stride_kd, stride_vn, stride_vd, stride_ik, seq_len, qk_scale,
+                 has_hi, off_z, off_h, t_start, t_end, rot, offs_local, offs_n, offs_d,
+                 stride_kn, stride_kd, stride_vn, stride_vd, stride_ik, seq_len, qk_scale,
                  HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                  Q_BLOCKS: tl.constexpr, USE_TMA: tl.constexpr, APPLY_BIAS: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
-    """Key blocks ``indices[t_start:t_end]`` of one list."""
+                 DOT_PREC: tl.constexpr, ROTATE: tl.constexpr):
+    """Key blocks ``indices[t_start:t_end]`` of one list; with ``ROTATE`` (and ``t_start`` 0)
+    in the order ``rot, rot + 1, ..., t_end - 1, 0, ..., rot - 1``."""
     for t in range(t_start, t_end):
-        j = tl.load(idx_base + t * stride_ik)
+        slot = t
+        if ROTATE:
+            slot = t + rot
+            slot = tl.where(slot >= t_end, slot - t_end, slot)
+        j = tl.load(idx_base + slot * stride_ik)
         k = load_block(K, k_base, off_z, off_h, j, offs_n, offs_d, stride_kn, stride_kd, seq_len,
                        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, USE_TMA)
         qk = biased_scores(q, k, bias_base, j * BLOCK_SIZE + offs_n, APPLY_BIAS, DOT_PREC)
@@ -93,11 +98,11 @@ def _block_sparse_kernel(Q, K, V, Out, Counts, Indices, Order, Bias, Bits,
                          stride_cz, stride_ch, stride_cm,
                          stride_iz, stride_ih, stride_im, stride_ik,
                          stride_bz, stride_bh, stride_bm,
-                         H, seq_len, n_q_blocks, n_lists, n_k_blocks, qk_scale,
+                         H, seq_len, n_q_blocks, n_lists, n_k_blocks, qk_scale, rotate_period,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, Q_BLOCKS: tl.constexpr,
                          MASK_MODE: tl.constexpr, USE_TMA: tl.constexpr,
-                         DOT_PREC: tl.constexpr):
+                         DOT_PREC: tl.constexpr, ROTATE: tl.constexpr):
     item = tl.load(Order + tl.program_id(0))
     lst = item % n_lists
     pid_zh = item // n_lists
@@ -132,17 +137,23 @@ def _block_sparse_kernel(Q, K, V, Out, Counts, Indices, Order, Bias, Bits,
     bias_base = Bias + off_z * n_k_blocks * BLOCK_SIZE
     # Ascending lists put the ragged last key block, if kept, in the last slot.
     n_clean = unbiased_blocks(count, MASK_MODE)
+    rot = 0
+    if ROTATE:
+        # Program p starts its clean slots at the fraction (p mod P) / P of its list: programs
+        # launched P apart start in phase, so programs running together walk K/V together.
+        rot = ((tl.program_id(0) % rotate_period) * n_clean) // rotate_period
     acc, l_i, m_i = _sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base,
-                                 bits_lo, bits_hi, has_hi, z32, h32, 0, n_clean, offs_local,
+                                 bits_lo, bits_hi, has_hi, z32, h32, 0, n_clean, rot, offs_local,
                                  offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                                  stride_ik, seq_len, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE,
-                                 Q_BLOCKS, USE_TMA, False, DOT_PREC)
+                                 Q_BLOCKS, USE_TMA, False, DOT_PREC, ROTATE)
     if MASK_MODE != MASK_NONE:
         acc, l_i, m_i = _sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base,
-                                     bits_lo, bits_hi, has_hi, z32, h32, n_clean, count,
+                                     bits_lo, bits_hi, has_hi, z32, h32, n_clean, count, 0,
                                      offs_local, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                                      stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM,
-                                     HEAD_DIM_PAD, BLOCK_SIZE, Q_BLOCKS, USE_TMA, True, DOT_PREC)
+                                     HEAD_DIM_PAD, BLOCK_SIZE, Q_BLOCKS, USE_TMA, True, DOT_PREC,
+                                     False)
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     store_rows(Out + off_z * stride_oz + off_h * stride_oh, out.to(Out.dtype.element_ty), offs_m,
                offs_d, stride_om, stride_od, seq_len, HEAD_DIM, HEAD_DIM_PAD)
@@ -199,7 +210,15 @@ def work_order(counts: torch.Tensor) -> torch.Tensor:
 
 def _launch(q, k, v, counts, indices, scale, block_size, key_valid, out, bits=None,
             use_tma: Optional[bool] = None, num_warps: Optional[int] = None,
-            num_stages: Optional[int] = None) -> torch.Tensor:
+            num_stages: Optional[int] = None,
+            rotate_period: Optional[int] = None) -> torch.Tensor:
+    """``rotate_period`` (an experiment, off by default): program ``p`` walks its list from
+    the fraction ``(p mod rotate_period) / rotate_period`` onward and wraps around, so that
+    programs resident together (about ``rotate_period`` of them) read nearby K/V blocks at the
+    same time; meant for random masks whose K/V per head exceed L2 (benchmarks/RESULTS.md,
+    sixth run). The result is the same up to summation order."""
+    if rotate_period is not None and (not isinstance(rotate_period, int) or rotate_period < 1):
+        raise ValueError(f"rotate_period must be a positive int or None, got {rotate_period!r}")
     _common.check_qk(q, k, block_size, v)
     _common.check_scale(scale)
     _common.check_key_valid(key_valid, q)
@@ -234,10 +253,10 @@ def _launch(q, k, v, counts, indices, scale, block_size, key_valid, out, bits=No
         counts.stride(0), counts.stride(1), counts.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2), indices.stride(3),
         *bits_strides,
-        H, L, nb, n_lists, nb, _common.log2_scale(scale),
+        H, L, nb, n_lists, nb, _common.log2_scale(scale), rotate_period or 1,
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, Q_BLOCKS=q_blocks,
         MASK_MODE=_common.mask_mode(key_valid, L, block_size), USE_TMA=descs is not None,
-        DOT_PREC=_common.dot_precision(q.dtype),
+        DOT_PREC=_common.dot_precision(q.dtype), ROTATE=rotate_period is not None,
         num_warps=num_warps or default_warps, num_stages=num_stages or default_stages,
     )
     return out

@@ -204,22 +204,25 @@ def run_cached(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] 
 
 
 def run_sparse(case: Case, dtype: torch.dtype, device: str, pairs: bool = False,
-               tma: Optional[bool] = None) -> None:
+               tma: Optional[bool] = None, rotate_period: Optional[int] = None) -> None:
     """Block-sparse output vs the reference; ``pairs``: 128-row programs over union lists;
-    ``tma``: K/V through tensor descriptors (forced under the interpreter when True)."""
+    ``tma``: K/V through tensor descriptors (forced under the interpreter when True);
+    ``rotate_period``: the rotated walk of ``block_sparse._launch``."""
     q, k, v = make_qkv(case, dtype, device)
     kv = make_key_valid(case, device)
     mask = make_mask(case, device)
     counts, indices = mask.to_indices()
     scale = case.head_dim ** -0.5
     out = poisoned(q)
-    if pairs:
-        lists = block_sparse.pair_lists(mask.bits, mask.num_kv_blocks, mask.max_kept)
+    lists = (block_sparse.pair_lists(mask.bits, mask.num_kv_blocks, mask.max_kept) if pairs
+             else (counts, indices))
+    bits = mask.bits if pairs else None
+    if rotate_period is None:  # the public entry point
         got = kernels.block_sparse_attention(q, k, v, *lists, scale, case.block_size, kv,
-                                             pair_bits=mask.bits, tma=tma, out=out)
+                                             pair_bits=bits, tma=tma, out=out)
     else:
-        got = kernels.block_sparse_attention(q, k, v, counts, indices, scale, case.block_size, kv,
-                                             tma=tma, out=out)
+        got = block_sparse._launch(q, k, v, *lists, scale, case.block_size, kv, out, bits=bits,
+                                   use_tma=tma, rotate_period=rotate_period)
     assert got is out
     kv_cpu = None if kv is None else kv.cpu()
     ref = reference.block_sparse_attention_ref(f64(q), f64(k), f64(v), counts.cpu(),
@@ -250,10 +253,23 @@ def test_cached_search_interpreter(case, tma):
 
 @interpreter_only
 @settings(settings.get_profile("kernels-ci"))
-@given(case=INTERP_CASES, pairs=st.booleans(), tma=st.sampled_from([None, True]))
-def test_block_sparse_interpreter(case, pairs, tma):
+@given(case=INTERP_CASES, pairs=st.booleans(), tma=st.sampled_from([None, True]),
+       rotate_period=st.sampled_from([None, None, 1, 3]))
+def test_block_sparse_interpreter(case, pairs, tma, rotate_period):
     assume(not pairs or case.block_size == 64)  # pair programs exist at block size 64 only
-    run_sparse(case, torch.float32, "cpu", pairs, tma)
+    run_sparse(case, torch.float32, "cpu", pairs, tma, rotate_period)
+
+
+@interpreter_only
+@pytest.mark.parametrize("period", [2, 3, 5])
+@pytest.mark.parametrize("pairs", [False, True])
+@pytest.mark.parametrize("seq_len,padding", [(6 * 64, "none"), (6 * 64 - 30, "none"),
+                                             (6 * 64, "tail")])
+def test_block_sparse_rotated_walk_interpreter(period, pairs, seq_len, padding):
+    """``rotate_period``: lists long enough (6 blocks) that every program's walk wraps."""
+    case = Case(batch=1, heads=3, seq_len=seq_len, head_dim=16, block_size=64, layout="bshd",
+                padding=padding, density=0.7, input_scale=1.0, seed=period)
+    run_sparse(case, torch.float32, "cpu", pairs, None, period)
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -275,11 +291,12 @@ def test_cached_search_gpu(dtype, case, tma):
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @settings(settings.get_profile("kernels-gpu"))
-@given(case=GPU_CASES, pairs=st.booleans(), tma=st.sampled_from([None, False]))
-def test_block_sparse_gpu(dtype, case, pairs, tma):
+@given(case=GPU_CASES, pairs=st.booleans(), tma=st.sampled_from([None, False]),
+       rotate_period=st.sampled_from([None, None, 7]))
+def test_block_sparse_gpu(dtype, case, pairs, tma, rotate_period):
     assume(dtype != torch.float32 or case.head_dim <= 64)  # fp32 FMA dots compile slowly
     assume(not pairs or case.block_size == 64)  # pair programs exist at block size 64 only
-    run_sparse(case, dtype, "cuda", pairs, tma)
+    run_sparse(case, dtype, "cuda", pairs, tma, rotate_period)
 
 
 for _test in (test_fused_search_gpu, test_cached_search_gpu, test_block_sparse_gpu):
@@ -315,6 +332,15 @@ def test_bad_input_raises_value_error(fn, problem):
             counts = torch.ones(1, 2, nb, dtype=torch.int32, device=DEVICE)
             indices = torch.zeros(1, 2, nb, 1, dtype=torch.int32, device=DEVICE)
             kernels.block_sparse_attention(q, k, v, counts, indices, 0.1, bs, kv)
+
+
+@pytest.mark.parametrize("period", [0, -2, 2.5])
+def test_bad_rotate_period_raises(period):
+    q, k, v = _qkv()
+    counts = torch.ones(1, 2, 2, dtype=torch.int32, device=DEVICE)
+    indices = torch.zeros(1, 2, 2, 1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="rotate_period"):
+        block_sparse._launch(q, k, v, counts, indices, 0.1, 64, None, None, rotate_period=period)
 
 
 def test_bad_mask_shape_raises():

@@ -20,14 +20,16 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="the interpreter launch; on a GPU run the script itself")
 
 
-def args(tokens: int) -> argparse.Namespace:
-    return argparse.Namespace(quick=False, tokens=tokens)
+def args(tokens: int, rotate_period=None) -> argparse.Namespace:
+    return argparse.Namespace(quick=False, tokens=tokens, rotate_period=rotate_period)
 
 
-@pytest.mark.parametrize("target", ["cached-cogvideox", "sparse-cogvideox-random",
-                                    "sparse-hunyuan-local"])
-def test_targets_launch(target, capsys):
-    ncu_kernels.launch(target, args(200))
+@pytest.mark.parametrize("target,rotate", [("cached-cogvideox", None),
+                                           ("sparse-cogvideox-random", None),
+                                           ("sparse-hunyuan-local", None),
+                                           ("sparse-hunyuan-random", 3)])
+def test_targets_launch(target, rotate, capsys):
+    ncu_kernels.launch(target, args(200, rotate))
     assert "finite True" in capsys.readouterr().out
 
 
