@@ -141,15 +141,19 @@ _DEFAULT_LAUNCH = (4, 2)
 MAX_REGISTERS = {("cached", 64, 64): 96}
 
 
+def _config_key(kernel: str, head_dim_pad: int, block_size: int) -> Tuple[str, int, int]:
+    """Key of the tables above; small head dims take the 64 entry."""
+    return kernel, max(64, head_dim_pad), block_size
+
+
 def launch_config(kernel: str, head_dim_pad: int, block_size: int) -> Tuple[int, int]:
-    """``(num_warps, num_stages)`` for one kernel; small head dims take the 64 entry."""
-    key = (kernel, max(64, head_dim_pad), block_size)
-    return LAUNCH_CONFIGS.get(key, _DEFAULT_LAUNCH)
+    """``(num_warps, num_stages)`` for one kernel."""
+    return LAUNCH_CONFIGS.get(_config_key(kernel, head_dim_pad, block_size), _DEFAULT_LAUNCH)
 
 
 def register_cap(kernel: str, head_dim_pad: int, block_size: int) -> dict:
     """Launch options capping registers per thread (``{"maxnreg": n}``), or ``{}``."""
-    cap = MAX_REGISTERS.get((kernel, max(64, head_dim_pad), block_size))
+    cap = MAX_REGISTERS.get(_config_key(kernel, head_dim_pad, block_size))
     return {} if cap is None or interpreting() else {"maxnreg": cap}
 
 

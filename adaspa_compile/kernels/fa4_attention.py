@@ -10,6 +10,7 @@ turn it off. Semantics are those of :func:`adaspa_compile.reference.attention_wi
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Optional, Tuple
@@ -27,8 +28,9 @@ _HEAD_DIMS = (64, 128)
 _DTYPES = (torch.float16, torch.bfloat16)
 
 
+@functools.lru_cache(maxsize=None)
 def _fa4_forward():
-    """FlashAttention-4's forward, or an import error message."""
+    """FlashAttention-4's forward, or an import error message (tried once per process)."""
     try:
         from flash_attn.cute.interface import _flash_attn_fwd
     except Exception as exc:  # not installed, or the CuTe DSL cannot load here
