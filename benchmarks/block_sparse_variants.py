@@ -1,16 +1,17 @@
 """Block-sparse kernel variants side by side: 64-row vs 128-row (query-block pair) programs,
 pointer loads vs tensor descriptors (TMA), and launch configs, on the ADASPA.md section 7 shapes.
 
-Programs may also walk their lists rotated (see ``VARIANTS``). Masks: density 1.0; head-adaptive 0.2 (heads at 0.1 / 0.2 / 0.3) and 0.1, either random (row-wise
-top-k of uniform scores) or *local*: row-wise top-k of a score that falls with the distance
+Programs may also walk their lists rotated (see ``VARIANTS``). Masks: density 1.0;
+head-adaptive 0.2 (heads at 0.1 / 0.2 / 0.3) and 0.1, either random (row-wise top-k of uniform scores) or *local*: row-wise top-k of a score that falls with the distance
 between the blocks' (frame, row, column) centroids on the video grid, plus Gumbel noise, with a
 per-head spatial and temporal reach. Random masks are the worst case for pair programs (adjacent
 query blocks share few key blocks); local masks have the structure of video attention maps
 (`benchmarks/pair_inflation.py` measures the pair overlap of real AdaSpa masks). Text blocks and
 the diagonal are always kept. ``inflation`` = key blocks a pair program visits x 2 / kept blocks.
 
-Every variant's output is checked against the 64-row pointer kernel (and, at density 1.0,
-against cuDNN) in the same run. Times are ``triton.testing.do_bench`` medians, bf16, B=1,
+Every variant's output is checked against the first variant run (and, at density 1.0, against
+cuDNN) in the same run, and against fp32 attention on a sample of query blocks (3 heads x 6
+blocks, ``exact``). Times are ``triton.testing.do_bench`` medians, bf16, B=1,
 BSHD memory viewed as BHSD (the diffusers layout).
 
     python benchmarks/block_sparse_variants.py --shapes hunyuan
@@ -52,20 +53,20 @@ BLOCK = 64
 # diffusers BSHD view. Rotate period P (``block_sparse._launch(rotate_period=P)``): program p
 # starts its walk at the fraction (p mod P) / P of its list, so the ~P programs resident at once
 # read K/V in step (ncu: the HunyuanVideo random mask re-reads 204 GB from DRAM at a 49% L2 hit
-# rate). 264 and 528 are the H100's 132 SMs times 2 and 4 resident programs (64-row programs at
-# head dim 128 and 64).
-VARIANTS = [(1, False, 4, 2, "bshd", None), (1, False, 4, 3, "bshd", None),
-            (1, True, 4, 2, "bshd", None), (1, True, 4, 3, "bshd", None),
-            (2, False, 4, 2, "bshd", None), (2, False, 8, 2, "bshd", None),
-            (2, False, 8, 3, "bshd", None), (2, False, 4, 3, "bshd", None),
-            (2, True, 4, 2, "bshd", None), (2, True, 8, 2, "bshd", None),
-            (2, True, 8, 3, "bshd", None), (2, True, 4, 3, "bshd", None),
-            (1, True, 4, 2, "bhsd", None), (2, True, 4, 2, "bhsd", None),
-            (1, True, 4, 2, "bshd", 132), (1, True, 4, 2, "bshd", 264),
-            (1, True, 4, 2, "bshd", 528)]
+# rate without it). 0 = no rotation; "auto" = the launcher's default
+# (``block_sparse.default_rotate_period``).
+VARIANTS = [(1, False, 4, 2, "bshd", 0), (1, False, 4, 3, "bshd", 0),
+            (1, True, 4, 2, "bshd", 0), (1, True, 4, 3, "bshd", 0),
+            (2, False, 4, 2, "bshd", 0), (2, False, 8, 2, "bshd", 0),
+            (2, False, 8, 3, "bshd", 0), (2, False, 4, 3, "bshd", 0),
+            (2, True, 4, 2, "bshd", 0), (2, True, 8, 2, "bshd", 0),
+            (2, True, 8, 3, "bshd", 0), (2, True, 4, 3, "bshd", 0),
+            (1, True, 4, 2, "bhsd", 0), (2, True, 4, 2, "bhsd", 0)]
+VARIANTS += [(1, True, 4, 2, "bshd", p) for p in (132, 264, 396, 528, 660, 792, 1056, "auto")]
+VARIANTS += [(2, True, 4, 2, "bshd", p) for p in (132, 264, 396)]
 
 
-def variant_label(qb, tma, w, s, layout, rotate=None) -> str:
+def variant_label(qb, tma, w, s, layout, rotate=0) -> str:
     return (f"{'pair' if qb == 2 else 'single'}{'-tma' if tma else ''} w{w} s{s}"
             f"{' bhsd' if layout == 'bhsd' else ''}{f' rot{rotate}' if rotate else ''}")
 
@@ -151,18 +152,49 @@ def fa4_forward():
     return forward
 
 
-def timed_row(row, call, base, ref, cudnn_ms, flops, rep):
-    """Run, check against ``base`` (and ``ref``), time; failures are recorded, not raised."""
+def exact_sample(q, k, v, bits, nb, scale, L, key_valid=None):
+    """fp32 attention of a sample of query blocks (3 heads x 6 blocks) over their kept key
+    blocks: ``(heads, rows, out)``, the yardstick for every variant's error."""
+    H = q.shape[1]
+    heads = sorted({0, H // 2, H - 1})
+    blocks = torch.linspace(0, nb - 1, 6).round().long().tolist()
+    rows = torch.cat([torch.arange(b * BLOCK, min(L, (b + 1) * BLOCK)) for b in blocks]).to(q.device)
+    shifts = torch.arange(8, device=q.device)
+    outs = []
+    for h in heads:
+        keep = ((bits[0, h, blocks].long()[..., None] >> shifts) & 1).flatten(1)[:, :nb].bool()
+        tok = keep.repeat_interleave(BLOCK, dim=1)[:, :L]
+        tok = torch.cat([tok[i].expand(min(L, (b + 1) * BLOCK) - b * BLOCK, L)
+                         for i, b in enumerate(blocks)])
+        if key_valid is not None:
+            tok = tok & key_valid[0][None, :]
+        s = (q[0, h, rows].float() @ k[0, h].float().T) * scale
+        p = torch.softmax(s.masked_fill(~tok, float("-inf")), dim=-1)
+        outs.append(p @ v[0, h].float())
+    return heads, rows, torch.stack(outs)
+
+
+def exact_err(out, sample) -> float:
+    heads, rows, ref = sample
+    return rel_err(out[0, heads][:, rows], ref)
+
+
+def timed_row(row, call, base, ref, cudnn_ms, flops, rep, sample=None):
+    """Run, check against ``base`` (and ``ref``, and the exact ``sample``), time; failures are
+    recorded, not raised."""
     try:
         out = call()
         row["err_vs_single"] = rel_err(out, base) if base is not None else 0.0
         if ref is not None:
             row["err_vs_cudnn"] = rel_err(out, ref)
+        if sample is not None:
+            row["err_vs_exact"] = exact_err(out, sample)
         ms = bench(call, rep)
         row.update(ms=ms, ratio_cudnn=ms / cudnn_ms,
                    tflops_kept=flops * row.get("density", 1.0) / ms / 1e9)
-        print(f"    {row['variant']:22s} pad={row.get('key_padding', False)!s:5s} {ms:9.3f} ms  "
-              f"{ms / cudnn_ms:6.3f}x cuDNN  err {row['err_vs_single']:.1e}", flush=True)
+        print(f"    {row['variant']:24s} pad={row.get('key_padding', False)!s:5s} {ms:9.3f} ms  "
+              f"{ms / cudnn_ms:6.3f}x cuDNN  err {row['err_vs_single']:.1e}, exact "
+              f"{row.get('err_vs_exact', float('nan')):.1e}", flush=True)
         return out
     except Exception as exc:  # keep the table going
         row["error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -226,6 +258,9 @@ def run_shape(name, args, rows):
         unpadded = None
         for kv in paddings:
             base = None
+            sample = exact_sample(q, k, v, bm.bits, nb, scale, L, kv)
+            if mname == "1.0" and kv is None:
+                print(f"    cuDNN dense vs exact: {exact_err(ref, sample):.1e}")
             for qb, tma, w, s, layout, rotate in VARIANTS:
                 label = variant_label(qb, tma, w, s, layout, rotate)
                 if args.variants != "all" and label not in args.variants.split(","):
@@ -236,15 +271,18 @@ def run_shape(name, args, rows):
                 def call():
                     return block_sparse._launch(*qkv, lists[0], lists[1], scale, BLOCK, kv, None,
                                                 bits=lists[2], use_tma=tma, num_warps=w,
-                                                num_stages=s, rotate_period=rotate)
+                                                num_stages=s,
+                                                rotate_period=None if rotate == "auto" else rotate)
                 row = {"shape": name, "mask": mname, "key_padding": kv is not None,
                        "variant": label, "density": density, "inflation": inflation,
                        "lists_ms": pair_build_ms if qb == 2 else single_build_ms}
                 out = timed_row(row, call, base, ref if mname == "1.0" and kv is None else None,
-                                cudnn_ms, flops, args.rep)
+                                cudnn_ms, flops, args.rep, sample)
                 base = out if base is None else base
                 rows.append(row)
             unpadded = base if kv is None else unpadded
+    for key, programs in block_sparse._RESIDENT.items():
+        print(f"  default rotate period {programs} for {dict(key[2])}")
         if fa4 is not None:
             row = {"shape": name, "mask": mname, "variant": "FlashAttention-4 block-sparse",
                    "density": density}

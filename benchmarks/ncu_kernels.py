@@ -64,8 +64,9 @@ def parse_args():
     p.add_argument("--tokens", type=int, default=None, help="override the token count")
     p.add_argument("--ncu", default=os.environ.get("NCU", "ncu"), help="the ncu executable")
     p.add_argument("--rotate-period", type=int, default=None,
-                   help="sparse targets: programs walk their lists rotated with this period "
-                        "(block_sparse._launch(rotate_period=...), an experiment)")
+                   help="sparse targets: the period of the rotated list walk "
+                        "(block_sparse._launch(rotate_period=...)); default: the launcher's; "
+                        "0: none")
     return p.parse_args()
 
 
@@ -153,7 +154,7 @@ def ncu_csv(args, target: str, extra: list) -> str:
            sys.executable, str(Path(__file__).resolve()), "--launch", target]
     if args.quick:
         cmd.append("--quick")
-    if args.rotate_period:
+    if args.rotate_period is not None:
         cmd += ["--rotate-period", str(args.rotate_period)]
     if args.tokens:
         cmd += ["--tokens", str(args.tokens)]

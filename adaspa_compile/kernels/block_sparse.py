@@ -9,7 +9,11 @@ output is exactly that of :func:`adaspa_compile.reference.block_sparse_attention
 
 Programs are launched heaviest list first (a stable sort of the counts), so the long lists start
 early and the short ones fill the tail; lists of equal length keep their (batch, head, block)
-order, which keeps a head's K/V hot in L2.
+order, which keeps a head's K/V hot in L2. On a GPU, 64-row programs also walk their lists
+*rotated* (:func:`default_rotate_period`): program ``p`` starts at the fraction ``(p mod P) / P``
+of its list and wraps around, so the programs resident together read the same stretch of K/V
+instead of all of it (on random masks a head's K/V exceed L2: the HunyuanVideo mask took 21%
+less time on an H100).
 
 - dtypes: fp16 / bf16 (fp32 accumulation) or fp32 (IEEE fp32 dots; the interpreter path).
 - head dims 1..128; 64 and 128 are tuned, others are padded to a power of two (>= 16) by masks.
@@ -36,7 +40,7 @@ import triton.language as tl
 
 from ..blockmask import pair_union
 from . import _common
-from ._tiles import (MASK_NONE, biased_scores, load_block, load_rows, online_softmax_step,
+from ._tiles import (MASK_ALL, MASK_NONE, biased_scores, load_block, load_rows, online_softmax_step,
                      store_rows, unbiased_blocks)
 from .mask_indices import mask_indices
 
@@ -89,7 +93,7 @@ def _sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base, bi
 
 
 # ----------------------------------------------------------------------------- kernel
-@triton.jit
+@triton.jit(do_not_specialize=["rotate_period"])
 def _block_sparse_kernel(Q, K, V, Out, Counts, Indices, Order, Bias, Bits,
                          stride_qz, stride_qh, stride_qm, stride_qd,
                          stride_kz, stride_kh, stride_kn, stride_kd,
@@ -139,21 +143,24 @@ def _block_sparse_kernel(Q, K, V, Out, Counts, Indices, Order, Bias, Bits,
     n_clean = unbiased_blocks(count, MASK_MODE)
     rot = 0
     if ROTATE:
-        # Program p starts its clean slots at the fraction (p mod P) / P of its list: programs
-        # launched P apart start in phase, so programs running together walk K/V together.
-        rot = ((tl.program_id(0) % rotate_period) * n_clean) // rotate_period
+        # Program p starts the walk that begins at slot 0 (the clean slots, or with key padding
+        # the whole list) at the fraction (p mod P) / P of it: programs launched P apart start
+        # in phase, so with P programs resident they all read the same part of K/V together.
+        n_walk = count if MASK_MODE == MASK_ALL else n_clean
+        rot = ((tl.program_id(0) % rotate_period) * n_walk) // rotate_period
     acc, l_i, m_i = _sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base,
                                  bits_lo, bits_hi, has_hi, z32, h32, 0, n_clean, rot, offs_local,
                                  offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                                  stride_ik, seq_len, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE,
-                                 Q_BLOCKS, USE_TMA, False, DOT_PREC, ROTATE)
+                                 Q_BLOCKS, USE_TMA, False, DOT_PREC,
+                                 ROTATE and MASK_MODE != MASK_ALL)
     if MASK_MODE != MASK_NONE:
         acc, l_i, m_i = _sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base,
-                                     bits_lo, bits_hi, has_hi, z32, h32, n_clean, count, 0,
+                                     bits_lo, bits_hi, has_hi, z32, h32, n_clean, count, rot,
                                      offs_local, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
                                      stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM,
                                      HEAD_DIM_PAD, BLOCK_SIZE, Q_BLOCKS, USE_TMA, True, DOT_PREC,
-                                     False)
+                                     ROTATE and MASK_MODE == MASK_ALL)
     out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
     store_rows(Out + off_z * stride_oz + off_h * stride_oh, out.to(Out.dtype.element_ty), offs_m,
                offs_d, stride_om, stride_od, seq_len, HEAD_DIM, HEAD_DIM_PAD)
@@ -212,13 +219,13 @@ def _launch(q, k, v, counts, indices, scale, block_size, key_valid, out, bits=No
             use_tma: Optional[bool] = None, num_warps: Optional[int] = None,
             num_stages: Optional[int] = None,
             rotate_period: Optional[int] = None) -> torch.Tensor:
-    """``rotate_period`` (an experiment, off by default): program ``p`` walks its list from
-    the fraction ``(p mod rotate_period) / rotate_period`` onward and wraps around, so that
-    programs resident together (about ``rotate_period`` of them) read nearby K/V blocks at the
-    same time; meant for random masks whose K/V per head exceed L2 (benchmarks/RESULTS.md,
-    sixth run). The result is the same up to summation order."""
-    if rotate_period is not None and (not isinstance(rotate_period, int) or rotate_period < 1):
-        raise ValueError(f"rotate_period must be a positive int or None, got {rotate_period!r}")
+    """``rotate_period``: program ``p`` walks its list from the fraction ``(p mod P) / P``
+    onward and wraps around, so that the programs resident together read nearby K/V blocks at
+    the same time (random masks re-read K/V from DRAM otherwise: a head's K/V can exceed L2).
+    None = :func:`default_rotate_period`, 0 = no rotation, or the period ``P``. The result is
+    the same up to summation order."""
+    if rotate_period is not None and (not isinstance(rotate_period, int) or rotate_period < 0):
+        raise ValueError(f"rotate_period must be an int >= 0 or None, got {rotate_period!r}")
     _common.check_qk(q, k, block_size, v)
     _common.check_scale(scale)
     _common.check_key_valid(key_valid, q)
@@ -244,6 +251,8 @@ def _launch(q, k, v, counts, indices, scale, block_size, key_valid, out, bits=No
     default_warps, default_stages = _common.launch_config(kernel, head_dim_pad, block_size)
     bits_arg = counts if bits is None else bits  # never read with one query block per program
     bits_strides = (0, 0, 0) if bits is None else bits.stride()[:3]
+    if rotate_period is None:
+        rotate_period = default_rotate_period(q, q_blocks)
     _block_sparse_kernel[(B * H * n_lists,)](
         q, k_arg, v_arg, out, counts, indices, work_order(counts), bias, bits_arg,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
@@ -256,10 +265,26 @@ def _launch(q, k, v, counts, indices, scale, block_size, key_valid, out, bits=No
         H, L, nb, n_lists, nb, _common.log2_scale(scale), rotate_period or 1,
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, Q_BLOCKS=q_blocks,
         MASK_MODE=_common.mask_mode(key_valid, L, block_size), USE_TMA=descs is not None,
-        DOT_PREC=_common.dot_precision(q.dtype), ROTATE=rotate_period is not None,
+        DOT_PREC=_common.dot_precision(q.dtype), ROTATE=rotate_period != 0,
         num_warps=num_warps or default_warps, num_stages=num_stages or default_stages,
     )
     return out
+
+
+# Programs per SM in the default rotate period. Measured on the H100 (benchmarks/RESULTS.md,
+# seventh run): at head dim 128 (2 programs resident per SM) periods of 3-6 per SM ran the
+# HunyuanVideo random mask alike (80.4-80.9 ms, 102.5 unrotated) and 2 per SM slower (86.5); at
+# head dim 64 (4 resident) 4 per SM was best and 8 per SM 14% slower.
+ROTATE_PROGRAMS_PER_SM = 4
+
+
+def default_rotate_period(q: torch.Tensor, q_blocks: int) -> int:
+    """The rotate period ``rotate_period=None`` gives: ``ROTATE_PROGRAMS_PER_SM`` times the
+    GPU's SMs for 64-row programs on a GPU; 0 (no rotation) for pair programs (no gain measured)
+    and under the interpreter."""
+    if not q.is_cuda or _common.interpreting() or q_blocks != 1:
+        return 0
+    return ROTATE_PROGRAMS_PER_SM * torch.cuda.get_device_properties(q.device).multi_processor_count
 
 
 # ----------------------------------------------------------------------------- public

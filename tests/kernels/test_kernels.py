@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import pytest
@@ -334,7 +335,7 @@ def test_bad_input_raises_value_error(fn, problem):
             kernels.block_sparse_attention(q, k, v, counts, indices, 0.1, bs, kv)
 
 
-@pytest.mark.parametrize("period", [0, -2, 2.5])
+@pytest.mark.parametrize("period", [-1, -2, 2.5])
 def test_bad_rotate_period_raises(period):
     q, k, v = _qkv()
     counts = torch.ones(1, 2, 2, dtype=torch.int32, device=DEVICE)
@@ -409,6 +410,19 @@ def test_register_cap_only_on_the_gpu_and_where_measured(monkeypatch):
     assert _common.register_cap("sparse", 64, 64) == {}
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter has no registers to cap
     assert _common.register_cap("cached", 64, 64) == {}
+
+
+def test_rotation_is_a_gpu_default_for_64_row_programs(monkeypatch):
+    q = torch.empty(1, 1, 64, 64)
+    assert block_sparse.default_rotate_period(q, 1) == 0  # not CUDA
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(multi_processor_count=132))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert block_sparse.default_rotate_period(q, 1) == 4 * 132
+    assert block_sparse.default_rotate_period(q, 2) == 0
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert block_sparse.default_rotate_period(q, 1) == 0
 
 
 def test_prefer_pairs_only_for_head_dim_128_and_low_overhead():
