@@ -122,8 +122,9 @@ def sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bloc
     """Block-sparse attention over the kept blocks of ``mask``.
 
     With the Triton kernels, the index lists come from the mask-to-index kernel (one launch, no
-    host sync, no dense ``[B, H, nq, nk]`` intermediate); programs own pairs of query blocks
-    when adjacent rows keep nearly the same blocks (``mask.pair_overhead``). Elsewhere the lists
+    host sync, no dense ``[B, H, nq, nk]`` intermediate); programs own pairs of query blocks,
+    reading the key blocks both keep once, when adjacent rows share most of their blocks
+    (``mask.pair_overhead``, :func:`kernels.prefer_pairs`). Elsewhere the lists
     come from the reference ``BlockMask.to_indices()``.
     """
     kernels = _kernels_for(q, mask.block_size, scale)
@@ -132,9 +133,8 @@ def sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bloc
         return reference.block_sparse_attention_ref(q, k, v, counts, indices, scale,
                                                     mask.block_size, key_valid)
     if kernels.prefer_pairs(mask.pair_overhead, q.shape[-1], mask.block_size, q.dtype):
-        counts, indices = kernels.pair_lists(mask.bits, mask.num_kv_blocks, mask.max_kept)
-        return kernels.block_sparse_attention(q, k, v, counts, indices, scale, mask.block_size,
-                                              key_valid, pair_bits=mask.bits)
+        counts, indices = kernels.shared_pair_lists(mask.bits, mask.num_kv_blocks, mask.max_kept)
+        return kernels.shared_pair_attention(q, k, v, counts, indices, scale, key_valid)
     counts, indices = kernels.mask_indices(mask.bits, mask.num_kv_blocks, mask.max_kept)
     return kernels.block_sparse_attention(q, k, v, counts, indices, scale, mask.block_size,
                                           key_valid)

@@ -39,6 +39,7 @@ from adaspa_compile.blockmask import BlockMask  # noqa: E402
 from kernels import bench, head_densities, random_qkv, rel_err, write_results  # noqa: E402
 
 block_sparse = importlib.import_module("adaspa_compile.kernels.block_sparse")
+shared_pairs = importlib.import_module("adaspa_compile.kernels.shared_pairs")
 mask_indices = importlib.import_module("adaspa_compile.kernels.mask_indices")
 
 # name: (heads, head_dim, (frames, rows, cols) of the video grid, text tokens, text position)
@@ -64,10 +65,14 @@ VARIANTS = [(1, False, 4, 2, "bshd", 0), (1, False, 4, 3, "bshd", 0),
             (1, True, 4, 2, "bhsd", 0), (2, True, 4, 2, "bhsd", 0)]
 VARIANTS += [(1, True, 4, 2, "bshd", p) for p in (132, 264, 396, 528, 660, 792, 1056, "auto")]
 VARIANTS += [(2, True, 4, 2, "bshd", p) for p in (132, 264, 396)]
+# "shared": pair programs that read the blocks both query blocks keep once (``shared_pairs``).
+VARIANTS += [("shared", True, w, s, "bshd", p) for w, s, p in
+             ((4, 2, 0), (4, 2, "auto"), (4, 3, 0), (4, 3, "auto"), (8, 2, "auto"))]
 
 
 def variant_label(qb, tma, w, s, layout, rotate=0) -> str:
-    return (f"{'pair' if qb == 2 else 'single'}{'-tma' if tma else ''} w{w} s{s}"
+    kind = {1: "single", 2: "pair", "shared": "shared"}[qb]
+    return (f"{kind}{'-tma' if tma else ''} w{w} s{s}"
             f"{' bhsd' if layout == 'bhsd' else ''}{f' rot{rotate}' if rotate else ''}")
 
 
@@ -247,13 +252,16 @@ def run_shape(name, args, rows):
         bm = make_mask(H, L, BLOCK, head_densities(mname, H), centroid, text_blk, local, dev)
         counts, indices = mask_indices.mask_indices(bm.bits, nb, bm.max_kept)
         pc, pi = block_sparse.pair_lists(bm.bits, nb, bm.max_kept)
+        shared_lists = shared_pairs.shared_pair_lists(bm.bits, nb, bm.max_kept)
+        shared_frac = float(shared_lists[0][..., 0].sum()) * 2 / float(counts.sum())
         kept = float(counts.sum())
         density = kept / (H * nb * nb)
         inflation = 2.0 * float(pc.sum()) / kept
         pair_build_ms = bench(lambda: block_sparse.pair_lists(bm.bits, nb, bm.max_kept), args.rep)
         single_build_ms = bench(lambda: mask_indices.mask_indices(bm.bits, nb, bm.max_kept),
                                 args.rep)
-        print(f"  mask {mname}: density {density:.3f}, pair inflation {inflation:.3f}, lists "
+        print(f"  mask {mname}: density {density:.3f}, pair inflation {inflation:.3f}, shared "
+              f"{shared_frac:.3f} of kept blocks, lists "
               f"{single_build_ms:.3f} ms (pairs {pair_build_ms:.3f} ms)", flush=True)
         unpadded = None
         for kv in paddings:
@@ -267,22 +275,31 @@ def run_shape(name, args, rows):
                     continue
                 lists = (counts, indices, None) if qb == 1 else (pc, pi, bm.bits)
                 qkv = tensors(layout)
+                period = None if rotate == "auto" else rotate
 
                 def call():
+                    if qb == "shared":
+                        return shared_pairs.shared_pair_attention(
+                            *qkv, *shared_lists, scale, kv, tma=tma, num_warps=w, num_stages=s,
+                            rotate_period=period)
                     return block_sparse._launch(*qkv, lists[0], lists[1], scale, BLOCK, kv, None,
                                                 bits=lists[2], use_tma=tma, num_warps=w,
-                                                num_stages=s,
-                                                rotate_period=None if rotate == "auto" else rotate)
+                                                num_stages=s, rotate_period=period)
                 row = {"shape": name, "mask": mname, "key_padding": kv is not None,
                        "variant": label, "density": density, "inflation": inflation,
+                       "shared_fraction": shared_frac,
                        "lists_ms": pair_build_ms if qb == 2 else single_build_ms}
                 out = timed_row(row, call, base, ref if mname == "1.0" and kv is None else None,
                                 cudnn_ms, flops, args.rep, sample)
                 base = out if base is None else base
                 rows.append(row)
             unpadded = base if kv is None else unpadded
-    for key, programs in block_sparse._RESIDENT.items():
-        print(f"  default rotate period {programs} for {dict(key[2])}")
+    for fn in (block_sparse._block_sparse_kernel, shared_pairs._shared_pair_kernel):
+        for cache in fn.device_caches.values():
+            for kern in cache[0].values():
+                print(f"  {fn.fn.__name__}: {kern.n_regs} registers ({kern.n_spills} spilled), "
+                      f"{kern.metadata.shared} B shared, {kern.metadata.num_warps} warps, "
+                      f"{kern.metadata.num_stages} stages")
         if fa4 is not None:
             row = {"shape": name, "mask": mname, "variant": "FlashAttention-4 block-sparse",
                    "density": density}

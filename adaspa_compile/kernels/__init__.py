@@ -1,6 +1,7 @@
 """Triton kernels of AdaSpa: fused search, LSE-cached search, block-sparse attention, the
 mask-to-index expansion that feeds the block-sparse kernel, and the two passes of the block
-selection (sorting each mass row's candidates; packing each row's best blocks into mask bits).
+selection (sorting each mass row's candidates; packing each row's best blocks into mask bits);
+block-sparse attention also by pairs of query blocks that share key blocks (``shared_pairs``).
 
 Each kernel lives in its own file with its launcher; their meaning is fixed by the pure-PyTorch
 references in :mod:`adaspa_compile.reference` (attention, mass, index lists) and
@@ -21,7 +22,7 @@ import torch
 from . import _common
 
 __all__ = ["kernel_support", "fused_search", "cached_search", "block_sparse_attention",
-           "pair_lists", "prefer_pairs", "mask_indices", "sorted_candidate_mass", "keep_blocks",
+           "pair_lists", "prefer_pairs", "shared_pair_attention", "shared_pair_lists", "mask_indices", "sorted_candidate_mass", "keep_blocks",
            "SELECTION_MAX_BLOCKS", "TRITON_IMPORT_ERROR"]
 
 try:
@@ -34,6 +35,7 @@ try:
     from .fused_search import fused_search
     from .keep_blocks import keep_blocks
     from .mask_indices import mask_indices
+    from .shared_pairs import shared_pair_attention, shared_pair_lists
 
     TRITON_IMPORT_ERROR = None
 except ImportError as exc:  # CPU installs without Triton
@@ -44,6 +46,7 @@ except ImportError as exc:  # CPU installs without Triton
 
     fused_search = cached_search = block_sparse_attention = mask_indices = pair_lists = _missing
     prefer_pairs = sorted_candidate_mass = keep_blocks = _missing
+    shared_pair_attention = shared_pair_lists = _missing
     SELECTION_MAX_BLOCKS = 0
 
 

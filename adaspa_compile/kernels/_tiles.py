@@ -53,6 +53,17 @@ def store_rows(base, tile, rows, offs_d, stride_row, stride_d, seq_len,
         tl.store(ptrs, tile, mask=(rows[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM))
 
 
+@triton.jit
+def rotated_slot(t, rot, t_end, ROTATE: tl.constexpr):
+    """Slot ``t`` of a list walked from slot ``rot`` onward and wrapped at ``t_end`` (with
+    ``ROTATE``; the walk starts at 0), else ``t``."""
+    slot = t
+    if ROTATE:
+        slot = t + rot
+        slot = tl.where(slot >= t_end, slot - t_end, slot)
+    return slot
+
+
 MASK_NONE = tl.constexpr(0)
 MASK_LAST = tl.constexpr(1)
 MASK_ALL = tl.constexpr(2)

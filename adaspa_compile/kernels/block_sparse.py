@@ -40,8 +40,8 @@ import triton.language as tl
 
 from ..blockmask import pair_union
 from . import _common
-from ._tiles import (MASK_ALL, MASK_NONE, biased_scores, load_block, load_rows, online_softmax_step,
-                     store_rows, unbiased_blocks)
+from ._tiles import (MASK_ALL, MASK_NONE, biased_scores, load_block, load_rows,
+                     online_softmax_step, rotated_slot, store_rows, unbiased_blocks)
 from .mask_indices import mask_indices
 
 __all__ = ["block_sparse_attention", "pair_lists", "prefer_pairs", "PAIR_MAX_OVERHEAD"]
@@ -70,11 +70,7 @@ def _sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base, bi
     """Key blocks ``indices[t_start:t_end]`` of one list; with ``ROTATE`` (and ``t_start`` 0)
     in the order ``rot, rot + 1, ..., t_end - 1, 0, ..., rot - 1``."""
     for t in range(t_start, t_end):
-        slot = t
-        if ROTATE:
-            slot = t + rot
-            slot = tl.where(slot >= t_end, slot - t_end, slot)
-        j = tl.load(idx_base + slot * stride_ik)
+        j = tl.load(idx_base + rotated_slot(t, rot, t_end, ROTATE) * stride_ik)
         k = load_block(K, k_base, off_z, off_h, j, offs_n, offs_d, stride_kn, stride_kd, seq_len,
                        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, USE_TMA)
         qk = biased_scores(q, k, bias_base, j * BLOCK_SIZE + offs_n, APPLY_BIAS, DOT_PREC)
@@ -198,12 +194,14 @@ def pair_lists(bits: torch.Tensor, num_kv_blocks: int, max_kept: int):
 
 
 def prefer_pairs(pair_overhead: float, head_dim: int, block_size: int, dtype: torch.dtype) -> bool:
-    """Whether 128-row pair programs beat 64-row ones for a mask with this ``pair_overhead``.
+    """Whether pair programs that share key blocks (:mod:`.shared_pairs`) beat 64-row ones for
+    a mask with this ``pair_overhead`` (``2 - pair_overhead`` of its kept blocks are shared).
 
-    Measured on an H100 (bf16, TMA, block size 64, ``benchmarks/block_sparse_variants.py``): at
-    head dim 128 a pair program costs 0.84x two single ones per key block (break-even overhead
-    ~1.19); at head dim 64 it costs more than two, so pairs never pay. Pairs exist only at block
-    size 64, and fp32 tiles stay single (measured for 16-bit inputs only).
+    Measured on an H100 (bf16, TMA, block size 64, ``benchmarks/block_sparse_variants.py``,
+    benchmarks/RESULTS.md, seventh run): at head dim 128 and density 1.0 (overhead 1.0) they take
+    0.82-0.85x the time of 64-row programs; on masks sharing 0.6-0.7 of their blocks they are
+    level, sharing 0.25 they are 1.2-1.3x slower (their state for two query blocks spills
+    registers); at head dim 64 they are slower. They exist at block size 64, for 16-bit inputs.
     """
     return (head_dim > 64 and block_size == 64 and dtype in (torch.float16, torch.bfloat16)
             and pair_overhead <= PAIR_MAX_OVERHEAD)
@@ -274,7 +272,7 @@ def _launch(q, k, v, counts, indices, scale, block_size, key_valid, out, bits=No
 # Programs per SM in the default rotate period. Measured on the H100 (benchmarks/RESULTS.md,
 # seventh run): at head dim 128 (2 programs resident per SM) periods of 3-6 per SM ran the
 # HunyuanVideo random mask alike (80.4-80.9 ms, 102.5 unrotated) and 2 per SM slower (86.5); at
-# head dim 64 (4 resident) 4 per SM was best and 8 per SM 14% slower.
+# head dim 64 (4 resident) 4 per SM was best and 8 per SM 7-14% slower.
 ROTATE_PROGRAMS_PER_SM = 4
 
 

@@ -19,11 +19,11 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from adaspa_compile import kernels, ops, reference
-from adaspa_compile.blockmask import BlockMask
+from adaspa_compile.blockmask import BlockMask, pack_bits
 
 pytest.importorskip("triton")
 
-from adaspa_compile.kernels import block_sparse  # noqa: E402  (needs triton)
+from adaspa_compile.kernels import block_sparse, shared_pairs  # noqa: E402  (needs triton)
 
 HAS_CUDA = torch.cuda.is_available()
 interpreter_only = pytest.mark.skipif(
@@ -205,10 +205,12 @@ def run_cached(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] 
 
 
 def run_sparse(case: Case, dtype: torch.dtype, device: str, pairs: bool = False,
-               tma: Optional[bool] = None, rotate_period: Optional[int] = None) -> None:
+               tma: Optional[bool] = None, rotate_period: Optional[int] = None,
+               shared: bool = False) -> None:
     """Block-sparse output vs the reference; ``pairs``: 128-row programs over union lists;
     ``tma``: K/V through tensor descriptors (forced under the interpreter when True);
-    ``rotate_period``: the rotated walk of ``block_sparse._launch``."""
+    ``rotate_period``: the rotated walk of ``block_sparse._launch``; ``shared``: programs over
+    pairs of query blocks sharing their common key blocks (``shared_pairs``)."""
     q, k, v = make_qkv(case, dtype, device)
     kv = make_key_valid(case, device)
     mask = make_mask(case, device)
@@ -218,7 +220,11 @@ def run_sparse(case: Case, dtype: torch.dtype, device: str, pairs: bool = False,
     lists = (block_sparse.pair_lists(mask.bits, mask.num_kv_blocks, mask.max_kept) if pairs
              else (counts, indices))
     bits = mask.bits if pairs else None
-    if rotate_period is None:  # the public entry point
+    if shared:
+        lists = shared_pairs.shared_pair_lists(mask.bits, mask.num_kv_blocks, mask.max_kept)
+        got = shared_pairs.shared_pair_attention(q, k, v, *lists, scale, kv, tma=tma, out=out,
+                                                 rotate_period=rotate_period)
+    elif rotate_period is None:  # the public entry point
         got = kernels.block_sparse_attention(q, k, v, *lists, scale, case.block_size, kv,
                                              pair_bits=bits, tma=tma, out=out)
     else:
@@ -273,6 +279,50 @@ def test_block_sparse_rotated_walk_interpreter(period, pairs, seq_len, padding):
     run_sparse(case, torch.float32, "cpu", pairs, None, period)
 
 
+@interpreter_only
+@settings(settings.get_profile("kernels-ci"))
+@given(case=INTERP_CASES, tma=st.sampled_from([None, True]),
+       rotate_period=st.sampled_from([None, 0, 1, 3]))
+def test_shared_pairs_interpreter(case, tma, rotate_period):
+    assume(case.block_size == 64)  # pairs exist at block size 64 only
+    run_sparse(case, torch.float32, "cpu", tma=tma, rotate_period=rotate_period, shared=True)
+
+
+@interpreter_only
+@pytest.mark.parametrize("period", [2, 5])
+@pytest.mark.parametrize("seq_len,padding", [(7 * 64, "none"), (7 * 64 - 30, "none"),
+                                             (7 * 64, "tail")])
+def test_shared_pairs_rotated_walk_interpreter(period, seq_len, padding):
+    """Dense enough (0.8) that every pair has long shared and own lists, and walks wrap."""
+    case = Case(batch=1, heads=2, seq_len=seq_len, head_dim=16, block_size=64, layout="bshd",
+                padding=padding, density=0.8, input_scale=1.0, seed=period)
+    run_sparse(case, torch.float32, "cpu", rotate_period=period, shared=True)
+
+
+def test_shared_pair_lists_split_each_pair():
+    torch.manual_seed(0)
+    dense = torch.rand(2, 3, 11, 11) < 0.5  # odd nq: the last row stands alone
+    counts, indices = shared_pairs.shared_pair_lists(pack_bits(dense).to(DEVICE), 11, 11)
+    counts, indices = counts.cpu(), indices.cpu()
+    padded = torch.nn.functional.pad(dense, (0, 0, 0, 1))
+    lo, hi = padded[:, :, 0::2], padded[:, :, 1::2]
+    for part, want in enumerate((lo & hi, lo & ~hi, hi & ~lo)):
+        assert torch.equal(counts[..., part], want.sum(-1).int())
+        for b, h, p in zip(*torch.nonzero(want.any(-1), as_tuple=True)):
+            cols = torch.nonzero(want[b, h, p]).flatten().int()
+            assert torch.equal(indices[b, h, p, part, :cols.numel()], cols)
+
+
+def test_shared_pairs_reject_bad_lists():
+    q = torch.randn(1, 2, 200, 16, device=DEVICE)
+    counts = torch.zeros(1, 2, 2, dtype=torch.int32, device=DEVICE)  # union-pair shape
+    indices = torch.zeros(1, 2, 2, 1, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match=r"n_pairs, 3"):
+        shared_pairs.shared_pair_attention(q, q, q, counts, indices, 0.25, None)
+    with pytest.raises(ValueError, match="rotate_period"):
+        shared_pairs.shared_pair_attention(q, q, q, counts, indices, 0.25, None, rotate_period=-1)
+
+
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @settings(settings.get_profile("kernels-gpu"))
@@ -300,7 +350,17 @@ def test_block_sparse_gpu(dtype, case, pairs, tma, rotate_period):
     run_sparse(case, dtype, "cuda", pairs, tma, rotate_period)
 
 
-for _test in (test_fused_search_gpu, test_cached_search_gpu, test_block_sparse_gpu):
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@settings(settings.get_profile("kernels-gpu"))
+@given(case=GPU_CASES, tma=st.sampled_from([None, False]), rotate_period=st.sampled_from([None, 7]))
+def test_shared_pairs_gpu(dtype, case, tma, rotate_period):
+    assume(dtype != torch.float32 or case.head_dim <= 64)  # fp32 FMA dots compile slowly
+    assume(case.block_size == 64)
+    run_sparse(case, dtype, "cuda", tma=tma, rotate_period=rotate_period, shared=True)
+
+
+for _test in (test_fused_search_gpu, test_cached_search_gpu, test_block_sparse_gpu,
+              test_shared_pairs_gpu):
     for _mark in gpu_only:
         _mark(_test)
 
@@ -454,8 +514,8 @@ def test_sparse_forward_picks_pairs_for_dense_masks_gpu(monkeypatch, density):
     from adaspa_compile import ops
 
     calls = []
-    real_pair_lists = kernels.pair_lists
-    monkeypatch.setattr(kernels, "pair_lists",
+    real_pair_lists = kernels.shared_pair_lists
+    monkeypatch.setattr(kernels, "shared_pair_lists",
                         lambda *a: calls.append(a) or real_pair_lists(*a))
     case = Case(batch=1, heads=2, seq_len=1000, head_dim=128, block_size=64, layout="bshd",
                 padding="tail", density=density, input_scale=1.0, seed=3)

@@ -1,0 +1,270 @@
+"""Block-sparse attention by pairs of query blocks that load their common key blocks once.
+
+One program owns query blocks ``2p`` and ``2p + 1`` (two 64-row halves of one (batch, head)) and
+walks three ascending lists of key blocks (:func:`shared_pair_lists`):
+
+- ``both``: blocks both halves keep: each K/V block is read once and serves 128 rows (the two
+  halves keep separate score tiles and softmax states);
+- ``lo`` / ``hi``: blocks only one half keeps: 64-row steps for that half alone.
+
+The work is exactly the kept blocks (union pair programs, :mod:`.block_sparse`, pay for the
+blocks one half does not keep), and the K/V read from L2 shrinks by the shared blocks: where
+64-row programs are bound by L2 bandwidth, adjacent query blocks of video masks share 30-70% of
+their key blocks. The output is that of
+:func:`adaspa_compile.reference.block_sparse_attention_ref`.
+
+- dtypes, head dims, key padding, TMA and the rotated walk as in :mod:`.block_sparse`; block size
+  64 only.
+- caveat: list entries must lie in ``[0, nk)`` and ascend (not checked on the device).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._tiles import (MASK_ALL, MASK_NONE, biased_scores, load_block, load_rows,
+                     online_softmax_step, rotated_slot, store_rows, unbiased_blocks)
+from .block_sparse import _check_lists, _sparse_loop, default_rotate_period
+from .mask_indices import mask_indices
+
+__all__ = ["shared_pair_attention", "shared_pair_lists"]
+
+BLOCK_SIZE = 64
+
+
+# ----------------------------------------------------------------------------- inner loop
+@triton.jit
+def _shared_loop(acc_lo, l_lo, m_lo, acc_hi, l_hi, m_hi, q_lo, q_hi, K, V, k_base, v_base,
+                 bias_base, idx_base, off_z, off_h, t_start, t_end, rot, offs_n, offs_d,
+                 stride_kn, stride_kd, stride_vn, stride_vd, stride_ik, seq_len, qk_scale,
+                 HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                 USE_TMA: tl.constexpr, APPLY_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+                 ROTATE: tl.constexpr):
+    """Key blocks ``indices[t_start:t_end]`` of the ``both`` list, each read once for both
+    halves."""
+    for t in range(t_start, t_end):
+        j = tl.load(idx_base + rotated_slot(t, rot, t_end, ROTATE) * stride_ik)
+        k = load_block(K, k_base, off_z, off_h, j, offs_n, offs_d, stride_kn, stride_kd, seq_len,
+                       HEAD_DIM, HEAD_DIM_PAD, BLOCK, USE_TMA)
+        cols = j * BLOCK + offs_n
+        qk_lo = biased_scores(q_lo, k, bias_base, cols, APPLY_BIAS, DOT_PREC)
+        qk_hi = biased_scores(q_hi, k, bias_base, cols, APPLY_BIAS, DOT_PREC)
+        v = load_block(V, v_base, off_z, off_h, j, offs_n, offs_d, stride_vn, stride_vd, seq_len,
+                       HEAD_DIM, HEAD_DIM_PAD, BLOCK, USE_TMA)
+        acc_lo, l_lo, m_lo = online_softmax_step(acc_lo, l_lo, m_lo, qk_lo, qk_scale, v, DOT_PREC)
+        acc_hi, l_hi, m_hi = online_softmax_step(acc_hi, l_hi, m_hi, qk_hi, qk_scale, v, DOT_PREC)
+    return acc_lo, l_lo, m_lo, acc_hi, l_hi, m_hi
+
+
+@triton.jit
+def _walk_rotation(count, rotate_period, MASK_MODE: tl.constexpr, ROTATE: tl.constexpr):
+    """First slot of this program's rotated walk over a list of ``count`` (0 without ``ROTATE``):
+    the walk that starts at slot 0 is the clean one, or with key padding the whole list."""
+    rot = 0
+    if ROTATE:
+        n_walk = count if MASK_MODE == MASK_ALL else unbiased_blocks(count, MASK_MODE)
+        rot = ((tl.program_id(0) % rotate_period) * n_walk) // rotate_period
+    return rot
+
+
+@triton.jit
+def _walk_half(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base, count, off_z, off_h,
+               rotate_period, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+               stride_ik, seq_len, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+               BLOCK: tl.constexpr, MASK_MODE: tl.constexpr, USE_TMA: tl.constexpr,
+               DOT_PREC: tl.constexpr, ROTATE: tl.constexpr):
+    """One half's own list (``lo`` or ``hi``): clean blocks, then those needing the bias."""
+    n_clean = unbiased_blocks(count, MASK_MODE)
+    rot = _walk_rotation(count, rotate_period, MASK_MODE, ROTATE)
+    acc, l_i, m_i = _sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base,
+                                 idx_base, idx_base, False, off_z, off_h, 0, n_clean, rot, offs_n,
+                                 offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                                 stride_ik, seq_len, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK, 1,
+                                 USE_TMA, False, DOT_PREC, ROTATE and MASK_MODE != MASK_ALL)
+    if MASK_MODE != MASK_NONE:
+        acc, l_i, m_i = _sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base,
+                                     idx_base, idx_base, False, off_z, off_h, n_clean, count, rot,
+                                     offs_n, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+                                     stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM,
+                                     HEAD_DIM_PAD, BLOCK, 1, USE_TMA, True, DOT_PREC,
+                                     ROTATE and MASK_MODE == MASK_ALL)
+    return acc, l_i, m_i
+
+
+# ----------------------------------------------------------------------------- kernel
+@triton.jit(do_not_specialize=["rotate_period"])
+def _shared_pair_kernel(Q, K, V, Out, Counts, Indices, Order, Bias,
+                        stride_qz, stride_qh, stride_qm, stride_qd,
+                        stride_kz, stride_kh, stride_kn, stride_kd,
+                        stride_vz, stride_vh, stride_vn, stride_vd,
+                        stride_oz, stride_oh, stride_om, stride_od,
+                        stride_cz, stride_ch, stride_cp, stride_cl,
+                        stride_iz, stride_ih, stride_ip, stride_il, stride_ik,
+                        H, seq_len, n_pairs, n_k_blocks, qk_scale, rotate_period,
+                        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                        MASK_MODE: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
+                        ROTATE: tl.constexpr):
+    BLOCK: tl.constexpr = 64
+    item = tl.load(Order + tl.program_id(0))
+    pair = item % n_pairs
+    pid_zh = item // n_pairs
+    z32 = pid_zh // H
+    h32 = pid_zh % H
+    off_z = z32.to(tl.int64)
+    off_h = h32.to(tl.int64)
+    offs_n = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    rows_lo = pair * (2 * BLOCK) + offs_n
+    rows_hi = rows_lo + BLOCK
+    q_base = Q + off_z * stride_qz + off_h * stride_qh
+    count_base = Counts + off_z * stride_cz + off_h * stride_ch + pair.to(tl.int64) * stride_cp
+    idx_both = Indices + off_z * stride_iz + off_h * stride_ih + pair.to(tl.int64) * stride_ip
+    if USE_TMA:
+        k_base = Q  # unused: the descriptors carry the addresses
+        v_base = Q
+    else:
+        k_base = K + off_z * stride_kz + off_h * stride_kh
+        v_base = V + off_z * stride_vz + off_h * stride_vh
+    bias_base = Bias + off_z * n_k_blocks * BLOCK
+    o_base = Out + off_z * stride_oz + off_h * stride_oh
+
+    # The walks are ordered so that a half's state is live only while needed: the first half's
+    # own blocks, the shared ones (both halves live), the first half stored, the second's own.
+    q_lo = load_rows(q_base, rows_lo, offs_d, stride_qm, stride_qd, seq_len, HEAD_DIM,
+                     HEAD_DIM_PAD)
+    m_lo = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
+    l_lo = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_lo = tl.zeros([BLOCK, HEAD_DIM_PAD], dtype=tl.float32)
+    acc_lo, l_lo, m_lo = _walk_half(acc_lo, l_lo, m_lo, q_lo, K, V, k_base, v_base, bias_base,
+                                    idx_both + stride_il, tl.load(count_base + stride_cl), z32,
+                                    h32, rotate_period, offs_n, offs_d, stride_kn, stride_kd,
+                                    stride_vn, stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM,
+                                    HEAD_DIM_PAD, BLOCK, MASK_MODE, USE_TMA, DOT_PREC, ROTATE)
+
+    q_hi = load_rows(q_base, rows_hi, offs_d, stride_qm, stride_qd, seq_len, HEAD_DIM,
+                     HEAD_DIM_PAD)
+    m_hi = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
+    l_hi = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_hi = tl.zeros([BLOCK, HEAD_DIM_PAD], dtype=tl.float32)
+    n_both = tl.load(count_base)
+    n_clean = unbiased_blocks(n_both, MASK_MODE)
+    rot = _walk_rotation(n_both, rotate_period, MASK_MODE, ROTATE)
+    acc_lo, l_lo, m_lo, acc_hi, l_hi, m_hi = _shared_loop(
+        acc_lo, l_lo, m_lo, acc_hi, l_hi, m_hi, q_lo, q_hi, K, V, k_base, v_base, bias_base,
+        idx_both, z32, h32, 0, n_clean, rot, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+        stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK, USE_TMA, False,
+        DOT_PREC, ROTATE and MASK_MODE != MASK_ALL)
+    if MASK_MODE != MASK_NONE:
+        acc_lo, l_lo, m_lo, acc_hi, l_hi, m_hi = _shared_loop(
+            acc_lo, l_lo, m_lo, acc_hi, l_hi, m_hi, q_lo, q_hi, K, V, k_base, v_base, bias_base,
+            idx_both, z32, h32, n_clean, n_both, rot, offs_n, offs_d, stride_kn, stride_kd,
+            stride_vn, stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK,
+            USE_TMA, True, DOT_PREC, ROTATE and MASK_MODE == MASK_ALL)
+    _store_half(o_base, acc_lo, l_lo, rows_lo, offs_d, stride_om, stride_od, seq_len, HEAD_DIM,
+                HEAD_DIM_PAD)
+
+    acc_hi, l_hi, m_hi = _walk_half(acc_hi, l_hi, m_hi, q_hi, K, V, k_base, v_base, bias_base,
+                                    idx_both + 2 * stride_il, tl.load(count_base + 2 * stride_cl),
+                                    z32, h32, rotate_period, offs_n, offs_d, stride_kn, stride_kd,
+                                    stride_vn, stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM,
+                                    HEAD_DIM_PAD, BLOCK, MASK_MODE, USE_TMA, DOT_PREC, ROTATE)
+    _store_half(o_base, acc_hi, l_hi, rows_hi, offs_d, stride_om, stride_od, seq_len, HEAD_DIM,
+                HEAD_DIM_PAD)
+
+
+@triton.jit
+def _store_half(o_base, acc, l_i, rows, offs_d, stride_om, stride_od, seq_len,
+                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    store_rows(o_base, out.to(o_base.dtype.element_ty), rows, offs_d, stride_om, stride_od,
+               seq_len, HEAD_DIM, HEAD_DIM_PAD)
+
+
+# ----------------------------------------------------------------------------- launcher
+def _split_bits(bits: torch.Tensor) -> torch.Tensor:
+    """``[B, H, ceil(nq / 2), 3, nbytes]``: per pair the bits both rows keep, only the first
+    keeps, only the second keeps (an odd last row stands alone)."""
+    if bits.shape[2] % 2:
+        bits = torch.nn.functional.pad(bits, (0, 0, 0, 1))
+    lo, hi = bits[:, :, 0::2], bits[:, :, 1::2]
+    return torch.stack([lo & hi, lo & ~hi, hi & ~lo], dim=3)
+
+
+def shared_pair_lists(bits: torch.Tensor, num_kv_blocks: int,
+                      max_kept: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(counts, indices)`` of the pairs' three lists from a mask's packed bits, without a host
+    sync: counts int32 ``[B, H, ceil(nq / 2), 3]`` (both, first only, second only), indices
+    int32 ``[B, H, ceil(nq / 2), 3, max_kept]``, ascending, 0 past each count."""
+    split = _split_bits(bits)
+    B, H, n_pairs = split.shape[:3]
+    counts, indices = mask_indices(split.reshape(B, H, n_pairs * 3, -1), num_kv_blocks, max_kept)
+    return counts.view(B, H, n_pairs, 3), indices.view(B, H, n_pairs, 3, max_kept)
+
+
+def _check_shared_lists(counts: torch.Tensor, indices: torch.Tensor, q: torch.Tensor,
+                        n_pairs: int, nk: int) -> None:
+    if counts.dim() != 4 or counts.shape[3] != 3 or indices.dim() != 5 or indices.shape[3] != 3:
+        raise ValueError(f"counts must be [B, H, n_pairs, 3] and indices [B, H, n_pairs, 3, "
+                         f"max_kept] (shared_pair_lists); got {tuple(counts.shape)} and "
+                         f"{tuple(indices.shape)}")
+    _check_lists(counts[..., 0], indices[:, :, :, 0], n_pairs, nk, q, "ceil(nq / 2)")
+
+
+def pair_work_order(counts: torch.Tensor) -> torch.Tensor:
+    """Pairs heaviest first (a shared block counts twice); ties keep their order."""
+    work = 2 * counts[..., 0] + counts[..., 1] + counts[..., 2]
+    _, order = torch.sort(work.reshape(-1), descending=True, stable=True)
+    return order.to(torch.int32)
+
+
+def shared_pair_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          counts: torch.Tensor, indices: torch.Tensor, scale: float,
+                          key_valid: Optional[torch.Tensor], *, tma: Optional[bool] = None,
+                          out: Optional[torch.Tensor] = None, num_warps: Optional[int] = None,
+                          num_stages: Optional[int] = None,
+                          rotate_period: Optional[int] = None) -> torch.Tensor:
+    """Block-sparse attention (block size 64) over the pairs' lists of
+    :func:`shared_pair_lists`; arguments as :func:`.block_sparse._launch`."""
+    if rotate_period is not None and (not isinstance(rotate_period, int) or rotate_period < 0):
+        raise ValueError(f"rotate_period must be an int >= 0 or None, got {rotate_period!r}")
+    _common.check_qk(q, k, BLOCK_SIZE, v)
+    _common.check_scale(scale)
+    _common.check_key_valid(key_valid, q)
+    B, H, L, D = q.shape
+    nb = -(-L // BLOCK_SIZE)
+    n_pairs = -(-nb // 2)
+    _check_shared_lists(counts, indices, q, n_pairs, nb)
+    _common.check_out("out", out, tuple(q.shape), q.dtype, q.device)
+    if out is None:
+        out = torch.empty_like(q)
+    if L == 0 or B * H == 0:
+        return out
+    if indices.shape[4] == 0:  # no row keeps anything: every output row is 0
+        indices = torch.zeros(B, H, n_pairs, 3, 1, dtype=torch.int32, device=q.device)
+    head_dim_pad = _common.padded_head_dim(D)
+    descs = _common.tma_descriptors((k, v), BLOCK_SIZE, head_dim_pad, tma)
+    k_arg, v_arg = descs if descs is not None else (k, v)
+    bias = _common.key_bias(key_valid, B, L, BLOCK_SIZE, q.device)
+    default_warps, default_stages = _common.launch_config("sparse_shared", head_dim_pad,
+                                                          BLOCK_SIZE)
+    if rotate_period is None:
+        rotate_period = default_rotate_period(q, 2)
+    _shared_pair_kernel[(B * H * n_pairs,)](
+        q, k_arg, v_arg, out, counts, indices, pair_work_order(counts), bias,
+        q.stride(0), q.stride(1), q.stride(2), q.stride(3),
+        k.stride(0), k.stride(1), k.stride(2), k.stride(3),
+        v.stride(0), v.stride(1), v.stride(2), v.stride(3),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        *counts.stride(), *indices.stride(),
+        H, L, n_pairs, nb, _common.log2_scale(scale), rotate_period or 1,
+        HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad,
+        MASK_MODE=_common.mask_mode(key_valid, L, BLOCK_SIZE), USE_TMA=descs is not None,
+        DOT_PREC=_common.dot_precision(q.dtype), ROTATE=rotate_period != 0,
+        num_warps=num_warps or default_warps, num_stages=num_stages or default_stages,
+    )
+    return out
