@@ -37,9 +37,10 @@ class BlockMask:
     (little-endian bit order). Blocks are squares of side ``block_size`` over a sequence of
     ``seq_len`` tokens; the last block may be ragged. ``max_kept`` is the largest number of kept
     blocks in any row; it sizes the index lists that kernels read (see :meth:`to_indices`).
-    ``pair_overhead`` is the work of 128-row kernel programs, which visit the union of the lists
-    of query blocks ``2p`` and ``2p + 1``, relative to the kept blocks (1.0 when adjacent rows
-    keep the same blocks, up to 2.0); the block-sparse kernel uses such programs when it is low.
+    ``pair_overhead`` is the union of the lists of query blocks ``2p`` and ``2p + 1`` relative
+    to the kept blocks (1.0 when adjacent rows keep the same blocks, up to 2.0): ``2 -
+    pair_overhead`` of the kept blocks are shared by both rows of a pair, and ``ops`` runs pair
+    programs (``kernels/shared_pairs.py``) when it is low.
 
     For HunyuanVideo 720p (1861 blocks, 24 heads) one layer's mask is 10 MB, against 100 MB for
     int32 index lists at density 0.3.

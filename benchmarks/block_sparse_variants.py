@@ -1,13 +1,15 @@
-"""Block-sparse kernel variants side by side: 64-row vs 128-row (query-block pair) programs,
-pointer loads vs tensor descriptors (TMA), and launch configs, on the ADASPA.md section 7 shapes.
+"""Block-sparse kernel variants side by side: 64-row programs vs pair programs that share key
+blocks (``kernels/shared_pairs.py``), pointer loads vs tensor descriptors (TMA), launch configs
+and the rotated list walk, on the ADASPA.md section 7 shapes.
 
-Programs may also walk their lists rotated (see ``VARIANTS``). Masks: density 1.0;
-head-adaptive 0.2 (heads at 0.1 / 0.2 / 0.3) and 0.1, either random (row-wise top-k of uniform scores) or *local*: row-wise top-k of a score that falls with the distance
+Masks: density 1.0; head-adaptive 0.2 (heads at 0.1 / 0.2 / 0.3) and 0.1, either random (row-wise
+top-k of uniform scores) or *local*: row-wise top-k of a score that falls with the distance
 between the blocks' (frame, row, column) centroids on the video grid, plus Gumbel noise, with a
 per-head spatial and temporal reach. Random masks are the worst case for pair programs (adjacent
 query blocks share few key blocks); local masks have the structure of video attention maps
 (`benchmarks/pair_inflation.py` measures the pair overlap of real AdaSpa masks). Text blocks and
-the diagonal are always kept. ``inflation`` = key blocks a pair program visits x 2 / kept blocks.
+the diagonal are always kept. ``shared`` = the fraction of kept blocks that both query blocks of
+a pair keep (``2 - BlockMask.pair_overhead``).
 
 Every variant's output is checked against the first variant run (and, at density 1.0, against
 cuDNN) in the same run, and against fp32 attention on a sample of query blocks (3 heads x 6
@@ -49,7 +51,8 @@ SHAPES = {
     "cogvideox": (48, 64, (11, 48, 85), 226, "first"),
 }
 BLOCK = 64
-# (query blocks per program, TMA, num_warps, num_stages, layout, rotate period); layout "bhsd":
+# (program kind, TMA, num_warps, num_stages, layout, rotate period); kind 1: 64-row programs,
+# "shared": pair programs (``shared_pairs``); layout "bhsd":
 # q, k, v copied to contiguous [B, H, L, D] (a probe of what the BSHD strides cost), else the
 # diffusers BSHD view. Rotate period P (``block_sparse._launch(rotate_period=P)``): program p
 # starts its walk at the fraction (p mod P) / P of its list, so the ~P programs resident at once
@@ -57,21 +60,14 @@ BLOCK = 64
 # rate without it). 0 = no rotation; "auto" = the launcher's default
 # (``block_sparse.default_rotate_period``).
 VARIANTS = [(1, False, 4, 2, "bshd", 0), (1, False, 4, 3, "bshd", 0),
-            (1, True, 4, 2, "bshd", 0), (1, True, 4, 3, "bshd", 0),
-            (2, False, 4, 2, "bshd", 0), (2, False, 8, 2, "bshd", 0),
-            (2, False, 8, 3, "bshd", 0), (2, False, 4, 3, "bshd", 0),
-            (2, True, 4, 2, "bshd", 0), (2, True, 8, 2, "bshd", 0),
-            (2, True, 8, 3, "bshd", 0), (2, True, 4, 3, "bshd", 0),
-            (1, True, 4, 2, "bhsd", 0), (2, True, 4, 2, "bhsd", 0)]
+            (1, True, 4, 2, "bshd", 0), (1, True, 4, 3, "bshd", 0), (1, True, 4, 2, "bhsd", 0)]
 VARIANTS += [(1, True, 4, 2, "bshd", p) for p in (132, 264, 396, 528, 660, 792, 1056, "auto")]
-VARIANTS += [(2, True, 4, 2, "bshd", p) for p in (132, 264, 396)]
-# "shared": pair programs that read the blocks both query blocks keep once (``shared_pairs``).
 VARIANTS += [("shared", True, w, s, "bshd", p) for w, s, p in
              ((4, 2, 0), (4, 2, "auto"), (4, 3, 0), (4, 3, "auto"), (8, 2, "auto"))]
 
 
 def variant_label(qb, tma, w, s, layout, rotate=0) -> str:
-    kind = {1: "single", 2: "pair", "shared": "shared"}[qb]
+    kind = "single" if qb == 1 else "shared"
     return (f"{kind}{'-tma' if tma else ''} w{w} s{s}"
             f"{' bhsd' if layout == 'bhsd' else ''}{f' rot{rotate}' if rotate else ''}")
 
@@ -251,16 +247,15 @@ def run_shape(name, args, rows):
         local = mname.endswith("-local")
         bm = make_mask(H, L, BLOCK, head_densities(mname, H), centroid, text_blk, local, dev)
         counts, indices = mask_indices.mask_indices(bm.bits, nb, bm.max_kept)
-        pc, pi = block_sparse.pair_lists(bm.bits, nb, bm.max_kept)
         shared_lists = shared_pairs.shared_pair_lists(bm.bits, nb, bm.max_kept)
         shared_frac = float(shared_lists[0][..., 0].sum()) * 2 / float(counts.sum())
         kept = float(counts.sum())
         density = kept / (H * nb * nb)
-        inflation = 2.0 * float(pc.sum()) / kept
-        pair_build_ms = bench(lambda: block_sparse.pair_lists(bm.bits, nb, bm.max_kept), args.rep)
+        pair_build_ms = bench(lambda: shared_pairs.shared_pair_lists(bm.bits, nb, bm.max_kept),
+                              args.rep)
         single_build_ms = bench(lambda: mask_indices.mask_indices(bm.bits, nb, bm.max_kept),
                                 args.rep)
-        print(f"  mask {mname}: density {density:.3f}, pair inflation {inflation:.3f}, shared "
+        print(f"  mask {mname}: density {density:.3f}, shared "
               f"{shared_frac:.3f} of kept blocks, lists "
               f"{single_build_ms:.3f} ms (pairs {pair_build_ms:.3f} ms)", flush=True)
         unpadded = None
@@ -273,7 +268,6 @@ def run_shape(name, args, rows):
                 label = variant_label(qb, tma, w, s, layout, rotate)
                 if args.variants != "all" and label not in args.variants.split(","):
                     continue
-                lists = (counts, indices, None) if qb == 1 else (pc, pi, bm.bits)
                 qkv = tensors(layout)
                 period = None if rotate == "auto" else rotate
 
@@ -282,30 +276,35 @@ def run_shape(name, args, rows):
                         return shared_pairs.shared_pair_attention(
                             *qkv, *shared_lists, scale, kv, tma=tma, num_warps=w, num_stages=s,
                             rotate_period=period)
-                    return block_sparse._launch(*qkv, lists[0], lists[1], scale, BLOCK, kv, None,
-                                                bits=lists[2], use_tma=tma, num_warps=w,
+                    return block_sparse._launch(*qkv, counts, indices, scale, BLOCK, kv, None,
+                                                use_tma=tma, num_warps=w,
                                                 num_stages=s, rotate_period=period)
                 row = {"shape": name, "mask": mname, "key_padding": kv is not None,
-                       "variant": label, "density": density, "inflation": inflation,
+                       "variant": label, "density": density,
                        "shared_fraction": shared_frac,
-                       "lists_ms": pair_build_ms if qb == 2 else single_build_ms}
+                       "lists_ms": pair_build_ms if qb == "shared" else single_build_ms}
                 out = timed_row(row, call, base, ref if mname == "1.0" and kv is None else None,
                                 cudnn_ms, flops, args.rep, sample)
                 base = out if base is None else base
                 rows.append(row)
             unpadded = base if kv is None else unpadded
-    for fn in (block_sparse._block_sparse_kernel, shared_pairs._shared_pair_kernel):
-        for cache in fn.device_caches.values():
-            for kern in cache[0].values():
-                print(f"  {fn.fn.__name__}: {kern.n_regs} registers ({kern.n_spills} spilled), "
-                      f"{kern.metadata.shared} B shared, {kern.metadata.num_warps} warps, "
-                      f"{kern.metadata.num_stages} stages")
         if fa4 is not None:
             row = {"shape": name, "mask": mname, "variant": "FlashAttention-4 block-sparse",
                    "density": density}
             timed_row(row, lambda: fa4(q, k, v, scale, counts, indices, nb), unpadded,
                       ref if mname == "1.0" else None, cudnn_ms, flops, args.rep)
             rows.append(row)
+    print_kernel_stats()
+
+
+def print_kernel_stats():
+    """Registers, spills and shared memory of every block-sparse kernel compiled so far."""
+    for fn in (block_sparse._block_sparse_kernel, shared_pairs._shared_pair_kernel):
+        for cache in fn.device_caches.values():
+            for kern in cache[0].values():
+                print(f"  {fn.fn.__name__}: {kern.n_regs} registers ({kern.n_spills} spilled), "
+                      f"{kern.metadata.shared} B shared, {kern.metadata.num_warps} warps, "
+                      f"{kern.metadata.num_stages} stages")
 
 
 def main():

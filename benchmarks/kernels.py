@@ -44,6 +44,7 @@ cached_search = importlib.import_module("adaspa_compile.kernels.cached_search")
 fused_search = importlib.import_module("adaspa_compile.kernels.fused_search")
 mask_indices = importlib.import_module("adaspa_compile.kernels.mask_indices")
 cudnn_attention = importlib.import_module("adaspa_compile.kernels.cudnn_attention")
+shared_pairs = importlib.import_module("adaspa_compile.kernels.shared_pairs")
 
 SHAPES = {
     # name: (heads, head_dim, tokens, text tokens, text position)
@@ -240,9 +241,9 @@ def run_shape(name, args, flex_fn, rows, checks):
         add(f"ours block-sparse d={dname} ({kept:.3f})", bench(
             lambda: block_sparse.block_sparse_attention(q, k, v, counts, indices, scale, bs, None),
             args.rep), sp_flops, {"density": kept})
-        # As the backend runs it: index lists from the bits on the GPU, pair programs where
-        # kernels.prefer_pairs says so (dense-ish masks at head dim 128).
-        pairs = block_sparse.prefer_pairs(bm.pair_overhead, D, bs, q.dtype)
+        # As the backend runs it: index lists from the bits on the GPU, pair programs sharing
+        # key blocks where kernels.prefer_pairs says so (dense-ish masks at head dim 128).
+        pairs = shared_pairs.prefer_pairs(bm.pair_overhead, D, bs, q.dtype)
         checks.append((name, f"sparse (ops) d={dname} vs ours", rel_err(
             ops.sparse_forward(q, k, v, bm, scale, None), o)))
         add(f"ours block-sparse as the backend runs it (ops{', pairs' if pairs else ''}) "

@@ -12,7 +12,7 @@ exponentials, how many barriers an iteration has), which is what to check before
 time. Example (the cached search as the backend launches it at head dim 128):
 
     python benchmarks/sass_report.py --kernel cached --head-dim 128
-    python benchmarks/sass_report.py --kernel sparse --head-dim 128 --pairs
+    python benchmarks/sass_report.py --kernel shared --head-dim 128
 """
 
 from __future__ import annotations
@@ -41,13 +41,13 @@ SEQUENCE = re.compile(r"^(HGMMA|WARPGROUP\.DEPBAR|MUFU\.EX2|BAR\.SYNC|BRA)")
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kernel", choices=("cached", "sparse"), default="cached")
+    p.add_argument("--kernel", choices=("cached", "sparse", "shared"), default="cached",
+                   help="sparse: 64-row block-sparse programs; shared: pair programs")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=64, choices=(64, 128))
     p.add_argument("--no-tma", action="store_true", help="pointer loads instead of descriptors")
     p.add_argument("--chunk", type=int, default=None,
                    help="cached search: key blocks per cross-warp reduction (default: CHUNK)")
-    p.add_argument("--pairs", action="store_true", help="block-sparse: 128-row pair programs")
     p.add_argument("--rotate", action="store_true", help="block-sparse: the rotated list walk")
     p.add_argument("--warps", type=int, default=None, help="default: the launcher's config")
     p.add_argument("--stages", type=int, default=None, help="default: the launcher's config")
@@ -69,16 +69,20 @@ def kernel_spec(args):
                      stride_qd=1, stride_kd=1, stride_lm=1)
         key = "cached"
     else:
-        module = importlib.import_module("adaspa_compile.kernels.block_sparse")
-        fn = module._block_sparse_kernel
+        shared = args.kernel == "shared"
+        if shared:
+            fn = importlib.import_module("adaspa_compile.kernels.shared_pairs")._shared_pair_kernel
+        else:
+            fn = importlib.import_module("adaspa_compile.kernels.block_sparse")._block_sparse_kernel
         types = {"Q": "*bf16", "K": desc if tma else "*bf16", "V": desc if tma else "*bf16",
                  "Out": "*bf16", "Counts": "*i32", "Indices": "*i32", "Order": "*i32",
-                 "Bias": "*fp32", "Bits": "*u8", "qk_scale": "fp32"}
-        const = dict(HEAD_DIM=d, HEAD_DIM_PAD=d_pad, BLOCK_SIZE=bs,
-                     Q_BLOCKS=2 if args.pairs else 1, MASK_MODE=0, USE_TMA=tma, DOT_PREC="tf32",
+                 "Bias": "*fp32", "qk_scale": "fp32"}
+        const = dict(HEAD_DIM=d, HEAD_DIM_PAD=d_pad, MASK_MODE=0, USE_TMA=tma, DOT_PREC="tf32",
                      ROTATE=args.rotate,
                      stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1, stride_ik=1)
-        key = "sparse_pair" if args.pairs else "sparse"
+        if not shared:
+            const["BLOCK_SIZE"] = bs
+        key = "sparse_shared" if shared else "sparse"
     div16 = {n for n in fn.arg_names if n.startswith("stride_") and n not in const}
     return fn, types, const, div16, key
 
@@ -135,7 +139,7 @@ def main():
     ops = list(opcodes(sass))
     counts = {name: sum(op.split(".")[0] == name for op in ops) for name in COUNTED}
     print(f"{args.kernel} D={args.head_dim} block={args.block_size} tma={not args.no_tma} "
-          f"pairs={args.pairs} warps={warps} stages={stages}")
+          f"rotate={args.rotate} warps={warps} stages={stages}")
     print(f"resources: {usage}")
     print("instructions (whole kernel): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     sequence = runs(op for op in ops if SEQUENCE.match(op))

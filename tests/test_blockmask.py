@@ -21,7 +21,7 @@ def test_bits_round_trip_and_indices(B, H, nb, density, seed):
                 want = dense[b, h, i].nonzero().flatten().int()
                 assert torch.equal(indices[b, h, i, : counts[b, h, i]], want)
     assert torch.allclose(mask.density(), dense.float().mean((-2, -1)))
-    # Work of 128-row pair programs (union of rows 2p, 2p+1; a lone last row counts twice).
+    # Union of rows 2p, 2p+1 relative to the kept blocks (a lone last row counts twice).
     even = torch.cat([dense, torch.zeros_like(dense[:, :, :nb % 2])], 2)
     union = (even[:, :, 0::2] | even[:, :, 1::2]).sum()
     kept = dense.sum()

@@ -22,20 +22,20 @@ import torch
 from . import _common
 
 __all__ = ["kernel_support", "fused_search", "cached_search", "block_sparse_attention",
-           "pair_lists", "prefer_pairs", "shared_pair_attention", "shared_pair_lists", "mask_indices", "sorted_candidate_mass", "keep_blocks",
+           "prefer_pairs", "shared_pair_attention", "shared_pair_lists", "mask_indices", "sorted_candidate_mass", "keep_blocks",
            "SELECTION_MAX_BLOCKS", "TRITON_IMPORT_ERROR"]
 
 try:
     import triton  # noqa: F401
 
-    from .block_sparse import block_sparse_attention, pair_lists, prefer_pairs
+    from .block_sparse import block_sparse_attention
     from .cached_search import cached_search
     from .candidate_sort import MAX_BLOCKS as SELECTION_MAX_BLOCKS
     from .candidate_sort import sorted_candidate_mass
     from .fused_search import fused_search
     from .keep_blocks import keep_blocks
     from .mask_indices import mask_indices
-    from .shared_pairs import shared_pair_attention, shared_pair_lists
+    from .shared_pairs import prefer_pairs, shared_pair_attention, shared_pair_lists
 
     TRITON_IMPORT_ERROR = None
 except ImportError as exc:  # CPU installs without Triton
@@ -44,7 +44,7 @@ except ImportError as exc:  # CPU installs without Triton
     def _missing(*_args, **_kwargs):
         raise RuntimeError(f"adaspa_compile.kernels: {TRITON_IMPORT_ERROR}")
 
-    fused_search = cached_search = block_sparse_attention = mask_indices = pair_lists = _missing
+    fused_search = cached_search = block_sparse_attention = mask_indices = _missing
     prefer_pairs = sorted_candidate_mass = keep_blocks = _missing
     shared_pair_attention = shared_pair_lists = _missing
     SELECTION_MAX_BLOCKS = 0

@@ -119,8 +119,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 # (num_warps, num_stages) per kernel and (padded head dim, block size). Chosen on an H100 by
 # ``benchmarks/kernels.py --tune``; the block-sparse ones ("sparse": 64-row programs,
-# "sparse_pair": 128-row, "sparse_shared": pairs sharing key blocks; pairs at block size 64 only)
-# by ``benchmarks/block_sparse_variants.py`` and the
+# "sparse_shared": pairs of query blocks, block size 64 only) by
+# ``benchmarks/block_sparse_variants.py`` and the
 # cached search at block size 64 by ``benchmarks/cached_search_variants.py`` (bf16; the
 # block_size 128 rows of those are untuned guesses); anything missing falls back to
 # ``_DEFAULT_LAUNCH``.
@@ -133,7 +133,6 @@ LAUNCH_CONFIGS = {
     ("cached", 64, 64): (4, 3), ("cached", 64, 128): (4, 3),
     ("sparse", 128, 64): (4, 2), ("sparse", 128, 128): (8, 2),
     ("sparse", 64, 64): (4, 2), ("sparse", 64, 128): (8, 2),
-    ("sparse_pair", 128, 64): (4, 2), ("sparse_pair", 64, 64): (4, 2),
     ("sparse_shared", 128, 64): (4, 2),
 }
 _DEFAULT_LAUNCH = (4, 2)

@@ -53,17 +53,6 @@ def store_rows(base, tile, rows, offs_d, stride_row, stride_d, seq_len,
         tl.store(ptrs, tile, mask=(rows[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM))
 
 
-@triton.jit
-def rotated_slot(t, rot, t_end, ROTATE: tl.constexpr):
-    """Slot ``t`` of a list walked from slot ``rot`` onward and wrapped at ``t_end`` (with
-    ``ROTATE``; the walk starts at 0), else ``t``."""
-    slot = t
-    if ROTATE:
-        slot = t + rot
-        slot = tl.where(slot >= t_end, slot - t_end, slot)
-    return slot
-
-
 MASK_NONE = tl.constexpr(0)
 MASK_LAST = tl.constexpr(1)
 MASK_ALL = tl.constexpr(2)
@@ -80,6 +69,30 @@ def unbiased_blocks(n, MASK_MODE: tl.constexpr):
     else:
         clean = 0
     return clean
+
+
+@triton.jit
+def rotated_slot(t, rot, t_end, ROTATE: tl.constexpr):
+    """Slot ``t`` of a list walked from slot ``rot`` onward and wrapped at ``t_end`` (with
+    ``ROTATE``; the walk starts at 0), else ``t``."""
+    slot = t
+    if ROTATE:
+        slot = t + rot
+        slot = tl.where(slot >= t_end, slot - t_end, slot)
+    return slot
+
+
+@triton.jit
+def walk_start(count, rotate_period, MASK_MODE: tl.constexpr, ROTATE: tl.constexpr):
+    """First slot of this program's rotated walk over a list of ``count`` blocks (0 without
+    ``ROTATE``): program ``p`` starts at the fraction ``(p mod P) / P`` of the walk that begins
+    at slot 0 (the clean slots, or with key padding the whole list). Programs launched ``P``
+    apart start in phase, so the programs resident together read nearby K/V blocks."""
+    rot = 0
+    if ROTATE:
+        n_walk = count if MASK_MODE == MASK_ALL else unbiased_blocks(count, MASK_MODE)
+        rot = ((tl.program_id(0) % rotate_period) * n_walk) // rotate_period
+    return rot
 
 
 @triton.jit

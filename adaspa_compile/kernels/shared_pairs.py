@@ -7,10 +7,11 @@ walks three ascending lists of key blocks (:func:`shared_pair_lists`):
   halves keep separate score tiles and softmax states);
 - ``lo`` / ``hi``: blocks only one half keeps: 64-row steps for that half alone.
 
-The work is exactly the kept blocks (union pair programs, :mod:`.block_sparse`, pay for the
-blocks one half does not keep), and the K/V read from L2 shrinks by the shared blocks: where
-64-row programs are bound by L2 bandwidth, adjacent query blocks of video masks share 30-70% of
-their key blocks. The output is that of
+The work is exactly the kept blocks (programs over the union of the two lists, an earlier
+design, paid for the blocks one half does not keep), and the K/V read from L2 shrinks by the
+shared blocks. At density 1.0 they take 15-18% less time than 64-row programs on an H100; on
+sparse masks the state of two query blocks spills registers and they are level or slower, so ``ops`` uses them
+for dense masks only (:func:`prefer_pairs`). The output is that of
 :func:`adaspa_compile.reference.block_sparse_attention_ref`.
 
 - dtypes, head dims, key padding, TMA and the rotated walk as in :mod:`.block_sparse`; block size
@@ -28,13 +29,16 @@ import triton.language as tl
 
 from . import _common
 from ._tiles import (MASK_ALL, MASK_NONE, biased_scores, load_block, load_rows,
-                     online_softmax_step, rotated_slot, store_rows, unbiased_blocks)
-from .block_sparse import _check_lists, _sparse_loop, default_rotate_period
+                     online_softmax_step, rotated_slot, store_rows, unbiased_blocks, walk_start)
+from .block_sparse import check_lists, check_rotate_period, sparse_loop
 from .mask_indices import mask_indices
 
-__all__ = ["shared_pair_attention", "shared_pair_lists"]
+__all__ = ["shared_pair_attention", "shared_pair_lists", "prefer_pairs", "PAIR_MAX_OVERHEAD"]
 
 BLOCK_SIZE = 64
+# Largest ``BlockMask.pair_overhead`` (``2 -`` the shared fraction of the kept blocks) at which
+# ``ops`` runs pair programs (see ``prefer_pairs``).
+PAIR_MAX_OVERHEAD = 1.15
 
 
 # ----------------------------------------------------------------------------- inner loop
@@ -62,17 +66,6 @@ def _shared_loop(acc_lo, l_lo, m_lo, acc_hi, l_hi, m_hi, q_lo, q_hi, K, V, k_bas
 
 
 @triton.jit
-def _walk_rotation(count, rotate_period, MASK_MODE: tl.constexpr, ROTATE: tl.constexpr):
-    """First slot of this program's rotated walk over a list of ``count`` (0 without ``ROTATE``):
-    the walk that starts at slot 0 is the clean one, or with key padding the whole list."""
-    rot = 0
-    if ROTATE:
-        n_walk = count if MASK_MODE == MASK_ALL else unbiased_blocks(count, MASK_MODE)
-        rot = ((tl.program_id(0) % rotate_period) * n_walk) // rotate_period
-    return rot
-
-
-@triton.jit
 def _walk_half(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base, count, off_z, off_h,
                rotate_period, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
                stride_ik, seq_len, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
@@ -80,19 +73,18 @@ def _walk_half(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base, coun
                DOT_PREC: tl.constexpr, ROTATE: tl.constexpr):
     """One half's own list (``lo`` or ``hi``): clean blocks, then those needing the bias."""
     n_clean = unbiased_blocks(count, MASK_MODE)
-    rot = _walk_rotation(count, rotate_period, MASK_MODE, ROTATE)
-    acc, l_i, m_i = _sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base,
-                                 idx_base, idx_base, False, off_z, off_h, 0, n_clean, rot, offs_n,
-                                 offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                                 stride_ik, seq_len, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK, 1,
-                                 USE_TMA, False, DOT_PREC, ROTATE and MASK_MODE != MASK_ALL)
+    rot = walk_start(count, rotate_period, MASK_MODE, ROTATE)
+    acc, l_i, m_i = sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base,
+                                off_z, off_h, 0, n_clean, rot, offs_n, offs_d, stride_kn,
+                                stride_kd, stride_vn, stride_vd, stride_ik, seq_len, qk_scale,
+                                HEAD_DIM, HEAD_DIM_PAD, BLOCK, USE_TMA, False, DOT_PREC,
+                                ROTATE and MASK_MODE != MASK_ALL)
     if MASK_MODE != MASK_NONE:
-        acc, l_i, m_i = _sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base,
-                                     idx_base, idx_base, False, off_z, off_h, n_clean, count, rot,
-                                     offs_n, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
-                                     stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM,
-                                     HEAD_DIM_PAD, BLOCK, 1, USE_TMA, True, DOT_PREC,
-                                     ROTATE and MASK_MODE == MASK_ALL)
+        acc, l_i, m_i = sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base,
+                                    off_z, off_h, n_clean, count, rot, offs_n, offs_d, stride_kn,
+                                    stride_kd, stride_vn, stride_vd, stride_ik, seq_len, qk_scale,
+                                    HEAD_DIM, HEAD_DIM_PAD, BLOCK, USE_TMA, True, DOT_PREC,
+                                    ROTATE and MASK_MODE == MASK_ALL)
     return acc, l_i, m_i
 
 
@@ -153,7 +145,7 @@ def _shared_pair_kernel(Q, K, V, Out, Counts, Indices, Order, Bias,
     acc_hi = tl.zeros([BLOCK, HEAD_DIM_PAD], dtype=tl.float32)
     n_both = tl.load(count_base)
     n_clean = unbiased_blocks(n_both, MASK_MODE)
-    rot = _walk_rotation(n_both, rotate_period, MASK_MODE, ROTATE)
+    rot = walk_start(n_both, rotate_period, MASK_MODE, ROTATE)
     acc_lo, l_lo, m_lo, acc_hi, l_hi, m_hi = _shared_loop(
         acc_lo, l_lo, m_lo, acc_hi, l_hi, m_hi, q_lo, q_hi, K, V, k_base, v_base, bias_base,
         idx_both, z32, h32, 0, n_clean, rot, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
@@ -186,6 +178,20 @@ def _store_half(o_base, acc, l_i, rows, offs_d, stride_om, stride_od, seq_len,
 
 
 # ----------------------------------------------------------------------------- launcher
+def prefer_pairs(pair_overhead: float, head_dim: int, block_size: int, dtype: torch.dtype) -> bool:
+    """Whether these pair programs beat 64-row ones (:mod:`.block_sparse`) for a mask with this
+    ``pair_overhead`` (``2 - pair_overhead`` of its kept blocks are shared by both rows).
+
+    Measured on an H100 (bf16, TMA, block size 64, ``benchmarks/block_sparse_variants.py``,
+    benchmarks/RESULTS.md, seventh run): at head dim 128 and density 1.0 (overhead 1.0) they take
+    0.82-0.85x the time of 64-row programs; on masks sharing 0.6-0.7 of their blocks they are
+    level, sharing 0.25 they are 1.2-1.3x slower (their state for two query blocks spills
+    registers); at head dim 64 they are slower. They exist at block size 64, for 16-bit inputs.
+    """
+    return (head_dim > 64 and block_size == BLOCK_SIZE
+            and dtype in (torch.float16, torch.bfloat16) and pair_overhead <= PAIR_MAX_OVERHEAD)
+
+
 def _split_bits(bits: torch.Tensor) -> torch.Tensor:
     """``[B, H, ceil(nq / 2), 3, nbytes]``: per pair the bits both rows keep, only the first
     keeps, only the second keeps (an odd last row stands alone)."""
@@ -212,7 +218,7 @@ def _check_shared_lists(counts: torch.Tensor, indices: torch.Tensor, q: torch.Te
         raise ValueError(f"counts must be [B, H, n_pairs, 3] and indices [B, H, n_pairs, 3, "
                          f"max_kept] (shared_pair_lists); got {tuple(counts.shape)} and "
                          f"{tuple(indices.shape)}")
-    _check_lists(counts[..., 0], indices[:, :, :, 0], n_pairs, nk, q, "ceil(nq / 2)")
+    check_lists(counts[..., 0], indices[:, :, :, 0], n_pairs, nk, q, "ceil(nq / 2)")
 
 
 def pair_work_order(counts: torch.Tensor) -> torch.Tensor:
@@ -229,9 +235,9 @@ def shared_pair_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           num_stages: Optional[int] = None,
                           rotate_period: Optional[int] = None) -> torch.Tensor:
     """Block-sparse attention (block size 64) over the pairs' lists of
-    :func:`shared_pair_lists`; arguments as :func:`.block_sparse._launch`."""
-    if rotate_period is not None and (not isinstance(rotate_period, int) or rotate_period < 0):
-        raise ValueError(f"rotate_period must be an int >= 0 or None, got {rotate_period!r}")
+    :func:`shared_pair_lists`; arguments as :func:`.block_sparse._launch`, except that
+    ``rotate_period=None`` means no rotation (it gained nothing here on the H100)."""
+    check_rotate_period(rotate_period)
     _common.check_qk(q, k, BLOCK_SIZE, v)
     _common.check_scale(scale)
     _common.check_key_valid(key_valid, q)
@@ -252,8 +258,6 @@ def shared_pair_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     bias = _common.key_bias(key_valid, B, L, BLOCK_SIZE, q.device)
     default_warps, default_stages = _common.launch_config("sparse_shared", head_dim_pad,
                                                           BLOCK_SIZE)
-    if rotate_period is None:
-        rotate_period = default_rotate_period(q, 2)
     _shared_pair_kernel[(B * H * n_pairs,)](
         q, k_arg, v_arg, out, counts, indices, pair_work_order(counts), bias,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
@@ -264,7 +268,7 @@ def shared_pair_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         H, L, n_pairs, nb, _common.log2_scale(scale), rotate_period or 1,
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad,
         MASK_MODE=_common.mask_mode(key_valid, L, BLOCK_SIZE), USE_TMA=descs is not None,
-        DOT_PREC=_common.dot_precision(q.dtype), ROTATE=rotate_period != 0,
+        DOT_PREC=_common.dot_precision(q.dtype), ROTATE=bool(rotate_period),
         num_warps=num_warps or default_warps, num_stages=num_stages or default_stages,
     )
     return out

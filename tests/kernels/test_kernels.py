@@ -204,31 +204,26 @@ def run_cached(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] 
         assert torch.allclose(f64(got).sum(-1), expected, rtol=1e-4, atol=1e-4)
 
 
-def run_sparse(case: Case, dtype: torch.dtype, device: str, pairs: bool = False,
-               tma: Optional[bool] = None, rotate_period: Optional[int] = None,
-               shared: bool = False) -> None:
-    """Block-sparse output vs the reference; ``pairs``: 128-row programs over union lists;
-    ``tma``: K/V through tensor descriptors (forced under the interpreter when True);
-    ``rotate_period``: the rotated walk of ``block_sparse._launch``; ``shared``: programs over
-    pairs of query blocks sharing their common key blocks (``shared_pairs``)."""
+def run_sparse(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] = None,
+               rotate_period: Optional[int] = None, shared: bool = False) -> None:
+    """Block-sparse output vs the reference; ``tma``: K/V through tensor descriptors (forced
+    under the interpreter when True); ``rotate_period``: the rotated walk; ``shared``: programs
+    over pairs of query blocks sharing their common key blocks (``shared_pairs``)."""
     q, k, v = make_qkv(case, dtype, device)
     kv = make_key_valid(case, device)
     mask = make_mask(case, device)
     counts, indices = mask.to_indices()
     scale = case.head_dim ** -0.5
     out = poisoned(q)
-    lists = (block_sparse.pair_lists(mask.bits, mask.num_kv_blocks, mask.max_kept) if pairs
-             else (counts, indices))
-    bits = mask.bits if pairs else None
     if shared:
         lists = shared_pairs.shared_pair_lists(mask.bits, mask.num_kv_blocks, mask.max_kept)
         got = shared_pairs.shared_pair_attention(q, k, v, *lists, scale, kv, tma=tma, out=out,
                                                  rotate_period=rotate_period)
     elif rotate_period is None:  # the public entry point
-        got = kernels.block_sparse_attention(q, k, v, *lists, scale, case.block_size, kv,
-                                             pair_bits=bits, tma=tma, out=out)
+        got = kernels.block_sparse_attention(q, k, v, counts, indices, scale, case.block_size, kv,
+                                             tma=tma, out=out)
     else:
-        got = block_sparse._launch(q, k, v, *lists, scale, case.block_size, kv, out, bits=bits,
+        got = block_sparse._launch(q, k, v, counts, indices, scale, case.block_size, kv, out,
                                    use_tma=tma, rotate_period=rotate_period)
     assert got is out
     kv_cpu = None if kv is None else kv.cpu()
@@ -260,23 +255,21 @@ def test_cached_search_interpreter(case, tma):
 
 @interpreter_only
 @settings(settings.get_profile("kernels-ci"))
-@given(case=INTERP_CASES, pairs=st.booleans(), tma=st.sampled_from([None, True]),
+@given(case=INTERP_CASES, tma=st.sampled_from([None, True]),
        rotate_period=st.sampled_from([None, None, 1, 3]))
-def test_block_sparse_interpreter(case, pairs, tma, rotate_period):
-    assume(not pairs or case.block_size == 64)  # pair programs exist at block size 64 only
-    run_sparse(case, torch.float32, "cpu", pairs, tma, rotate_period)
+def test_block_sparse_interpreter(case, tma, rotate_period):
+    run_sparse(case, torch.float32, "cpu", tma, rotate_period)
 
 
 @interpreter_only
 @pytest.mark.parametrize("period", [2, 3, 5])
-@pytest.mark.parametrize("pairs", [False, True])
 @pytest.mark.parametrize("seq_len,padding", [(6 * 64, "none"), (6 * 64 - 30, "none"),
                                              (6 * 64, "tail")])
-def test_block_sparse_rotated_walk_interpreter(period, pairs, seq_len, padding):
+def test_block_sparse_rotated_walk_interpreter(period, seq_len, padding):
     """``rotate_period``: lists long enough (6 blocks) that every program's walk wraps."""
     case = Case(batch=1, heads=3, seq_len=seq_len, head_dim=16, block_size=64, layout="bshd",
                 padding=padding, density=0.7, input_scale=1.0, seed=period)
-    run_sparse(case, torch.float32, "cpu", pairs, None, period)
+    run_sparse(case, torch.float32, "cpu", None, period)
 
 
 @interpreter_only
@@ -342,12 +335,11 @@ def test_cached_search_gpu(dtype, case, tma):
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @settings(settings.get_profile("kernels-gpu"))
-@given(case=GPU_CASES, pairs=st.booleans(), tma=st.sampled_from([None, False]),
+@given(case=GPU_CASES, tma=st.sampled_from([None, False]),
        rotate_period=st.sampled_from([None, None, 7]))
-def test_block_sparse_gpu(dtype, case, pairs, tma, rotate_period):
+def test_block_sparse_gpu(dtype, case, tma, rotate_period):
     assume(dtype != torch.float32 or case.head_dim <= 64)  # fp32 FMA dots compile slowly
-    assume(not pairs or case.block_size == 64)  # pair programs exist at block size 64 only
-    run_sparse(case, dtype, "cuda", pairs, tma, rotate_period)
+    run_sparse(case, dtype, "cuda", tma, rotate_period)
 
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
@@ -472,37 +464,26 @@ def test_register_cap_only_on_the_gpu_and_where_measured(monkeypatch):
     assert _common.register_cap("cached", 64, 64) == {}
 
 
-def test_rotation_is_a_gpu_default_for_64_row_programs(monkeypatch):
+def test_rotation_is_a_gpu_default(monkeypatch):
     q = torch.empty(1, 1, 64, 64)
-    assert block_sparse.default_rotate_period(q, 1) == 0  # not CUDA
+    assert block_sparse.default_rotate_period(q) == 0  # not CUDA
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: SimpleNamespace(multi_processor_count=132))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert block_sparse.default_rotate_period(q, 1) == 4 * 132
-    assert block_sparse.default_rotate_period(q, 2) == 0
+    assert block_sparse.default_rotate_period(q) == 4 * 132
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert block_sparse.default_rotate_period(q, 1) == 0
+    assert block_sparse.default_rotate_period(q) == 0
 
 
 def test_prefer_pairs_only_for_head_dim_128_and_low_overhead():
     bf16 = torch.bfloat16
     assert kernels.prefer_pairs(1.0, 128, 64, bf16)
-    assert kernels.prefer_pairs(block_sparse.PAIR_MAX_OVERHEAD, 128, 64, torch.float16)
+    assert kernels.prefer_pairs(shared_pairs.PAIR_MAX_OVERHEAD, 128, 64, torch.float16)
     assert not kernels.prefer_pairs(1.3, 128, 64, bf16)  # real AdaSpa masks: 1.44-1.72
     assert not kernels.prefer_pairs(1.0, 64, 64, bf16)
     assert not kernels.prefer_pairs(1.0, 128, 128, bf16)  # pairs exist at block size 64 only
     assert not kernels.prefer_pairs(1.0, 128, 64, torch.float32)
-
-
-def test_pair_programs_need_block_size_64():
-    q = torch.randn(1, 1, 300, 64, device=DEVICE)
-    nb = 3
-    counts = torch.ones(1, 1, 2, dtype=torch.int32, device=DEVICE)
-    indices = torch.zeros(1, 1, 2, 1, dtype=torch.int32, device=DEVICE)
-    bits = torch.ones(1, 1, nb, 1, dtype=torch.uint8, device=DEVICE)
-    with pytest.raises(ValueError, match="block_size 64"):
-        kernels.block_sparse_attention(q, q, q, counts, indices, 0.125, 128, None, pair_bits=bits)
 
 
 @pytest.mark.gpu
