@@ -35,7 +35,8 @@ import triton.language as tl
 
 from . import _common
 from ._tiles import (MASK_ALL, MASK_NONE, biased_scores, load_block, load_rows,
-                     online_softmax_step, rotated_slot, store_rows, unbiased_blocks, walk_start)
+                     kv_bases, online_softmax_step, rotated_slot, store_normalized,
+                     unbiased_blocks, walk_start, work_item)
 
 __all__ = ["block_sparse_attention", "default_rotate_period"]
 
@@ -60,6 +61,30 @@ def sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base, off
     return acc, l_i, m_i
 
 
+@triton.jit
+def walk_list(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base, count, off_z, off_h,
+              rotate_period, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
+              stride_ik, seq_len, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+              BLOCK: tl.constexpr, MASK_MODE: tl.constexpr, USE_TMA: tl.constexpr,
+              DOT_PREC: tl.constexpr, ROTATE: tl.constexpr):
+    """A whole list of ``count`` key blocks: the clean ones, then those needing the bias (with
+    ``ROTATE``, the walk that starts at slot 0 is rotated: :func:`walk_start`)."""
+    n_clean = unbiased_blocks(count, MASK_MODE)
+    rot = walk_start(count, rotate_period, MASK_MODE, ROTATE)
+    acc, l_i, m_i = sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base,
+                                off_z, off_h, 0, n_clean, rot, offs_n, offs_d, stride_kn,
+                                stride_kd, stride_vn, stride_vd, stride_ik, seq_len, qk_scale,
+                                HEAD_DIM, HEAD_DIM_PAD, BLOCK, USE_TMA, False, DOT_PREC,
+                                ROTATE and MASK_MODE != MASK_ALL)
+    if MASK_MODE != MASK_NONE:
+        acc, l_i, m_i = sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base,
+                                    off_z, off_h, n_clean, count, rot, offs_n, offs_d, stride_kn,
+                                    stride_kd, stride_vn, stride_vd, stride_ik, seq_len, qk_scale,
+                                    HEAD_DIM, HEAD_DIM_PAD, BLOCK, USE_TMA, True, DOT_PREC,
+                                    ROTATE and MASK_MODE == MASK_ALL)
+    return acc, l_i, m_i
+
+
 # ----------------------------------------------------------------------------- kernel
 @triton.jit(do_not_specialize=["rotate_period"])
 def _block_sparse_kernel(Q, K, V, Out, Counts, Indices, Order, Bias,
@@ -73,11 +98,7 @@ def _block_sparse_kernel(Q, K, V, Out, Counts, Indices, Order, Bias,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, MASK_MODE: tl.constexpr, USE_TMA: tl.constexpr,
                          DOT_PREC: tl.constexpr, ROTATE: tl.constexpr):
-    item = tl.load(Order + tl.program_id(0))
-    lst = item % n_lists
-    pid_zh = item // n_lists
-    z32 = pid_zh // H
-    h32 = pid_zh % H
+    lst, z32, h32 = work_item(Order, n_lists, H)
     off_z = z32.to(tl.int64)
     off_h = h32.to(tl.int64)
     offs_n = tl.arange(0, BLOCK_SIZE)
@@ -91,30 +112,16 @@ def _block_sparse_kernel(Q, K, V, Out, Counts, Indices, Order, Bias,
     m_i = tl.full([BLOCK_SIZE], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     acc = tl.zeros([BLOCK_SIZE, HEAD_DIM_PAD], dtype=tl.float32)
-    if USE_TMA:
-        k_base = Q  # unused: the descriptors carry the addresses
-        v_base = Q
-    else:
-        k_base = K + off_z * stride_kz + off_h * stride_kh
-        v_base = V + off_z * stride_vz + off_h * stride_vh
+    k_base, v_base = kv_bases(Q, K, V, off_z, off_h, stride_kz, stride_kh, stride_vz, stride_vh,
+                              USE_TMA)
     bias_base = Bias + off_z * n_k_blocks * BLOCK_SIZE
     # Ascending lists put the ragged last key block, if kept, in the last slot.
-    n_clean = unbiased_blocks(count, MASK_MODE)
-    rot = walk_start(count, rotate_period, MASK_MODE, ROTATE)
-    acc, l_i, m_i = sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base, z32,
-                                h32, 0, n_clean, rot, offs_n, offs_d, stride_kn, stride_kd,
-                                stride_vn, stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM,
-                                HEAD_DIM_PAD, BLOCK_SIZE, USE_TMA, False, DOT_PREC,
-                                ROTATE and MASK_MODE != MASK_ALL)
-    if MASK_MODE != MASK_NONE:
-        acc, l_i, m_i = sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base,
-                                    z32, h32, n_clean, count, rot, offs_n, offs_d, stride_kn,
-                                    stride_kd, stride_vn, stride_vd, stride_ik, seq_len, qk_scale,
-                                    HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, USE_TMA, True, DOT_PREC,
-                                    ROTATE and MASK_MODE == MASK_ALL)
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    store_rows(Out + off_z * stride_oz + off_h * stride_oh, out.to(Out.dtype.element_ty), offs_m,
-               offs_d, stride_om, stride_od, seq_len, HEAD_DIM, HEAD_DIM_PAD)
+    acc, l_i, m_i = walk_list(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base, count,
+                              z32, h32, rotate_period, offs_n, offs_d, stride_kn, stride_kd,
+                              stride_vn, stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM,
+                              HEAD_DIM_PAD, BLOCK_SIZE, MASK_MODE, USE_TMA, DOT_PREC, ROTATE)
+    store_normalized(Out + off_z * stride_oz + off_h * stride_oh, acc, l_i, offs_m, offs_d,
+                     stride_om, stride_od, seq_len, HEAD_DIM, HEAD_DIM_PAD)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -147,10 +154,7 @@ def _launch(q, k, v, counts, indices, scale, block_size, key_valid, out,
     the same time (random masks re-read K/V from DRAM otherwise: a head's K/V can exceed L2).
     None = :func:`default_rotate_period`, 0 = no rotation, or the period ``P``. The result is
     the same up to summation order."""
-    check_rotate_period(rotate_period)
-    _common.check_qk(q, k, block_size, v)
-    _common.check_scale(scale)
-    _common.check_key_valid(key_valid, q)
+    check_inputs(q, k, v, scale, block_size, key_valid, rotate_period)
     B, H, L, D = q.shape
     nb = -(-L // block_size)
     check_lists(counts, indices, nb, nb, q, "nq")
@@ -161,10 +165,7 @@ def _launch(q, k, v, counts, indices, scale, block_size, key_valid, out,
         return out
     if indices.shape[3] == 0:  # no row keeps anything: every output row is 0
         indices = torch.zeros(B, H, nb, 1, dtype=torch.int32, device=q.device)
-    head_dim_pad = _common.padded_head_dim(D)
-    descs = _common.tma_descriptors((k, v), block_size, head_dim_pad, use_tma)
-    k_arg, v_arg = descs if descs is not None else (k, v)
-    bias = _common.key_bias(key_valid, B, L, block_size, q.device)
+    head_dim_pad, k_arg, v_arg, bias = kernel_inputs(q, k, v, block_size, key_valid, use_tma)
     default_warps, default_stages = _common.launch_config("sparse", head_dim_pad, block_size)
     if rotate_period is None:
         rotate_period = default_rotate_period(q)
@@ -178,16 +179,32 @@ def _launch(q, k, v, counts, indices, scale, block_size, key_valid, out,
         indices.stride(0), indices.stride(1), indices.stride(2), indices.stride(3),
         H, L, nb, nb, _common.log2_scale(scale), rotate_period or 1,
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size,
-        MASK_MODE=_common.mask_mode(key_valid, L, block_size), USE_TMA=descs is not None,
+        MASK_MODE=_common.mask_mode(key_valid, L, block_size), USE_TMA=k_arg is not k,
         DOT_PREC=_common.dot_precision(q.dtype), ROTATE=rotate_period != 0,
         num_warps=num_warps or default_warps, num_stages=num_stages or default_stages,
     )
     return out
 
 
-def check_rotate_period(rotate_period: Optional[int]) -> None:
+def check_inputs(q, k, v, scale: float, block_size: int, key_valid: Optional[torch.Tensor],
+                 rotate_period: Optional[int]) -> None:
+    """``ValueError`` for anything the block-sparse kernels cannot take (before any launch)."""
     if rotate_period is not None and (not isinstance(rotate_period, int) or rotate_period < 0):
         raise ValueError(f"rotate_period must be an int >= 0 or None, got {rotate_period!r}")
+    _common.check_qk(q, k, block_size, v)
+    _common.check_scale(scale)
+    _common.check_key_valid(key_valid, q)
+
+
+def kernel_inputs(q, k, v, block_size: int, key_valid: Optional[torch.Tensor],
+                  use_tma: Optional[bool]):
+    """``(padded head dim, K argument, V argument, key bias)``: K and V as tensor descriptors
+    where TMA is used (see ``_common.tma_descriptors``), else the tensors themselves."""
+    head_dim_pad = _common.padded_head_dim(q.shape[-1])
+    descs = _common.tma_descriptors((k, v), block_size, head_dim_pad, use_tma)
+    k_arg, v_arg = descs if descs is not None else (k, v)
+    bias = _common.key_bias(key_valid, q.shape[0], q.shape[2], block_size, q.device)
+    return head_dim_pad, k_arg, v_arg, bias
 
 
 # Programs per SM in the default rotate period. Measured on the H100 (benchmarks/RESULTS.md,

@@ -29,8 +29,9 @@ import triton.language as tl
 
 from . import _common
 from ._tiles import (MASK_ALL, MASK_NONE, biased_scores, load_block, load_rows,
-                     online_softmax_step, rotated_slot, store_rows, unbiased_blocks, walk_start)
-from .block_sparse import check_lists, check_rotate_period, sparse_loop
+                     kv_bases, online_softmax_step, rotated_slot, store_normalized,
+                     unbiased_blocks, walk_start, work_item)
+from .block_sparse import check_inputs, check_lists, kernel_inputs, walk_list
 from .mask_indices import mask_indices
 
 __all__ = ["shared_pair_attention", "shared_pair_lists", "prefer_pairs", "PAIR_MAX_OVERHEAD"]
@@ -65,29 +66,6 @@ def _shared_loop(acc_lo, l_lo, m_lo, acc_hi, l_hi, m_hi, q_lo, q_hi, K, V, k_bas
     return acc_lo, l_lo, m_lo, acc_hi, l_hi, m_hi
 
 
-@triton.jit
-def _walk_half(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base, count, off_z, off_h,
-               rotate_period, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
-               stride_ik, seq_len, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-               BLOCK: tl.constexpr, MASK_MODE: tl.constexpr, USE_TMA: tl.constexpr,
-               DOT_PREC: tl.constexpr, ROTATE: tl.constexpr):
-    """One half's own list (``lo`` or ``hi``): clean blocks, then those needing the bias."""
-    n_clean = unbiased_blocks(count, MASK_MODE)
-    rot = walk_start(count, rotate_period, MASK_MODE, ROTATE)
-    acc, l_i, m_i = sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base,
-                                off_z, off_h, 0, n_clean, rot, offs_n, offs_d, stride_kn,
-                                stride_kd, stride_vn, stride_vd, stride_ik, seq_len, qk_scale,
-                                HEAD_DIM, HEAD_DIM_PAD, BLOCK, USE_TMA, False, DOT_PREC,
-                                ROTATE and MASK_MODE != MASK_ALL)
-    if MASK_MODE != MASK_NONE:
-        acc, l_i, m_i = sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base,
-                                    off_z, off_h, n_clean, count, rot, offs_n, offs_d, stride_kn,
-                                    stride_kd, stride_vn, stride_vd, stride_ik, seq_len, qk_scale,
-                                    HEAD_DIM, HEAD_DIM_PAD, BLOCK, USE_TMA, True, DOT_PREC,
-                                    ROTATE and MASK_MODE == MASK_ALL)
-    return acc, l_i, m_i
-
-
 # ----------------------------------------------------------------------------- kernel
 @triton.jit(do_not_specialize=["rotate_period"])
 def _shared_pair_kernel(Q, K, V, Out, Counts, Indices, Order, Bias,
@@ -102,11 +80,7 @@ def _shared_pair_kernel(Q, K, V, Out, Counts, Indices, Order, Bias,
                         MASK_MODE: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
                         ROTATE: tl.constexpr):
     BLOCK: tl.constexpr = 64
-    item = tl.load(Order + tl.program_id(0))
-    pair = item % n_pairs
-    pid_zh = item // n_pairs
-    z32 = pid_zh // H
-    h32 = pid_zh % H
+    pair, z32, h32 = work_item(Order, n_pairs, H)
     off_z = z32.to(tl.int64)
     off_h = h32.to(tl.int64)
     offs_n = tl.arange(0, BLOCK)
@@ -116,12 +90,8 @@ def _shared_pair_kernel(Q, K, V, Out, Counts, Indices, Order, Bias,
     q_base = Q + off_z * stride_qz + off_h * stride_qh
     count_base = Counts + off_z * stride_cz + off_h * stride_ch + pair.to(tl.int64) * stride_cp
     idx_both = Indices + off_z * stride_iz + off_h * stride_ih + pair.to(tl.int64) * stride_ip
-    if USE_TMA:
-        k_base = Q  # unused: the descriptors carry the addresses
-        v_base = Q
-    else:
-        k_base = K + off_z * stride_kz + off_h * stride_kh
-        v_base = V + off_z * stride_vz + off_h * stride_vh
+    k_base, v_base = kv_bases(Q, K, V, off_z, off_h, stride_kz, stride_kh, stride_vz, stride_vh,
+                              USE_TMA)
     bias_base = Bias + off_z * n_k_blocks * BLOCK
     o_base = Out + off_z * stride_oz + off_h * stride_oh
 
@@ -132,11 +102,11 @@ def _shared_pair_kernel(Q, K, V, Out, Counts, Indices, Order, Bias,
     m_lo = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
     l_lo = tl.zeros([BLOCK], dtype=tl.float32)
     acc_lo = tl.zeros([BLOCK, HEAD_DIM_PAD], dtype=tl.float32)
-    acc_lo, l_lo, m_lo = _walk_half(acc_lo, l_lo, m_lo, q_lo, K, V, k_base, v_base, bias_base,
-                                    idx_both + stride_il, tl.load(count_base + stride_cl), z32,
-                                    h32, rotate_period, offs_n, offs_d, stride_kn, stride_kd,
-                                    stride_vn, stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM,
-                                    HEAD_DIM_PAD, BLOCK, MASK_MODE, USE_TMA, DOT_PREC, ROTATE)
+    acc_lo, l_lo, m_lo = walk_list(acc_lo, l_lo, m_lo, q_lo, K, V, k_base, v_base, bias_base,
+                                   idx_both + stride_il, tl.load(count_base + stride_cl), z32,
+                                   h32, rotate_period, offs_n, offs_d, stride_kn, stride_kd,
+                                   stride_vn, stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM,
+                                   HEAD_DIM_PAD, BLOCK, MASK_MODE, USE_TMA, DOT_PREC, ROTATE)
 
     q_hi = load_rows(q_base, rows_hi, offs_d, stride_qm, stride_qd, seq_len, HEAD_DIM,
                      HEAD_DIM_PAD)
@@ -157,24 +127,16 @@ def _shared_pair_kernel(Q, K, V, Out, Counts, Indices, Order, Bias,
             idx_both, z32, h32, n_clean, n_both, rot, offs_n, offs_d, stride_kn, stride_kd,
             stride_vn, stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK,
             USE_TMA, True, DOT_PREC, ROTATE and MASK_MODE == MASK_ALL)
-    _store_half(o_base, acc_lo, l_lo, rows_lo, offs_d, stride_om, stride_od, seq_len, HEAD_DIM,
-                HEAD_DIM_PAD)
+    store_normalized(o_base, acc_lo, l_lo, rows_lo, offs_d, stride_om, stride_od, seq_len,
+                     HEAD_DIM, HEAD_DIM_PAD)
 
-    acc_hi, l_hi, m_hi = _walk_half(acc_hi, l_hi, m_hi, q_hi, K, V, k_base, v_base, bias_base,
-                                    idx_both + 2 * stride_il, tl.load(count_base + 2 * stride_cl),
-                                    z32, h32, rotate_period, offs_n, offs_d, stride_kn, stride_kd,
-                                    stride_vn, stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM,
-                                    HEAD_DIM_PAD, BLOCK, MASK_MODE, USE_TMA, DOT_PREC, ROTATE)
-    _store_half(o_base, acc_hi, l_hi, rows_hi, offs_d, stride_om, stride_od, seq_len, HEAD_DIM,
-                HEAD_DIM_PAD)
-
-
-@triton.jit
-def _store_half(o_base, acc, l_i, rows, offs_d, stride_om, stride_od, seq_len,
-                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    store_rows(o_base, out.to(o_base.dtype.element_ty), rows, offs_d, stride_om, stride_od,
-               seq_len, HEAD_DIM, HEAD_DIM_PAD)
+    acc_hi, l_hi, m_hi = walk_list(acc_hi, l_hi, m_hi, q_hi, K, V, k_base, v_base, bias_base,
+                                   idx_both + 2 * stride_il, tl.load(count_base + 2 * stride_cl),
+                                   z32, h32, rotate_period, offs_n, offs_d, stride_kn, stride_kd,
+                                   stride_vn, stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM,
+                                   HEAD_DIM_PAD, BLOCK, MASK_MODE, USE_TMA, DOT_PREC, ROTATE)
+    store_normalized(o_base, acc_hi, l_hi, rows_hi, offs_d, stride_om, stride_od, seq_len,
+                     HEAD_DIM, HEAD_DIM_PAD)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -237,10 +199,7 @@ def shared_pair_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Block-sparse attention (block size 64) over the pairs' lists of
     :func:`shared_pair_lists`; arguments as :func:`.block_sparse._launch`, except that
     ``rotate_period=None`` means no rotation (it gained nothing here on the H100)."""
-    check_rotate_period(rotate_period)
-    _common.check_qk(q, k, BLOCK_SIZE, v)
-    _common.check_scale(scale)
-    _common.check_key_valid(key_valid, q)
+    check_inputs(q, k, v, scale, BLOCK_SIZE, key_valid, rotate_period)
     B, H, L, D = q.shape
     nb = -(-L // BLOCK_SIZE)
     n_pairs = -(-nb // 2)
@@ -252,10 +211,7 @@ def shared_pair_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out
     if indices.shape[4] == 0:  # no row keeps anything: every output row is 0
         indices = torch.zeros(B, H, n_pairs, 3, 1, dtype=torch.int32, device=q.device)
-    head_dim_pad = _common.padded_head_dim(D)
-    descs = _common.tma_descriptors((k, v), BLOCK_SIZE, head_dim_pad, tma)
-    k_arg, v_arg = descs if descs is not None else (k, v)
-    bias = _common.key_bias(key_valid, B, L, BLOCK_SIZE, q.device)
+    head_dim_pad, k_arg, v_arg, bias = kernel_inputs(q, k, v, BLOCK_SIZE, key_valid, tma)
     default_warps, default_stages = _common.launch_config("sparse_shared", head_dim_pad,
                                                           BLOCK_SIZE)
     _shared_pair_kernel[(B * H * n_pairs,)](
@@ -267,7 +223,7 @@ def shared_pair_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         *counts.stride(), *indices.stride(),
         H, L, n_pairs, nb, _common.log2_scale(scale), rotate_period or 1,
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad,
-        MASK_MODE=_common.mask_mode(key_valid, L, BLOCK_SIZE), USE_TMA=descs is not None,
+        MASK_MODE=_common.mask_mode(key_valid, L, BLOCK_SIZE), USE_TMA=k_arg is not k,
         DOT_PREC=_common.dot_precision(q.dtype), ROTATE=bool(rotate_period),
         num_warps=num_warps or default_warps, num_stages=num_stages or default_stages,
     )
