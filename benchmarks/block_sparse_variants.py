@@ -64,6 +64,17 @@ VARIANTS = [(1, False, 4, 2, "bshd", 0), (1, False, 4, 3, "bshd", 0),
 VARIANTS += [(1, True, 4, 2, "bshd", p) for p in (132, 264, 396, 528, 660, 792, 1056, "auto")]
 VARIANTS += [("shared", True, w, s, "bshd", p) for w, s, p in
              ((4, 2, 0), (4, 2, "auto"), (4, 3, 0), (4, 3, "auto"), (8, 2, "auto"))]
+# "range" (with --key-padding): the key bias only on the kept blocks inside the range of blocks
+# that hold a padded key (``block_sparse._launch(bias_range=True)``), not on every block.
+RANGE_VARIANTS = {"single-tma w4 s2 rotauto range", "single-tma w4 s2 range"}
+
+
+def variant_rows():
+    """Every variant with its ``bias_range`` flag: the ``VARIANTS`` without, and the 64-row
+    TMA ones named in ``RANGE_VARIANTS`` with."""
+    rows = [(*v, False) for v in VARIANTS]
+    rows += [(*v, True) for v in VARIANTS if f"{variant_label(*v)} range" in RANGE_VARIANTS]
+    return rows
 
 
 def variant_label(qb, tma, w, s, layout, rotate=0) -> str:
@@ -264,8 +275,9 @@ def run_shape(name, args, rows):
             sample = exact_sample(q, k, v, bm.bits, nb, scale, L, kv)
             if mname == "1.0" and kv is None:
                 print(f"    cuDNN dense vs exact: {exact_err(ref, sample):.1e}")
-            for qb, tma, w, s, layout, rotate in VARIANTS:
-                label = variant_label(qb, tma, w, s, layout, rotate)
+            for qb, tma, w, s, layout, rotate, bias_range in variant_rows():
+                label = variant_label(qb, tma, w, s, layout, rotate) + (" range" if bias_range
+                                                                         else "")
                 if args.variants != "all" and label not in args.variants.split(","):
                     continue
                 qkv = tensors(layout)
@@ -277,8 +289,8 @@ def run_shape(name, args, rows):
                             *qkv, *shared_lists, scale, kv, tma=tma, num_warps=w, num_stages=s,
                             rotate_period=period)
                     return block_sparse._launch(*qkv, counts, indices, scale, BLOCK, kv, None,
-                                                use_tma=tma, num_warps=w,
-                                                num_stages=s, rotate_period=period)
+                                                use_tma=tma, num_warps=w, num_stages=s,
+                                                rotate_period=period, bias_range=bias_range)
                 row = {"shape": name, "mask": mname, "key_padding": kv is not None,
                        "variant": label, "density": density,
                        "shared_fraction": shared_frac,

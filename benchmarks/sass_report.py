@@ -49,6 +49,9 @@ def parse_args():
     p.add_argument("--chunk", type=int, default=None,
                    help="cached search: key blocks per cross-warp reduction (default: CHUNK)")
     p.add_argument("--rotate", action="store_true", help="block-sparse: the rotated list walk")
+    p.add_argument("--mask-mode", type=int, default=0, choices=(0, 1, 2, 3),
+                   help="key masking: 0 none, 1 ragged last block, 2 key padding, 3 key padding "
+                        "in a block range (block-sparse only; see kernels/_tiles.py)")
     p.add_argument("--warps", type=int, default=None, help="default: the launcher's config")
     p.add_argument("--stages", type=int, default=None, help="default: the launcher's config")
     return p.parse_args()
@@ -76,8 +79,9 @@ def kernel_spec(args):
             fn = importlib.import_module("adaspa_compile.kernels.block_sparse")._block_sparse_kernel
         types = {"Q": "*bf16", "K": desc if tma else "*bf16", "V": desc if tma else "*bf16",
                  "Out": "*bf16", "Counts": "*i32", "Indices": "*i32", "Order": "*i32",
-                 "Bias": "*fp32", "qk_scale": "fp32"}
-        const = dict(HEAD_DIM=d, HEAD_DIM_PAD=d_pad, MASK_MODE=0, USE_TMA=tma, DOT_PREC="tf32",
+                 "Bias": "*fp32", "BiasRange": "*i32", "qk_scale": "fp32"}
+        const = dict(HEAD_DIM=d, HEAD_DIM_PAD=d_pad, MASK_MODE=args.mask_mode, USE_TMA=tma,
+                     DOT_PREC="tf32",
                      ROTATE=args.rotate,
                      stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1, stride_ik=1)
         if not shared:

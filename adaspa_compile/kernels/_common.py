@@ -84,6 +84,12 @@ def check_out(name: str, t: Optional[torch.Tensor], shape: Tuple[int, ...], dtyp
                          f"{tuple(t.shape)} on {t.device}")
 
 
+def output_like(q: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """``out`` checked to be shaped, typed and placed like ``q``, or a new ``empty_like(q)``."""
+    check_out("out", out, tuple(q.shape), q.dtype, q.device)
+    return torch.empty_like(q) if out is None else out
+
+
 def key_bias(key_valid: Optional[torch.Tensor], batch: int, seq_len: int, block_n: int,
              device: torch.device) -> torch.Tensor:
     """Additive key bias fp32 ``[B, nk * block_n]``: 0 for a valid key, ``-inf`` for a padded key
@@ -97,7 +103,7 @@ def key_bias(key_valid: Optional[torch.Tensor], batch: int, seq_len: int, block_
     return bias
 
 
-MASK_NONE, MASK_LAST, MASK_ALL = 0, 1, 2
+MASK_NONE, MASK_LAST, MASK_ALL, MASK_RANGE = 0, 1, 2, 3
 
 
 def mask_mode(key_valid: Optional[torch.Tensor], seq_len: int, block_n: int) -> int:

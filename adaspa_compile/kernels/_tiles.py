@@ -7,7 +7,9 @@ Key masking is an additive ``0 / -inf`` bias row (:func:`_common.key_bias`), app
 - ``MASK_NONE``: no key padding and ``L`` a multiple of the block: no tile is masked;
 - ``MASK_LAST``: no key padding, ragged ``L``: only the last key block is masked, and the loops
   peel it off (it is the last one visited, since index lists are ascending);
-- ``MASK_ALL``: a key-padding mask was given: every tile adds the bias.
+- ``MASK_ALL``: a key-padding mask was given: every tile adds the bias;
+- ``MASK_RANGE`` (block-sparse only): a key-padding mask was given, and only the list entries
+  inside a per-batch range of key blocks (those holding a padded key or the ragged end) add it.
 
 (A run-time branch per tile would be cheaper still, but Triton 3.6's software pipeliner fails on
 an ``scf.if`` yielding the score tile inside the loop.)
@@ -88,6 +90,7 @@ def store_normalized(base, acc, l_i, rows, offs_d, stride_row, stride_d, seq_len
 MASK_NONE = tl.constexpr(0)
 MASK_LAST = tl.constexpr(1)
 MASK_ALL = tl.constexpr(2)
+MASK_RANGE = tl.constexpr(3)
 
 
 @triton.jit
@@ -115,16 +118,29 @@ def rotated_slot(t, rot, t_end, ROTATE: tl.constexpr):
 
 
 @triton.jit
-def walk_start(count, rotate_period, MASK_MODE: tl.constexpr, ROTATE: tl.constexpr):
-    """First slot of this program's rotated walk over a list of ``count`` blocks (0 without
-    ``ROTATE``): program ``p`` starts at the fraction ``(p mod P) / P`` of the walk that begins
-    at slot 0 (the clean slots, or with key padding the whole list). Programs launched ``P``
-    apart start in phase, so the programs resident together read nearby K/V blocks."""
+def walk_start(n_walk, rotate_period, ROTATE: tl.constexpr):
+    """First slot of this program's rotated walk of ``n_walk`` slots (0 without ``ROTATE``):
+    program ``p`` starts at the fraction ``(p mod P) / P`` of it. Programs launched ``P`` apart
+    start in phase, so the programs resident together read nearby K/V blocks."""
     rot = 0
     if ROTATE:
-        n_walk = count if MASK_MODE == MASK_ALL else unbiased_blocks(count, MASK_MODE)
         rot = ((tl.program_id(0) % rotate_period) * n_walk) // rotate_period
     return rot
+
+
+@triton.jit
+def slots_below(idx_base, count, stride_ik, lo, hi, CHUNK: tl.constexpr):
+    """``(s0, s1)``: how many of a list's ``count`` ascending entries lie below ``lo`` and below
+    ``hi``, so the entries in ``[lo, hi)`` are the slots ``[s0, s1)``."""
+    offs = tl.arange(0, CHUNK)
+    s0 = tl.sum(tl.zeros([CHUNK], dtype=tl.int32), 0)
+    s1 = s0
+    for c in range(0, count, CHUNK):
+        live = c + offs < count
+        e = tl.load(idx_base + (c + offs) * stride_ik, mask=live, other=0)
+        s0 += tl.sum((live & (e < lo)).to(tl.int32), 0)
+        s1 += tl.sum((live & (e < hi)).to(tl.int32), 0)
+    return s0, s1
 
 
 @triton.jit

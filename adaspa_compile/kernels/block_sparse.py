@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import (MASK_ALL, MASK_NONE, biased_scores, load_block, load_rows,
-                     kv_bases, online_softmax_step, rotated_slot, store_normalized,
+from ._tiles import (MASK_ALL, MASK_NONE, MASK_RANGE, biased_scores, kv_bases, load_block,
+                     load_rows, online_softmax_step, rotated_slot, slots_below, store_normalized,
                      unbiased_blocks, walk_start, work_item)
 
 __all__ = ["block_sparse_attention", "default_rotate_period"]
@@ -44,14 +44,19 @@ __all__ = ["block_sparse_attention", "default_rotate_period"]
 # ----------------------------------------------------------------------------- inner loop
 @triton.jit
 def sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base, off_z, off_h,
-                t_start, t_end, rot, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                stride_ik, seq_len, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                BLOCK_SIZE: tl.constexpr, USE_TMA: tl.constexpr, APPLY_BIAS: tl.constexpr,
-                DOT_PREC: tl.constexpr, ROTATE: tl.constexpr):
+                t_start, t_end, rot, gap_at, gap, offs_n, offs_d, stride_kn, stride_kd,
+                stride_vn, stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM: tl.constexpr,
+                HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, USE_TMA: tl.constexpr,
+                APPLY_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, ROTATE: tl.constexpr,
+                GAP: tl.constexpr):
     """Key blocks ``indices[t_start:t_end]`` of one list; with ``ROTATE`` (and ``t_start`` 0)
-    in the order ``rot, rot + 1, ..., t_end - 1, 0, ..., rot - 1``."""
+    in the order ``rot, rot + 1, ..., t_end - 1, 0, ..., rot - 1``; with ``GAP``, slots from
+    ``gap_at`` on are read ``gap`` further on (skipping the slots walked with the bias)."""
     for t in range(t_start, t_end):
-        j = tl.load(idx_base + rotated_slot(t, rot, t_end, ROTATE) * stride_ik)
+        slot = rotated_slot(t, rot, t_end, ROTATE)
+        if GAP:
+            slot = tl.where(slot >= gap_at, slot + gap, slot)
+        j = tl.load(idx_base + slot * stride_ik)
         k = load_block(K, k_base, off_z, off_h, j, offs_n, offs_d, stride_kn, stride_kd, seq_len,
                        HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, USE_TMA)
         qk = biased_scores(q, k, bias_base, j * BLOCK_SIZE + offs_n, APPLY_BIAS, DOT_PREC)
@@ -62,32 +67,51 @@ def sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base, off
 
 
 @triton.jit
-def walk_list(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base, count, off_z, off_h,
-              rotate_period, offs_n, offs_d, stride_kn, stride_kd, stride_vn, stride_vd,
-              stride_ik, seq_len, qk_scale, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-              BLOCK: tl.constexpr, MASK_MODE: tl.constexpr, USE_TMA: tl.constexpr,
-              DOT_PREC: tl.constexpr, ROTATE: tl.constexpr):
-    """A whole list of ``count`` key blocks: the clean ones, then those needing the bias (with
-    ``ROTATE``, the walk that starts at slot 0 is rotated: :func:`walk_start`)."""
-    n_clean = unbiased_blocks(count, MASK_MODE)
-    rot = walk_start(count, rotate_period, MASK_MODE, ROTATE)
-    acc, l_i, m_i = sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base,
-                                off_z, off_h, 0, n_clean, rot, offs_n, offs_d, stride_kn,
-                                stride_kd, stride_vn, stride_vd, stride_ik, seq_len, qk_scale,
-                                HEAD_DIM, HEAD_DIM_PAD, BLOCK, USE_TMA, False, DOT_PREC,
-                                ROTATE and MASK_MODE != MASK_ALL)
-    if MASK_MODE != MASK_NONE:
+def walk_list(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base, count, bias_range,
+              off_z, off_h, rotate_period, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+              stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM: tl.constexpr,
+              HEAD_DIM_PAD: tl.constexpr, BLOCK: tl.constexpr, MASK_MODE: tl.constexpr,
+              USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr, ROTATE: tl.constexpr):
+    """A whole list of ``count`` key blocks: the clean ones, then those needing the bias. With
+    ``ROTATE`` the walk that starts at slot 0 is rotated (:func:`walk_start`): the clean slots,
+    or under ``MASK_ALL`` the whole list. ``bias_range`` (``MASK_RANGE`` only): this batch's
+    ``[lo, hi)`` key-block range needing the bias."""
+    if MASK_MODE == MASK_RANGE:
+        s0, s1 = slots_below(idx_base, count, stride_ik, tl.load(bias_range),
+                             tl.load(bias_range + 1), 128)
+        n_clean = count - (s1 - s0)
+        rot = walk_start(n_clean, rotate_period, ROTATE)
         acc, l_i, m_i = sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base,
-                                    off_z, off_h, n_clean, count, rot, offs_n, offs_d, stride_kn,
-                                    stride_kd, stride_vn, stride_vd, stride_ik, seq_len, qk_scale,
-                                    HEAD_DIM, HEAD_DIM_PAD, BLOCK, USE_TMA, True, DOT_PREC,
-                                    ROTATE and MASK_MODE == MASK_ALL)
+                                    off_z, off_h, 0, n_clean, rot, s0, s1 - s0, offs_n, offs_d,
+                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_ik,
+                                    seq_len, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK, USE_TMA,
+                                    False, DOT_PREC, ROTATE, True)
+        acc, l_i, m_i = sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base,
+                                    off_z, off_h, s0, s1, 0, 0, 0, offs_n, offs_d, stride_kn,
+                                    stride_kd, stride_vn, stride_vd, stride_ik, seq_len,
+                                    qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK, USE_TMA, True,
+                                    DOT_PREC, False, False)
+    else:
+        n_clean = unbiased_blocks(count, MASK_MODE)
+        rot = walk_start(count if MASK_MODE == MASK_ALL else n_clean, rotate_period, ROTATE)
+        acc, l_i, m_i = sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base,
+                                    off_z, off_h, 0, n_clean, rot, 0, 0, offs_n, offs_d,
+                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_ik,
+                                    seq_len, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK, USE_TMA,
+                                    False, DOT_PREC, ROTATE and MASK_MODE != MASK_ALL, False)
+        if MASK_MODE != MASK_NONE:
+            acc, l_i, m_i = sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base,
+                                        idx_base, off_z, off_h, n_clean, count, rot, 0, 0,
+                                        offs_n, offs_d, stride_kn, stride_kd, stride_vn,
+                                        stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM,
+                                        HEAD_DIM_PAD, BLOCK, USE_TMA, True, DOT_PREC,
+                                        ROTATE and MASK_MODE == MASK_ALL, False)
     return acc, l_i, m_i
 
 
 # ----------------------------------------------------------------------------- kernel
 @triton.jit(do_not_specialize=["rotate_period"])
-def _block_sparse_kernel(Q, K, V, Out, Counts, Indices, Order, Bias,
+def _block_sparse_kernel(Q, K, V, Out, Counts, Indices, Order, Bias, BiasRange,
                          stride_qz, stride_qh, stride_qm, stride_qd,
                          stride_kz, stride_kh, stride_kn, stride_kd,
                          stride_vz, stride_vh, stride_vn, stride_vd,
@@ -117,9 +141,10 @@ def _block_sparse_kernel(Q, K, V, Out, Counts, Indices, Order, Bias,
     bias_base = Bias + off_z * n_k_blocks * BLOCK_SIZE
     # Ascending lists put the ragged last key block, if kept, in the last slot.
     acc, l_i, m_i = walk_list(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base, count,
-                              z32, h32, rotate_period, offs_n, offs_d, stride_kn, stride_kd,
-                              stride_vn, stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM,
-                              HEAD_DIM_PAD, BLOCK_SIZE, MASK_MODE, USE_TMA, DOT_PREC, ROTATE)
+                              BiasRange + off_z * 2, z32, h32, rotate_period, offs_n, offs_d,
+                              stride_kn, stride_kd, stride_vn, stride_vd, stride_ik, seq_len,
+                              qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, MASK_MODE, USE_TMA,
+                              DOT_PREC, ROTATE)
     store_normalized(Out + off_z * stride_oz + off_h * stride_oh, acc, l_i, offs_m, offs_d,
                      stride_om, stride_od, seq_len, HEAD_DIM, HEAD_DIM_PAD)
 
@@ -147,20 +172,22 @@ def work_order(counts: torch.Tensor) -> torch.Tensor:
 
 def _launch(q, k, v, counts, indices, scale, block_size, key_valid, out,
             use_tma: Optional[bool] = None, num_warps: Optional[int] = None,
-            num_stages: Optional[int] = None,
-            rotate_period: Optional[int] = None) -> torch.Tensor:
+            num_stages: Optional[int] = None, rotate_period: Optional[int] = None,
+            bias_range: bool = False) -> torch.Tensor:
     """``rotate_period``: program ``p`` walks its list from the fraction ``(p mod P) / P``
     onward and wraps around, so that the programs resident together read nearby K/V blocks at
     the same time (random masks re-read K/V from DRAM otherwise: a head's K/V can exceed L2).
     None = :func:`default_rotate_period`, 0 = no rotation, or the period ``P``. The result is
-    the same up to summation order."""
+    the same up to summation order.
+
+    ``bias_range`` (an experiment, off by default; with ``key_valid`` only): only the kept
+    blocks inside each batch's range of key blocks holding a padded key (or the ragged end)
+    take the key bias, instead of every block (:func:`bias_block_range`)."""
     check_inputs(q, k, v, scale, block_size, key_valid, rotate_period)
     B, H, L, D = q.shape
     nb = -(-L // block_size)
     check_lists(counts, indices, nb, nb, q, "nq")
-    _common.check_out("out", out, tuple(q.shape), q.dtype, q.device)
-    if out is None:
-        out = torch.empty_like(q)
+    out = _common.output_like(q, out)
     if L == 0 or B * H == 0:
         return out
     if indices.shape[3] == 0:  # no row keeps anything: every output row is 0
@@ -169,8 +196,13 @@ def _launch(q, k, v, counts, indices, scale, block_size, key_valid, out,
     default_warps, default_stages = _common.launch_config("sparse", head_dim_pad, block_size)
     if rotate_period is None:
         rotate_period = default_rotate_period(q)
+    mask_mode = _common.mask_mode(key_valid, L, block_size)
+    if bias_range and key_valid is not None:
+        mask_mode, block_range = _common.MASK_RANGE, bias_block_range(bias, block_size)
+    else:
+        block_range = bias  # never read
     _block_sparse_kernel[(B * H * nb,)](
-        q, k_arg, v_arg, out, counts, indices, work_order(counts), bias,
+        q, k_arg, v_arg, out, counts, indices, work_order(counts), bias, block_range,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
@@ -179,11 +211,23 @@ def _launch(q, k, v, counts, indices, scale, block_size, key_valid, out,
         indices.stride(0), indices.stride(1), indices.stride(2), indices.stride(3),
         H, L, nb, nb, _common.log2_scale(scale), rotate_period or 1,
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size,
-        MASK_MODE=_common.mask_mode(key_valid, L, block_size), USE_TMA=k_arg is not k,
+        MASK_MODE=mask_mode, USE_TMA=k_arg is not k,
         DOT_PREC=_common.dot_precision(q.dtype), ROTATE=rotate_period != 0,
         num_warps=num_warps or default_warps, num_stages=num_stages or default_stages,
     )
     return out
+
+
+def bias_block_range(bias: torch.Tensor, block_size: int) -> torch.Tensor:
+    """int32 ``[B, 2]``: per batch the range ``[lo, hi)`` of key blocks holding any key with a
+    non-zero bias (padded, or past the sequence end); ``[nb, nb)`` when none does."""
+    B = bias.shape[0]
+    need = (bias != 0).view(B, -1, block_size).any(-1)
+    nb = need.shape[1]
+    blocks = torch.arange(nb, device=bias.device)
+    lo = torch.where(need, blocks, nb).amin(-1)
+    hi = torch.maximum(torch.where(need, blocks + 1, 0).amax(-1), lo)
+    return torch.stack([lo, hi], dim=-1).to(torch.int32).contiguous()
 
 
 def check_inputs(q, k, v, scale: float, block_size: int, key_valid: Optional[torch.Tensor],

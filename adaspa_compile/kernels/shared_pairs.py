@@ -97,14 +97,15 @@ def _shared_pair_kernel(Q, K, V, Out, Counts, Indices, Order, Bias,
 
     # The walks are ordered so that a half's state is live only while needed: the first half's
     # own blocks, the shared ones (both halves live), the first half stored, the second's own.
+    # (``Bias`` stands in for walk_list's bias range, read only under MASK_RANGE, never here.)
     q_lo = load_rows(q_base, rows_lo, offs_d, stride_qm, stride_qd, seq_len, HEAD_DIM,
                      HEAD_DIM_PAD)
     m_lo = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
     l_lo = tl.zeros([BLOCK], dtype=tl.float32)
     acc_lo = tl.zeros([BLOCK, HEAD_DIM_PAD], dtype=tl.float32)
     acc_lo, l_lo, m_lo = walk_list(acc_lo, l_lo, m_lo, q_lo, K, V, k_base, v_base, bias_base,
-                                   idx_both + stride_il, tl.load(count_base + stride_cl), z32,
-                                   h32, rotate_period, offs_n, offs_d, stride_kn, stride_kd,
+                                   idx_both + stride_il, tl.load(count_base + stride_cl), Bias,
+                                   z32, h32, rotate_period, offs_n, offs_d, stride_kn, stride_kd,
                                    stride_vn, stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM,
                                    HEAD_DIM_PAD, BLOCK, MASK_MODE, USE_TMA, DOT_PREC, ROTATE)
 
@@ -115,7 +116,7 @@ def _shared_pair_kernel(Q, K, V, Out, Counts, Indices, Order, Bias,
     acc_hi = tl.zeros([BLOCK, HEAD_DIM_PAD], dtype=tl.float32)
     n_both = tl.load(count_base)
     n_clean = unbiased_blocks(n_both, MASK_MODE)
-    rot = walk_start(n_both, rotate_period, MASK_MODE, ROTATE)
+    rot = walk_start(n_both if MASK_MODE == MASK_ALL else n_clean, rotate_period, ROTATE)
     acc_lo, l_lo, m_lo, acc_hi, l_hi, m_hi = _shared_loop(
         acc_lo, l_lo, m_lo, acc_hi, l_hi, m_hi, q_lo, q_hi, K, V, k_base, v_base, bias_base,
         idx_both, z32, h32, 0, n_clean, rot, offs_n, offs_d, stride_kn, stride_kd, stride_vn,
@@ -132,9 +133,10 @@ def _shared_pair_kernel(Q, K, V, Out, Counts, Indices, Order, Bias,
 
     acc_hi, l_hi, m_hi = walk_list(acc_hi, l_hi, m_hi, q_hi, K, V, k_base, v_base, bias_base,
                                    idx_both + 2 * stride_il, tl.load(count_base + 2 * stride_cl),
-                                   z32, h32, rotate_period, offs_n, offs_d, stride_kn, stride_kd,
-                                   stride_vn, stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM,
-                                   HEAD_DIM_PAD, BLOCK, MASK_MODE, USE_TMA, DOT_PREC, ROTATE)
+                                   Bias, z32, h32, rotate_period, offs_n, offs_d, stride_kn,
+                                   stride_kd, stride_vn, stride_vd, stride_ik, seq_len, qk_scale,
+                                   HEAD_DIM, HEAD_DIM_PAD, BLOCK, MASK_MODE, USE_TMA, DOT_PREC,
+                                   ROTATE)
     store_normalized(o_base, acc_hi, l_hi, rows_hi, offs_d, stride_om, stride_od, seq_len,
                      HEAD_DIM, HEAD_DIM_PAD)
 
@@ -204,9 +206,7 @@ def shared_pair_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     nb = -(-L // BLOCK_SIZE)
     n_pairs = -(-nb // 2)
     _check_shared_lists(counts, indices, q, n_pairs, nb)
-    _common.check_out("out", out, tuple(q.shape), q.dtype, q.device)
-    if out is None:
-        out = torch.empty_like(q)
+    out = _common.output_like(q, out)
     if L == 0 or B * H == 0:
         return out
     if indices.shape[4] == 0:  # no row keeps anything: every output row is 0

@@ -205,10 +205,12 @@ def run_cached(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] 
 
 
 def run_sparse(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] = None,
-               rotate_period: Optional[int] = None, shared: bool = False) -> None:
+               rotate_period: Optional[int] = None, shared: bool = False,
+               bias_range: bool = False) -> None:
     """Block-sparse output vs the reference; ``tma``: K/V through tensor descriptors (forced
     under the interpreter when True); ``rotate_period``: the rotated walk; ``shared``: programs
-    over pairs of query blocks sharing their common key blocks (``shared_pairs``)."""
+    over pairs of query blocks sharing their common key blocks (``shared_pairs``);
+    ``bias_range``: the key bias only inside the padded blocks' range."""
     q, k, v = make_qkv(case, dtype, device)
     kv = make_key_valid(case, device)
     mask = make_mask(case, device)
@@ -219,12 +221,13 @@ def run_sparse(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] 
         lists = shared_pairs.shared_pair_lists(mask.bits, mask.num_kv_blocks, mask.max_kept)
         got = shared_pairs.shared_pair_attention(q, k, v, *lists, scale, kv, tma=tma, out=out,
                                                  rotate_period=rotate_period)
-    elif rotate_period is None:  # the public entry point
+    elif rotate_period is None and not bias_range:  # the public entry point
         got = kernels.block_sparse_attention(q, k, v, counts, indices, scale, case.block_size, kv,
                                              tma=tma, out=out)
     else:
         got = block_sparse._launch(q, k, v, counts, indices, scale, case.block_size, kv, out,
-                                   use_tma=tma, rotate_period=rotate_period)
+                                   use_tma=tma, rotate_period=rotate_period,
+                                   bias_range=bias_range)
     assert got is out
     kv_cpu = None if kv is None else kv.cpu()
     ref = reference.block_sparse_attention_ref(f64(q), f64(k), f64(v), counts.cpu(),
@@ -256,20 +259,21 @@ def test_cached_search_interpreter(case, tma):
 @interpreter_only
 @settings(settings.get_profile("kernels-ci"))
 @given(case=INTERP_CASES, tma=st.sampled_from([None, True]),
-       rotate_period=st.sampled_from([None, None, 1, 3]))
-def test_block_sparse_interpreter(case, tma, rotate_period):
-    run_sparse(case, torch.float32, "cpu", tma, rotate_period)
+       rotate_period=st.sampled_from([None, None, 1, 3]), bias_range=st.booleans())
+def test_block_sparse_interpreter(case, tma, rotate_period, bias_range):
+    run_sparse(case, torch.float32, "cpu", tma, rotate_period, bias_range=bias_range)
 
 
 @interpreter_only
 @pytest.mark.parametrize("period", [2, 3, 5])
-@pytest.mark.parametrize("seq_len,padding", [(6 * 64, "none"), (6 * 64 - 30, "none"),
-                                             (6 * 64, "tail")])
-def test_block_sparse_rotated_walk_interpreter(period, seq_len, padding):
+@pytest.mark.parametrize("seq_len,padding,bias_range", [
+    (6 * 64, "none", False), (6 * 64 - 30, "none", False), (6 * 64, "tail", False),
+    (6 * 64, "tail", True), (6 * 64 - 30, "whole_block", True)])
+def test_block_sparse_rotated_walk_interpreter(period, seq_len, padding, bias_range):
     """``rotate_period``: lists long enough (6 blocks) that every program's walk wraps."""
     case = Case(batch=1, heads=3, seq_len=seq_len, head_dim=16, block_size=64, layout="bshd",
                 padding=padding, density=0.7, input_scale=1.0, seed=period)
-    run_sparse(case, torch.float32, "cpu", None, period)
+    run_sparse(case, torch.float32, "cpu", None, period, bias_range=bias_range)
 
 
 @interpreter_only
@@ -336,10 +340,10 @@ def test_cached_search_gpu(dtype, case, tma):
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @settings(settings.get_profile("kernels-gpu"))
 @given(case=GPU_CASES, tma=st.sampled_from([None, False]),
-       rotate_period=st.sampled_from([None, None, 7]))
-def test_block_sparse_gpu(dtype, case, tma, rotate_period):
+       rotate_period=st.sampled_from([None, None, 7]), bias_range=st.booleans())
+def test_block_sparse_gpu(dtype, case, tma, rotate_period, bias_range):
     assume(dtype != torch.float32 or case.head_dim <= 64)  # fp32 FMA dots compile slowly
-    run_sparse(case, dtype, "cuda", tma, rotate_period)
+    run_sparse(case, dtype, "cuda", tma, rotate_period, bias_range=bias_range)
 
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
