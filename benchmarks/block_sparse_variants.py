@@ -93,6 +93,9 @@ def parse_args():
     p.add_argument("--rep", type=int, default=50, help="do_bench rep in ms")
     p.add_argument("--fa4", action="store_true",
                    help="also FlashAttention-4's block-sparse forward (flash-attn-4, CuTe DSL)")
+    p.add_argument("--split-estimate", action="store_true",
+                   help="also time the two halves of a two-launch pair scheme: pair programs on "
+                        "the shared blocks only, then 64-row programs on each row's own blocks")
     p.add_argument("--key-padding", action="store_true",
                    help="also run the text tail half padded (the bias path) for shapes with text")
     return p.parse_args()
@@ -300,6 +303,9 @@ def run_shape(name, args, rows):
                 base = out if base is None else base
                 rows.append(row)
             unpadded = base if kv is None else unpadded
+        if args.split_estimate:
+            rows.extend(split_estimate(name, mname, (q, k, v), shared_lists, nb, scale, cudnn_ms,
+                                       args.rep))
         if fa4 is not None:
             row = {"shape": name, "mask": mname, "variant": "FlashAttention-4 block-sparse",
                    "density": density}
@@ -307,6 +313,37 @@ def run_shape(name, args, rows):
                       ref if mname == "1.0" else None, cudnn_ms, flops, args.rep)
             rows.append(row)
     print_kernel_stats()
+
+
+def split_estimate(name, mname, qkv, shared_lists, nb, scale, cudnn_ms, rep):
+    """Times of the two launches a split pair scheme would make (no state passes between them
+    here, so no output is checked): pair programs over the blocks both rows of a pair keep (one
+    walk per program, so the rotated walk can keep resident programs in step), then 64-row
+    programs over each row's own blocks. Their sum, plus writing and reading the fp32 softmax
+    state between them, bounds what the scheme could reach."""
+    counts, indices = shared_lists
+    B, H, n_pairs = counts.shape[:3]
+    both_only = counts.clone()
+    both_only[..., 1:] = 0
+    own_counts = counts[..., 1:].reshape(B, H, 2 * n_pairs)[:, :, :nb].contiguous()
+    own_indices = indices[:, :, :, 1:].reshape(B, H, 2 * n_pairs, -1)[:, :, :nb].contiguous()
+    period = block_sparse.default_rotate_period(qkv[0])
+    parts = {
+        "both-only pairs": lambda: shared_pairs.shared_pair_attention(*qkv, both_only, indices,
+                                                                      scale, None),
+        f"both-only pairs rot{period}": lambda: shared_pairs.shared_pair_attention(
+            *qkv, both_only, indices, scale, None, rotate_period=period),
+        "own-only 64-row rotauto": lambda: block_sparse._launch(*qkv, own_counts, own_indices,
+                                                                scale, BLOCK, None, None),
+    }
+    rows = []
+    for label, call in parts.items():
+        call()
+        ms = bench(call, rep)
+        rows.append({"shape": name, "mask": mname, "variant": f"split part: {label}", "ms": ms,
+                     "ratio_cudnn": ms / cudnn_ms})
+        print(f"    split part: {label:30s} {ms:9.3f} ms  {ms / cudnn_ms:6.3f}x cuDNN", flush=True)
+    return rows
 
 
 def print_kernel_stats():
