@@ -64,6 +64,10 @@ VARIANTS = [(1, False, 4, 2, "bshd", 0), (1, False, 4, 3, "bshd", 0),
 VARIANTS += [(1, True, 4, 2, "bshd", p) for p in (132, 264, 396, 528, 660, 792, 1056, "auto")]
 VARIANTS += [("shared", True, w, s, "bshd", p) for w, s, p in
              ((4, 2, 0), (4, 2, "auto"), (4, 3, 0), (4, 3, "auto"), (8, 2, "auto"))]
+# "split": shared pairs in two launches (``shared_pair_attention(split=True)``): pair programs
+# over the shared blocks (rotated with the period given), then rotated 64-row programs over each
+# row's own blocks, resuming the softmax state.
+VARIANTS += [("split", True, 4, 2, "bshd", p) for p in (0, 396, 528)]
 # "range" (with --key-padding): the key bias only on the kept blocks inside the range of blocks
 # that hold a padded key (``block_sparse._launch(bias_range=True)``), not on every block.
 RANGE_VARIANTS = {"single-tma w4 s2 rotauto range", "single-tma w4 s2 range"}
@@ -78,7 +82,7 @@ def variant_rows():
 
 
 def variant_label(qb, tma, w, s, layout, rotate=0) -> str:
-    kind = "single" if qb == 1 else "shared"
+    kind = "single" if qb == 1 else qb
     return (f"{kind}{'-tma' if tma else ''} w{w} s{s}"
             f"{' bhsd' if layout == 'bhsd' else ''}{f' rot{rotate}' if rotate else ''}")
 
@@ -173,7 +177,8 @@ def exact_sample(q, k, v, bits, nb, scale, L, key_valid=None):
     H = q.shape[1]
     heads = sorted({0, H // 2, H - 1})
     blocks = torch.linspace(0, nb - 1, 6).round().long().tolist()
-    rows = torch.cat([torch.arange(b * BLOCK, min(L, (b + 1) * BLOCK)) for b in blocks]).to(q.device)
+    rows = torch.cat([torch.arange(b * BLOCK, min(L, (b + 1) * BLOCK)) for b in blocks])
+    rows = rows.to(q.device)
     shifts = torch.arange(8, device=q.device)
     outs = []
     for h in heads:
@@ -287,17 +292,17 @@ def run_shape(name, args, rows):
                 period = None if rotate == "auto" else rotate
 
                 def call():
-                    if qb == "shared":
+                    if qb in ("shared", "split"):
                         return shared_pairs.shared_pair_attention(
                             *qkv, *shared_lists, scale, kv, tma=tma, num_warps=w, num_stages=s,
-                            rotate_period=period)
+                            rotate_period=period, split=qb == "split")
                     return block_sparse._launch(*qkv, counts, indices, scale, BLOCK, kv, None,
                                                 use_tma=tma, num_warps=w, num_stages=s,
                                                 rotate_period=period, bias_range=bias_range)
                 row = {"shape": name, "mask": mname, "key_padding": kv is not None,
                        "variant": label, "density": density,
                        "shared_fraction": shared_frac,
-                       "lists_ms": pair_build_ms if qb == "shared" else single_build_ms}
+                       "lists_ms": single_build_ms if qb == 1 else pair_build_ms}
                 out = timed_row(row, call, base, ref if mname == "1.0" and kv is None else None,
                                 cudnn_ms, flops, args.rep, sample)
                 base = out if base is None else base

@@ -49,6 +49,9 @@ def parse_args():
     p.add_argument("--chunk", type=int, default=None,
                    help="cached search: key blocks per cross-warp reduction (default: CHUNK)")
     p.add_argument("--rotate", action="store_true", help="block-sparse: the rotated list walk")
+    p.add_argument("--split", action="store_true",
+                   help="shared_pairs' split mode: --kernel shared: the shared-blocks launch "
+                        "(SHARED_ONLY); --kernel sparse: the launch resuming its state (RESUME)")
     p.add_argument("--mask-mode", type=int, default=0, choices=(0, 1, 2, 3),
                    help="key masking: 0 none, 1 ragged last block, 2 key padding, 3 key padding "
                         "in a block range (block-sparse only; see kernels/_tiles.py)")
@@ -79,13 +82,16 @@ def kernel_spec(args):
             fn = importlib.import_module("adaspa_compile.kernels.block_sparse")._block_sparse_kernel
         types = {"Q": "*bf16", "K": desc if tma else "*bf16", "V": desc if tma else "*bf16",
                  "Out": "*bf16", "Counts": "*i32", "Indices": "*i32", "Order": "*i32",
-                 "Bias": "*fp32", "BiasRange": "*i32", "qk_scale": "fp32"}
+                 "Bias": "*fp32", "BiasRange": "*i32", "State": "*fp32", "M": "*fp32",
+                 "Lsum": "*fp32", "qk_scale": "fp32"}
         const = dict(HEAD_DIM=d, HEAD_DIM_PAD=d_pad, MASK_MODE=args.mask_mode, USE_TMA=tma,
                      DOT_PREC="tf32",
                      ROTATE=args.rotate,
                      stride_qd=1, stride_kd=1, stride_vd=1, stride_od=1, stride_ik=1)
-        if not shared:
-            const["BLOCK_SIZE"] = bs
+        if shared:
+            const["SHARED_ONLY"] = args.split
+        else:
+            const.update(BLOCK_SIZE=bs, RESUME=args.split)
         key = "sparse_shared" if shared else "sparse"
     div16 = {n for n in fn.arg_names if n.startswith("stride_") and n not in const}
     return fn, types, const, div16, key

@@ -22,7 +22,8 @@ import torch
 from . import _common
 
 __all__ = ["kernel_support", "fused_search", "cached_search", "block_sparse_attention",
-           "prefer_pairs", "shared_pair_attention", "shared_pair_lists", "mask_indices", "sorted_candidate_mass", "keep_blocks",
+           "prefer_pairs", "shared_pair_attention", "shared_pair_lists", "mask_indices",
+           "sorted_candidate_mass", "keep_blocks",
            "SELECTION_MAX_BLOCKS", "TRITON_IMPORT_ERROR"]
 
 try:

@@ -35,8 +35,8 @@ import triton.language as tl
 
 from . import _common
 from ._tiles import (MASK_ALL, MASK_NONE, MASK_RANGE, biased_scores, kv_bases, load_block,
-                     load_rows, online_softmax_step, rotated_slot, slots_below, store_normalized,
-                     unbiased_blocks, walk_start, work_item)
+                     load_rows, load_state, online_softmax_step, rotated_slot, slots_below,
+                     store_normalized, unbiased_blocks, walk_start, work_item)
 
 __all__ = ["block_sparse_attention", "default_rotate_period"]
 
@@ -111,7 +111,7 @@ def walk_list(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base, count
 
 # ----------------------------------------------------------------------------- kernel
 @triton.jit(do_not_specialize=["rotate_period"])
-def _block_sparse_kernel(Q, K, V, Out, Counts, Indices, Order, Bias, BiasRange,
+def _block_sparse_kernel(Q, K, V, Out, Counts, Indices, Order, Bias, BiasRange, State, M, Lsum,
                          stride_qz, stride_qh, stride_qm, stride_qd,
                          stride_kz, stride_kh, stride_kn, stride_kd,
                          stride_vz, stride_vh, stride_vn, stride_vd,
@@ -121,7 +121,7 @@ def _block_sparse_kernel(Q, K, V, Out, Counts, Indices, Order, Bias, BiasRange,
                          H, seq_len, n_lists, n_k_blocks, qk_scale, rotate_period,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, MASK_MODE: tl.constexpr, USE_TMA: tl.constexpr,
-                         DOT_PREC: tl.constexpr, ROTATE: tl.constexpr):
+                         DOT_PREC: tl.constexpr, ROTATE: tl.constexpr, RESUME: tl.constexpr):
     lst, z32, h32 = work_item(Order, n_lists, H)
     off_z = z32.to(tl.int64)
     off_h = h32.to(tl.int64)
@@ -133,9 +133,13 @@ def _block_sparse_kernel(Q, K, V, Out, Counts, Indices, Order, Bias, BiasRange,
 
     q = load_rows(Q + off_z * stride_qz + off_h * stride_qh, offs_m, offs_d, stride_qm,
                   stride_qd, seq_len, HEAD_DIM, HEAD_DIM_PAD)
-    m_i = tl.full([BLOCK_SIZE], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_SIZE, HEAD_DIM_PAD], dtype=tl.float32)
+    if RESUME:  # continue the softmax state an earlier launch left (shared_pairs, split)
+        acc, l_i, m_i = load_state(State, M, Lsum, z32 * H + h32, offs_m, offs_d, seq_len,
+                                   HEAD_DIM_PAD)
+    else:
+        m_i = tl.full([BLOCK_SIZE], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_SIZE, HEAD_DIM_PAD], dtype=tl.float32)
     k_base, v_base = kv_bases(Q, K, V, off_z, off_h, stride_kz, stride_kh, stride_vz, stride_vh,
                               USE_TMA)
     bias_base = Bias + off_z * n_k_blocks * BLOCK_SIZE
@@ -173,7 +177,7 @@ def work_order(counts: torch.Tensor) -> torch.Tensor:
 def _launch(q, k, v, counts, indices, scale, block_size, key_valid, out,
             use_tma: Optional[bool] = None, num_warps: Optional[int] = None,
             num_stages: Optional[int] = None, rotate_period: Optional[int] = None,
-            bias_range: bool = False) -> torch.Tensor:
+            bias_range: bool = False, resume=None) -> torch.Tensor:
     """``rotate_period``: program ``p`` walks its list from the fraction ``(p mod P) / P``
     onward and wraps around, so that the programs resident together read nearby K/V blocks at
     the same time (random masks re-read K/V from DRAM otherwise: a head's K/V can exceed L2).
@@ -182,7 +186,10 @@ def _launch(q, k, v, counts, indices, scale, block_size, key_valid, out,
 
     ``bias_range`` (an experiment, off by default; with ``key_valid`` only): only the kept
     blocks inside each batch's range of key blocks holding a padded key (or the ragged end)
-    take the key bias, instead of every block (:func:`bias_block_range`)."""
+    take the key bias, instead of every block (:func:`bias_block_range`).
+
+    ``resume``: ``(state, row_max, row_sum)`` an earlier launch wrote (``shared_pairs``, split
+    mode): the rows continue from it instead of starting empty."""
     check_inputs(q, k, v, scale, block_size, key_valid, rotate_period)
     B, H, L, D = q.shape
     nb = -(-L // block_size)
@@ -201,8 +208,9 @@ def _launch(q, k, v, counts, indices, scale, block_size, key_valid, out,
         mask_mode, block_range = _common.MASK_RANGE, bias_block_range(bias, block_size)
     else:
         block_range = bias  # never read
+    state = resume if resume is not None else (bias, bias, bias)  # never read without resume
     _block_sparse_kernel[(B * H * nb,)](
-        q, k_arg, v_arg, out, counts, indices, work_order(counts), bias, block_range,
+        q, k_arg, v_arg, out, counts, indices, work_order(counts), bias, block_range, *state,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
@@ -213,6 +221,7 @@ def _launch(q, k, v, counts, indices, scale, block_size, key_valid, out,
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size,
         MASK_MODE=mask_mode, USE_TMA=k_arg is not k,
         DOT_PREC=_common.dot_precision(q.dtype), ROTATE=rotate_period != 0,
+        RESUME=resume is not None,
         num_warps=num_warps or default_warps, num_stages=num_stages or default_stages,
     )
     return out

@@ -10,8 +10,9 @@ walks three ascending lists of key blocks (:func:`shared_pair_lists`):
 The work is exactly the kept blocks (programs over the union of the two lists, an earlier
 design, paid for the blocks one half does not keep), and the K/V read from L2 shrinks by the
 shared blocks. At density 1.0 they take 15-18% less time than 64-row programs on an H100; on
-sparse masks the state of two query blocks spills registers and they are level or slower, so ``ops`` uses them
-for dense masks only (:func:`prefer_pairs`). The output is that of
+sparse masks they are level or slower (the state of two query blocks spills registers, and three
+walks per program break the rotated walk's phase; ``split=True`` is an experiment on that), so
+``ops`` uses them for dense masks only (:func:`prefer_pairs`). The output is that of
 :func:`adaspa_compile.reference.block_sparse_attention_ref`.
 
 - dtypes, head dims, key padding, TMA and the rotated walk as in :mod:`.block_sparse`; block size
@@ -28,10 +29,10 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import (MASK_ALL, MASK_NONE, biased_scores, load_block, load_rows,
-                     kv_bases, online_softmax_step, rotated_slot, store_normalized,
+from ._tiles import (MASK_ALL, MASK_NONE, biased_scores, kv_bases, load_block, load_rows,
+                     online_softmax_step, rotated_slot, store_normalized, store_state,
                      unbiased_blocks, walk_start, work_item)
-from .block_sparse import check_inputs, check_lists, kernel_inputs, walk_list
+from .block_sparse import _launch, check_inputs, check_lists, kernel_inputs, walk_list
 from .mask_indices import mask_indices
 
 __all__ = ["shared_pair_attention", "shared_pair_lists", "prefer_pairs", "PAIR_MAX_OVERHEAD"]
@@ -68,7 +69,7 @@ def _shared_loop(acc_lo, l_lo, m_lo, acc_hi, l_hi, m_hi, q_lo, q_hi, K, V, k_bas
 
 # ----------------------------------------------------------------------------- kernel
 @triton.jit(do_not_specialize=["rotate_period"])
-def _shared_pair_kernel(Q, K, V, Out, Counts, Indices, Order, Bias,
+def _shared_pair_kernel(Q, K, V, Out, Counts, Indices, Order, Bias, State, M, Lsum,
                         stride_qz, stride_qh, stride_qm, stride_qd,
                         stride_kz, stride_kh, stride_kn, stride_kd,
                         stride_vz, stride_vh, stride_vn, stride_vd,
@@ -78,7 +79,7 @@ def _shared_pair_kernel(Q, K, V, Out, Counts, Indices, Order, Bias,
                         H, seq_len, n_pairs, n_k_blocks, qk_scale, rotate_period,
                         HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                         MASK_MODE: tl.constexpr, USE_TMA: tl.constexpr, DOT_PREC: tl.constexpr,
-                        ROTATE: tl.constexpr):
+                        ROTATE: tl.constexpr, SHARED_ONLY: tl.constexpr):
     BLOCK: tl.constexpr = 64
     pair, z32, h32 = work_item(Order, n_pairs, H)
     off_z = z32.to(tl.int64)
@@ -103,11 +104,13 @@ def _shared_pair_kernel(Q, K, V, Out, Counts, Indices, Order, Bias,
     m_lo = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
     l_lo = tl.zeros([BLOCK], dtype=tl.float32)
     acc_lo = tl.zeros([BLOCK, HEAD_DIM_PAD], dtype=tl.float32)
-    acc_lo, l_lo, m_lo = walk_list(acc_lo, l_lo, m_lo, q_lo, K, V, k_base, v_base, bias_base,
-                                   idx_both + stride_il, tl.load(count_base + stride_cl), Bias,
-                                   z32, h32, rotate_period, offs_n, offs_d, stride_kn, stride_kd,
-                                   stride_vn, stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM,
-                                   HEAD_DIM_PAD, BLOCK, MASK_MODE, USE_TMA, DOT_PREC, ROTATE)
+    if not SHARED_ONLY:
+        acc_lo, l_lo, m_lo = walk_list(acc_lo, l_lo, m_lo, q_lo, K, V, k_base, v_base, bias_base,
+                                       idx_both + stride_il, tl.load(count_base + stride_cl),
+                                       Bias, z32, h32, rotate_period, offs_n, offs_d, stride_kn,
+                                       stride_kd, stride_vn, stride_vd, stride_ik, seq_len,
+                                       qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK, MASK_MODE,
+                                       USE_TMA, DOT_PREC, ROTATE)
 
     q_hi = load_rows(q_base, rows_hi, offs_d, stride_qm, stride_qd, seq_len, HEAD_DIM,
                      HEAD_DIM_PAD)
@@ -128,17 +131,23 @@ def _shared_pair_kernel(Q, K, V, Out, Counts, Indices, Order, Bias,
             idx_both, z32, h32, n_clean, n_both, rot, offs_n, offs_d, stride_kn, stride_kd,
             stride_vn, stride_vd, stride_ik, seq_len, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK,
             USE_TMA, True, DOT_PREC, ROTATE and MASK_MODE == MASK_ALL)
-    store_normalized(o_base, acc_lo, l_lo, rows_lo, offs_d, stride_om, stride_od, seq_len,
-                     HEAD_DIM, HEAD_DIM_PAD)
-
-    acc_hi, l_hi, m_hi = walk_list(acc_hi, l_hi, m_hi, q_hi, K, V, k_base, v_base, bias_base,
-                                   idx_both + 2 * stride_il, tl.load(count_base + 2 * stride_cl),
-                                   Bias, z32, h32, rotate_period, offs_n, offs_d, stride_kn,
-                                   stride_kd, stride_vn, stride_vd, stride_ik, seq_len, qk_scale,
-                                   HEAD_DIM, HEAD_DIM_PAD, BLOCK, MASK_MODE, USE_TMA, DOT_PREC,
-                                   ROTATE)
-    store_normalized(o_base, acc_hi, l_hi, rows_hi, offs_d, stride_om, stride_od, seq_len,
-                     HEAD_DIM, HEAD_DIM_PAD)
+    if SHARED_ONLY:  # the own blocks follow in a 64-row launch that resumes this state
+        store_state(State, M, Lsum, acc_lo, m_lo, l_lo, z32 * H + h32, rows_lo, offs_d, seq_len,
+                    HEAD_DIM_PAD)
+        store_state(State, M, Lsum, acc_hi, m_hi, l_hi, z32 * H + h32, rows_hi, offs_d, seq_len,
+                    HEAD_DIM_PAD)
+    else:
+        store_normalized(o_base, acc_lo, l_lo, rows_lo, offs_d, stride_om, stride_od, seq_len,
+                         HEAD_DIM, HEAD_DIM_PAD)
+        acc_hi, l_hi, m_hi = walk_list(acc_hi, l_hi, m_hi, q_hi, K, V, k_base, v_base, bias_base,
+                                       idx_both + 2 * stride_il,
+                                       tl.load(count_base + 2 * stride_cl), Bias, z32, h32,
+                                       rotate_period, offs_n, offs_d, stride_kn, stride_kd,
+                                       stride_vn, stride_vd, stride_ik, seq_len, qk_scale,
+                                       HEAD_DIM, HEAD_DIM_PAD, BLOCK, MASK_MODE, USE_TMA,
+                                       DOT_PREC, ROTATE)
+        store_normalized(o_base, acc_hi, l_hi, rows_hi, offs_d, stride_om, stride_od, seq_len,
+                         HEAD_DIM, HEAD_DIM_PAD)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -185,22 +194,38 @@ def _check_shared_lists(counts: torch.Tensor, indices: torch.Tensor, q: torch.Te
     check_lists(counts[..., 0], indices[:, :, :, 0], n_pairs, nk, q, "ceil(nq / 2)")
 
 
-def pair_work_order(counts: torch.Tensor) -> torch.Tensor:
-    """Pairs heaviest first (a shared block counts twice); ties keep their order."""
-    work = 2 * counts[..., 0] + counts[..., 1] + counts[..., 2]
+def pair_work_order(counts: torch.Tensor, shared_only: bool = False) -> torch.Tensor:
+    """Pairs heaviest first (a shared block counts twice; only those with ``shared_only``); ties
+    keep their order."""
+    work = counts[..., 0] if shared_only else 2 * counts[..., 0] + counts[..., 1] + counts[..., 2]
     _, order = torch.sort(work.reshape(-1), descending=True, stable=True)
     return order.to(torch.int32)
+
+
+def own_lists(counts: torch.Tensor, indices: torch.Tensor,
+              n_q_blocks: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per query block, the blocks it keeps and its pair partner does not: 64-row lists
+    ``[B, H, nq]`` / ``[B, H, nq, max_kept]`` cut from :func:`shared_pair_lists`' output."""
+    B, H, n_pairs = counts.shape[:3]
+    own_counts = counts[..., 1:].reshape(B, H, 2 * n_pairs)[:, :, :n_q_blocks].contiguous()
+    own_indices = indices[:, :, :, 1:].reshape(B, H, 2 * n_pairs, -1)[:, :, :n_q_blocks]
+    return own_counts, own_indices.contiguous()
 
 
 def shared_pair_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           counts: torch.Tensor, indices: torch.Tensor, scale: float,
                           key_valid: Optional[torch.Tensor], *, tma: Optional[bool] = None,
                           out: Optional[torch.Tensor] = None, num_warps: Optional[int] = None,
-                          num_stages: Optional[int] = None,
-                          rotate_period: Optional[int] = None) -> torch.Tensor:
+                          num_stages: Optional[int] = None, rotate_period: Optional[int] = None,
+                          split: bool = False) -> torch.Tensor:
     """Block-sparse attention (block size 64) over the pairs' lists of
     :func:`shared_pair_lists`; arguments as :func:`.block_sparse._launch`, except that
-    ``rotate_period=None`` means no rotation (it gained nothing here on the H100)."""
+    ``rotate_period=None`` means no rotation (it gained nothing here on the H100).
+
+    ``split`` (an experiment, off by default): two launches, each walking one list per program
+    so that the rotated walk keeps resident programs in step: pair programs over the shared
+    blocks write their fp32 softmax state, then 64-row programs (rotated by default) resume it
+    over each row's own blocks. Costs an fp32 ``[B, H, L, D]`` state in memory."""
     check_inputs(q, k, v, scale, BLOCK_SIZE, key_valid, rotate_period)
     B, H, L, D = q.shape
     nb = -(-L // BLOCK_SIZE)
@@ -214,8 +239,11 @@ def shared_pair_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     head_dim_pad, k_arg, v_arg, bias = kernel_inputs(q, k, v, BLOCK_SIZE, key_valid, tma)
     default_warps, default_stages = _common.launch_config("sparse_shared", head_dim_pad,
                                                           BLOCK_SIZE)
+    state = (torch.empty(B, H, L, head_dim_pad, dtype=torch.float32, device=q.device),
+             torch.empty(B, H, L, dtype=torch.float32, device=q.device),
+             torch.empty(B, H, L, dtype=torch.float32, device=q.device)) if split else (bias,) * 3
     _shared_pair_kernel[(B * H * n_pairs,)](
-        q, k_arg, v_arg, out, counts, indices, pair_work_order(counts), bias,
+        q, k_arg, v_arg, out, counts, indices, pair_work_order(counts, split), bias, *state,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
@@ -224,7 +252,10 @@ def shared_pair_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         H, L, n_pairs, nb, _common.log2_scale(scale), rotate_period or 1,
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad,
         MASK_MODE=_common.mask_mode(key_valid, L, BLOCK_SIZE), USE_TMA=k_arg is not k,
-        DOT_PREC=_common.dot_precision(q.dtype), ROTATE=bool(rotate_period),
+        DOT_PREC=_common.dot_precision(q.dtype), ROTATE=bool(rotate_period), SHARED_ONLY=split,
         num_warps=num_warps or default_warps, num_stages=num_stages or default_stages,
     )
+    if split:
+        _launch(q, k, v, *own_lists(counts, indices, nb), scale, BLOCK_SIZE, key_valid, out,
+                use_tma=tma, resume=state)
     return out

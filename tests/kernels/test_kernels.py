@@ -206,11 +206,12 @@ def run_cached(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] 
 
 def run_sparse(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] = None,
                rotate_period: Optional[int] = None, shared: bool = False,
-               bias_range: bool = False) -> None:
+               bias_range: bool = False, split: bool = False) -> None:
     """Block-sparse output vs the reference; ``tma``: K/V through tensor descriptors (forced
     under the interpreter when True); ``rotate_period``: the rotated walk; ``shared``: programs
     over pairs of query blocks sharing their common key blocks (``shared_pairs``);
-    ``bias_range``: the key bias only inside the padded blocks' range."""
+    ``bias_range``: the key bias only inside the padded blocks' range; ``split``: shared pairs in
+    two launches (shared blocks, then each row's own blocks resuming the softmax state)."""
     q, k, v = make_qkv(case, dtype, device)
     kv = make_key_valid(case, device)
     mask = make_mask(case, device)
@@ -220,7 +221,7 @@ def run_sparse(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] 
     if shared:
         lists = shared_pairs.shared_pair_lists(mask.bits, mask.num_kv_blocks, mask.max_kept)
         got = shared_pairs.shared_pair_attention(q, k, v, *lists, scale, kv, tma=tma, out=out,
-                                                 rotate_period=rotate_period)
+                                                 rotate_period=rotate_period, split=split)
     elif rotate_period is None and not bias_range:  # the public entry point
         got = kernels.block_sparse_attention(q, k, v, counts, indices, scale, case.block_size, kv,
                                              tma=tma, out=out)
@@ -279,21 +280,23 @@ def test_block_sparse_rotated_walk_interpreter(period, seq_len, padding, bias_ra
 @interpreter_only
 @settings(settings.get_profile("kernels-ci"))
 @given(case=INTERP_CASES, tma=st.sampled_from([None, True]),
-       rotate_period=st.sampled_from([None, 0, 1, 3]))
-def test_shared_pairs_interpreter(case, tma, rotate_period):
+       rotate_period=st.sampled_from([None, 0, 1, 3]), split=st.booleans())
+def test_shared_pairs_interpreter(case, tma, rotate_period, split):
     assume(case.block_size == 64)  # pairs exist at block size 64 only
-    run_sparse(case, torch.float32, "cpu", tma=tma, rotate_period=rotate_period, shared=True)
+    run_sparse(case, torch.float32, "cpu", tma=tma, rotate_period=rotate_period, shared=True,
+               split=split)
 
 
 @interpreter_only
 @pytest.mark.parametrize("period", [2, 5])
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("seq_len,padding", [(7 * 64, "none"), (7 * 64 - 30, "none"),
                                              (7 * 64, "tail")])
-def test_shared_pairs_rotated_walk_interpreter(period, seq_len, padding):
+def test_shared_pairs_rotated_walk_interpreter(period, split, seq_len, padding):
     """Dense enough (0.8) that every pair has long shared and own lists, and walks wrap."""
     case = Case(batch=1, heads=2, seq_len=seq_len, head_dim=16, block_size=64, layout="bshd",
                 padding=padding, density=0.8, input_scale=1.0, seed=period)
-    run_sparse(case, torch.float32, "cpu", rotate_period=period, shared=True)
+    run_sparse(case, torch.float32, "cpu", rotate_period=period, shared=True, split=split)
 
 
 def test_shared_pair_lists_split_each_pair():
@@ -348,11 +351,13 @@ def test_block_sparse_gpu(dtype, case, tma, rotate_period, bias_range):
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @settings(settings.get_profile("kernels-gpu"))
-@given(case=GPU_CASES, tma=st.sampled_from([None, False]), rotate_period=st.sampled_from([None, 7]))
-def test_shared_pairs_gpu(dtype, case, tma, rotate_period):
+@given(case=GPU_CASES, tma=st.sampled_from([None, False]), rotate_period=st.sampled_from([None, 7]),
+       split=st.booleans())
+def test_shared_pairs_gpu(dtype, case, tma, rotate_period, split):
     assume(dtype != torch.float32 or case.head_dim <= 64)  # fp32 FMA dots compile slowly
     assume(case.block_size == 64)
-    run_sparse(case, dtype, "cuda", tma=tma, rotate_period=rotate_period, shared=True)
+    run_sparse(case, dtype, "cuda", tma=tma, rotate_period=rotate_period, shared=True,
+               split=split)
 
 
 for _test in (test_fused_search_gpu, test_cached_search_gpu, test_block_sparse_gpu,
