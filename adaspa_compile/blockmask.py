@@ -7,17 +7,24 @@ from typing import Tuple
 
 import torch
 
-__all__ = ["BlockMask", "pack_bits", "pair_union"]
+__all__ = ["BlockMask", "pack_bits", "pair_rows", "pair_union"]
 
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-def pair_union(rows: torch.Tensor) -> torch.Tensor:
-    """OR of query-block rows ``2p`` and ``2p + 1`` of a ``[B, H, nq, ...]`` mask (bool, or
-    packed ``uint8`` bits): ``[B, H, ceil(nq / 2), ...]``; an odd last row stands alone."""
+def pair_rows(rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Query-block rows ``2p`` and ``2p + 1`` of a ``[B, H, nq, ...]`` mask (bool, or packed
+    ``uint8`` bits), each ``[B, H, ceil(nq / 2), ...]``; an odd last row's partner is empty."""
     if rows.shape[2] % 2:
         rows = torch.nn.functional.pad(rows, (0, 0, 0, 1))
-    return rows[:, :, 0::2] | rows[:, :, 1::2]
+    return rows[:, :, 0::2], rows[:, :, 1::2]
+
+
+def pair_union(rows: torch.Tensor) -> torch.Tensor:
+    """OR of query-block rows ``2p`` and ``2p + 1`` (:func:`pair_rows`): ``[B, H, ceil(nq / 2),
+    ...]``; an odd last row stands alone."""
+    lo, hi = pair_rows(rows)
+    return lo | hi
 
 
 def pack_bits(dense: torch.Tensor) -> torch.Tensor:

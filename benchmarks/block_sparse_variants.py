@@ -327,11 +327,9 @@ def split_estimate(name, mname, qkv, shared_lists, nb, scale, cudnn_ms, rep):
     programs over each row's own blocks. Their sum, plus writing and reading the fp32 softmax
     state between them, bounds what the scheme could reach."""
     counts, indices = shared_lists
-    B, H, n_pairs = counts.shape[:3]
     both_only = counts.clone()
     both_only[..., 1:] = 0
-    own_counts = counts[..., 1:].reshape(B, H, 2 * n_pairs)[:, :, :nb].contiguous()
-    own_indices = indices[:, :, :, 1:].reshape(B, H, 2 * n_pairs, -1)[:, :, :nb].contiguous()
+    own_counts, own_indices = shared_pairs.own_lists(counts, indices, nb)
     period = block_sparse.default_rotate_period(qkv[0])
     parts = {
         "both-only pairs": lambda: shared_pairs.shared_pair_attention(*qkv, both_only, indices,

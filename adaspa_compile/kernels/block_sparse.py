@@ -169,7 +169,8 @@ def check_lists(counts: torch.Tensor, indices: torch.Tensor, n_lists: int, nk: i
 
 
 def work_order(counts: torch.Tensor) -> torch.Tensor:
-    """Flattened (b, h, list) items, heaviest first; ties keep their order (a stable sort)."""
+    """Flattened (b, h, list) items by their work ``counts``, heaviest first; ties keep their
+    order (a stable sort)."""
     _, order = torch.sort(counts.reshape(-1), descending=True, stable=True)
     return order.to(torch.int32)
 

@@ -32,7 +32,9 @@ from . import _common
 from ._tiles import (MASK_ALL, MASK_NONE, biased_scores, kv_bases, load_block, load_rows,
                      online_softmax_step, rotated_slot, store_normalized, store_state,
                      unbiased_blocks, walk_start, work_item)
-from .block_sparse import _launch, check_inputs, check_lists, kernel_inputs, walk_list
+from ..blockmask import pair_rows
+from .block_sparse import (_launch, check_inputs, check_lists, kernel_inputs, walk_list,
+                           work_order)
 from .mask_indices import mask_indices
 
 __all__ = ["shared_pair_attention", "shared_pair_lists", "prefer_pairs", "PAIR_MAX_OVERHEAD"]
@@ -168,9 +170,7 @@ def prefer_pairs(pair_overhead: float, head_dim: int, block_size: int, dtype: to
 def _split_bits(bits: torch.Tensor) -> torch.Tensor:
     """``[B, H, ceil(nq / 2), 3, nbytes]``: per pair the bits both rows keep, only the first
     keeps, only the second keeps (an odd last row stands alone)."""
-    if bits.shape[2] % 2:
-        bits = torch.nn.functional.pad(bits, (0, 0, 0, 1))
-    lo, hi = bits[:, :, 0::2], bits[:, :, 1::2]
+    lo, hi = pair_rows(bits)
     return torch.stack([lo & hi, lo & ~hi, hi & ~lo], dim=3)
 
 
@@ -197,9 +197,8 @@ def _check_shared_lists(counts: torch.Tensor, indices: torch.Tensor, q: torch.Te
 def pair_work_order(counts: torch.Tensor, shared_only: bool = False) -> torch.Tensor:
     """Pairs heaviest first (a shared block counts twice; only those with ``shared_only``); ties
     keep their order."""
-    work = counts[..., 0] if shared_only else 2 * counts[..., 0] + counts[..., 1] + counts[..., 2]
-    _, order = torch.sort(work.reshape(-1), descending=True, stable=True)
-    return order.to(torch.int32)
+    return work_order(counts[..., 0] if shared_only
+                      else 2 * counts[..., 0] + counts[..., 1] + counts[..., 2])
 
 
 def own_lists(counts: torch.Tensor, indices: torch.Tensor,
