@@ -178,16 +178,16 @@ def work_order(counts: torch.Tensor) -> torch.Tensor:
 def _launch(q, k, v, counts, indices, scale, block_size, key_valid, out,
             use_tma: Optional[bool] = None, num_warps: Optional[int] = None,
             num_stages: Optional[int] = None, rotate_period: Optional[int] = None,
-            bias_range: bool = False, resume=None) -> torch.Tensor:
+            bias_range: Optional[bool] = None, resume=None) -> torch.Tensor:
     """``rotate_period``: program ``p`` walks its list from the fraction ``(p mod P) / P``
     onward and wraps around, so that the programs resident together read nearby K/V blocks at
     the same time (random masks re-read K/V from DRAM otherwise: a head's K/V can exceed L2).
     None = :func:`default_rotate_period`, 0 = no rotation, or the period ``P``. The result is
     the same up to summation order.
 
-    ``bias_range`` (an experiment, off by default; with ``key_valid`` only): only the kept
-    blocks inside each batch's range of key blocks holding a padded key (or the ragged end)
-    take the key bias, instead of every block (:func:`bias_block_range`).
+    ``bias_range`` (with ``key_valid`` only): only the kept blocks inside each batch's range
+    of key blocks holding a padded key (or the ragged end) take the key bias, instead of every
+    block (:func:`bias_block_range`). None = :func:`default_bias_range`.
 
     ``resume``: ``(state, row_max, row_sum)`` an earlier launch wrote (``shared_pairs``, split
     mode): the rows continue from it instead of starting empty."""
@@ -205,6 +205,8 @@ def _launch(q, k, v, counts, indices, scale, block_size, key_valid, out,
     if rotate_period is None:
         rotate_period = default_rotate_period(q)
     mask_mode = _common.mask_mode(key_valid, L, block_size)
+    if bias_range is None:
+        bias_range = default_bias_range(head_dim_pad)
     if bias_range and key_valid is not None:
         mask_mode, block_range = _common.MASK_RANGE, bias_block_range(bias, block_size)
     else:
@@ -238,6 +240,16 @@ def bias_block_range(bias: torch.Tensor, block_size: int) -> torch.Tensor:
     lo = torch.where(need, blocks, nb).amin(-1)
     hi = torch.maximum(torch.where(need, blocks + 1, 0).amax(-1), lo)
     return torch.stack([lo, hi], dim=-1).to(torch.int32).contiguous()
+
+
+def default_bias_range(head_dim_pad: int) -> bool:
+    """Whether key padding takes the bias only inside the padded blocks' range (``MASK_RANGE``)
+    rather than on every kept block. Measured on the H100 (benchmarks/RESULTS.md, eighth run,
+    half the text tail padded): at head dim 128 the range took the HunyuanVideo 0.2 masks from
+    87.1 / 90.0 ms to 80.0 / 81.6 (unpadded 77.8 / 77.4); at head dim 64 (CogVideoX, the padded
+    text at the head) it was 13.06 -> 13.68 ms on the random mask and 14.20 -> 13.98 on the
+    local one, so there every block keeps the bias."""
+    return head_dim_pad >= 128
 
 
 def check_inputs(q, k, v, scale: float, block_size: int, key_valid: Optional[torch.Tensor],
