@@ -43,6 +43,7 @@ from kernels import bench, head_densities, random_qkv, rel_err, write_results  #
 block_sparse = importlib.import_module("adaspa_compile.kernels.block_sparse")
 shared_pairs = importlib.import_module("adaspa_compile.kernels.shared_pairs")
 mask_indices = importlib.import_module("adaspa_compile.kernels.mask_indices")
+hopper = importlib.import_module("adaspa_compile.kernels.block_sparse_hopper")
 
 # name: (heads, head_dim, (frames, rows, cols) of the video grid, text tokens, text position)
 SHAPES = {
@@ -68,6 +69,12 @@ VARIANTS += [("shared", True, w, s, "bshd", p) for w, s, p in
 # over the shared blocks (rotated with the period given), then rotated 64-row programs over each
 # row's own blocks, resuming the softmax state.
 VARIANTS += [("split", True, 4, 2, "bshd", p) for p in (0, 396, 528)]
+# "hopper": the Gluon 64-row kernel (``block_sparse_hopper``: the next block's scores issued
+# with this block's P @ V, both asynchronous wgmmas), always TMA, 4 warps; s = K/V buffers.
+# "hopper3": the same with 2 K buffers, 1 V buffer and at most 168 registers, so 3 programs fit
+# on an SM instead of 2 (the launcher's default).
+VARIANTS += [("hopper", True, 4, s, "bshd", p) for s in (2, 3) for p in (0, "auto")]
+VARIANTS += [("hopper3", True, 4, 2, "bshd", p) for p in (0, 396, 792, "auto")]
 # "range" (with --key-padding): the key bias only on the kept blocks inside the range of blocks
 # that hold a padded key (``block_sparse._launch(bias_range=True)``), not on every block.
 RANGE_VARIANTS = {"single-tma w4 s2 rotauto range", "single-tma w4 s2 range"}
@@ -292,6 +299,14 @@ def run_shape(name, args, rows):
                 period = None if rotate == "auto" else rotate
 
                 def call():
+                    if qb == "hopper":
+                        return hopper.block_sparse_attention_hopper(
+                            *qkv, counts, indices, scale, kv, rotate_period=period, k_stages=s,
+                            v_stages=s, max_registers=None)
+                    if qb == "hopper3":
+                        return hopper.block_sparse_attention_hopper(
+                            *qkv, counts, indices, scale, kv, rotate_period=period, k_stages=2,
+                            v_stages=1, max_registers=168)
                     if qb in ("shared", "split"):
                         return shared_pairs.shared_pair_attention(
                             *qkv, *shared_lists, scale, kv, tma=tma, num_warps=w, num_stages=s,
@@ -351,7 +366,8 @@ def split_estimate(name, mname, qkv, shared_lists, nb, scale, cudnn_ms, rep):
 
 def print_kernel_stats():
     """Registers, spills and shared memory of every block-sparse kernel compiled so far."""
-    for fn in (block_sparse._block_sparse_kernel, shared_pairs._shared_pair_kernel):
+    for fn in (block_sparse._block_sparse_kernel, shared_pairs._shared_pair_kernel,
+               hopper._hopper_kernel):
         for cache in fn.device_caches.values():
             for kern in cache[0].values():
                 print(f"  {fn.fn.__name__}: {kern.n_regs} registers ({kern.n_spills} spilled), "

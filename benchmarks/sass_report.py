@@ -41,8 +41,9 @@ SEQUENCE = re.compile(r"^(HGMMA|WARPGROUP\.DEPBAR|MUFU\.EX2|BAR\.SYNC|BRA)")
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kernel", choices=("cached", "sparse", "shared"), default="cached",
-                   help="sparse: 64-row block-sparse programs; shared: pair programs")
+    p.add_argument("--kernel", choices=("cached", "sparse", "shared", "hopper"), default="cached",
+                   help="sparse: 64-row block-sparse programs; shared: pair programs; hopper: "
+                        "the Gluon 64-row kernel (block_sparse_hopper)")
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=64, choices=(64, 128))
     p.add_argument("--no-tma", action="store_true", help="pointer loads instead of descriptors")
@@ -56,7 +57,11 @@ def parse_args():
                    help="key masking: 0 none, 1 ragged last block, 2 key padding, 3 key padding "
                         "in a block range (block-sparse only; see kernels/_tiles.py)")
     p.add_argument("--warps", type=int, default=None, help="default: the launcher's config")
-    p.add_argument("--stages", type=int, default=None, help="default: the launcher's config")
+    p.add_argument("--stages", type=int, default=None,
+                   help="default: the launcher's config (hopper: K buffers)")
+    p.add_argument("--v-stages", type=int, default=None, help="hopper: V buffers")
+    p.add_argument("--maxnreg", type=int, default=None,
+                   help="per-thread register cap (hopper default: the launcher's)")
     return p.parse_args()
 
 
@@ -65,6 +70,8 @@ def kernel_spec(args):
     d, d_pad, bs = args.head_dim, _common.padded_head_dim(args.head_dim), args.block_size
     desc = f"tensordesc<bf16[1,1,{bs},{d_pad}]>"
     tma = not args.no_tma
+    if args.kernel == "hopper":
+        return hopper_spec(args, d, bs)
     if args.kernel == "cached":
         module = importlib.import_module("adaspa_compile.kernels.cached_search")
         fn = module._cached_search_kernel
@@ -97,13 +104,35 @@ def kernel_spec(args):
     return fn, types, const, div16, key
 
 
-def compile_sm90(fn, types, const, div16, num_warps, num_stages):
+def hopper_spec(args, d, bs):
+    """``kernel_spec`` for the Gluon kernel: descriptors typed with their shared layouts."""
+    module = importlib.import_module("adaspa_compile.kernels.block_sparse_hopper")
+    gl = module.gl
+    layout = gl.NVMMASharedLayout.get_default_for([1, 1, bs, d], gl.bfloat16)
+    desc = f"tensordesc<bf16[1,1,{bs},{d}],{layout!r}>"
+    types = {"q_desc": desc, "k_desc": desc, "v_desc": desc, "o_desc": desc, "Counts": "*i32",
+             "Indices": "*i32", "Order": "*i32", "Bias": "*fp32", "BiasRange": "*i32",
+             "qk_scale": "fp32"}
+    const = dict(HEAD_DIM=d, BLOCK_SIZE=bs, HAS_BIAS=args.mask_mode != 0, ROTATE=args.rotate,
+                 K_STAGES=args.stages or module.K_STAGES, V_STAGES=args.v_stages or module.V_STAGES,
+                 num_warps=args.warps or 4, stride_ik=1)
+    div16 = {n for n in module._hopper_kernel.arg_names if n.startswith("stride_")
+             and n not in const}
+    return module._hopper_kernel, types, const, div16, "hopper"
+
+
+def compile_sm90(fn, types, const, div16, num_warps, num_stages, maxnreg=None):
     signature = {n: "constexpr" if n in const else types.get(n, "i32") for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if n not in const and (signature[n].startswith("*") or n in div16)}
-    source = ASTSource(fn=fn, signature=signature, constexprs=const, attrs=attrs)
+    gluon = getattr(fn, "is_gluon", lambda: False)()
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource
+    source = (GluonASTSource if gluon else ASTSource)(fn=fn, signature=signature,
+                                                       constexprs=const, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 128),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+                          options={"num_warps": num_warps, "num_stages": num_stages,
+                                   **({} if maxnreg is None else {"maxnreg": maxnreg})})
 
 
 def cuobjdump(flag: str, cubin: bytes) -> str:
@@ -140,9 +169,13 @@ def runs(ops):
 def main():
     args = parse_args()
     fn, types, const, div16, key = kernel_spec(args)
-    warps, stages = _common.launch_config(key, const["HEAD_DIM_PAD"], args.block_size)
+    warps, stages = _common.launch_config(key, const.get("HEAD_DIM_PAD", args.head_dim),
+                                          args.block_size)
     warps, stages = args.warps or warps, args.stages or stages
-    compiled = compile_sm90(fn, types, const, div16, warps, stages)
+    maxnreg = args.maxnreg
+    if maxnreg is None and args.kernel == "hopper":  # the launcher's cap
+        maxnreg = importlib.import_module("adaspa_compile.kernels.block_sparse_hopper").MAX_REGISTERS
+    compiled = compile_sm90(fn, types, const, div16, warps, stages, maxnreg)
     sass = cuobjdump("-sass", compiled.asm["cubin"])
     usage = " ".join(line.strip() for line in cuobjdump("-res-usage", compiled.asm["cubin"])
                      .splitlines() if "REG" in line)

@@ -307,5 +307,29 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             head dim 64 or 128, True = wherever their strides allow (also under the
             interpreter), False = pointer loads.
         out: optional preallocated output (tests poison it); default ``torch.empty_like(q)``.
+
+    On Hopper at head dim 128 (bf16 / fp16, block size 64, ``tma`` None, TMA-compatible strides)
+    this runs the Gluon kernel of :mod:`.block_sparse_hopper` (:func:`uses_hopper_kernel`).
     """
+    if tma is None and uses_hopper_kernel(q, k, v, block_size, out):
+        from .block_sparse_hopper import block_sparse_attention_hopper
+        check_inputs(q, k, v, scale, block_size, key_valid, None)
+        return block_sparse_attention_hopper(q, k, v, counts, indices, scale, key_valid, out=out)
     return _launch(q, k, v, counts, indices, scale, block_size, key_valid, out, use_tma=tma)
+
+
+# Head dims where the Gluon kernel (block_sparse_hopper) is the default 64-row executor. Measured
+# on the H100 (benchmarks/RESULTS.md, eighth run, both rotated): at 128, with 3 programs per SM,
+# it took 5-9% less time than the Triton kernel on the 0.2 masks (HunyuanVideo 74.7 / 74.2 vs
+# 78.8 / 78.5 ms, Wan 49.1 / 49.3 vs 53.9 / 54.0); at 64 (CogVideoX) it was 4-5% slower.
+HOPPER_HEAD_DIMS = (128,)
+
+
+def uses_hopper_kernel(q, k, v, block_size: int, out=None) -> bool:
+    """Whether :func:`block_sparse_attention` runs these inputs on the Gluon kernel."""
+    from . import block_sparse_hopper
+
+    if q.shape[-1] not in HOPPER_HEAD_DIMS or not block_sparse_hopper.supports(q, block_size):
+        return False
+    tensors = (q, k, v) if out is None else (q, k, v, out)
+    return all(block_sparse_hopper.tma_ready(t) for t in tensors)

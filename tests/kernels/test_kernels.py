@@ -23,7 +23,8 @@ from adaspa_compile.blockmask import BlockMask, pack_bits
 
 pytest.importorskip("triton")
 
-from adaspa_compile.kernels import block_sparse, shared_pairs  # noqa: E402  (needs triton)
+from adaspa_compile.kernels import (block_sparse, block_sparse_hopper,  # noqa: E402
+                                    shared_pairs)
 
 HAS_CUDA = torch.cuda.is_available()
 interpreter_only = pytest.mark.skipif(
@@ -67,6 +68,7 @@ def cases(draw, max_blocks: float, head_dims) -> Case:
 INTERP_CASES = cases(max_blocks=2.6, head_dims=[16, 32, 40, 64, 80, 128])
 GPU_CASES = cases(max_blocks=12.5, head_dims=[64, 80, 128])
 GPU_DTYPES = [torch.bfloat16, torch.float32]
+HOPPER_CASES = cases(max_blocks=12.5, head_dims=[64, 128])
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -206,19 +208,26 @@ def run_cached(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] 
 
 def run_sparse(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] = None,
                rotate_period: Optional[int] = None, shared: bool = False,
-               bias_range: bool = False, split: bool = False) -> None:
+               bias_range: bool = False, split: bool = False,
+               hopper: Optional[dict] = None) -> None:
     """Block-sparse output vs the reference; ``tma``: K/V through tensor descriptors (forced
     under the interpreter when True); ``rotate_period``: the rotated walk; ``shared``: programs
     over pairs of query blocks sharing their common key blocks (``shared_pairs``);
     ``bias_range``: the key bias only inside the padded blocks' range; ``split``: shared pairs in
-    two launches (shared blocks, then each row's own blocks resuming the softmax state)."""
+    two launches (shared blocks, then each row's own blocks resuming the softmax state);
+    ``hopper``: run the Gluon kernel (``block_sparse_hopper``) with these options."""
     q, k, v = make_qkv(case, dtype, device)
     kv = make_key_valid(case, device)
     mask = make_mask(case, device)
     counts, indices = mask.to_indices()
     scale = case.head_dim ** -0.5
     out = poisoned(q)
-    if shared:
+    if hopper is not None:
+        got = block_sparse_hopper.block_sparse_attention_hopper(q, k, v, counts, indices, scale,
+                                                                kv, out=out,
+                                                                rotate_period=rotate_period,
+                                                                **hopper)
+    elif shared:
         lists = shared_pairs.shared_pair_lists(mask.bits, mask.num_kv_blocks, mask.max_kept)
         got = shared_pairs.shared_pair_attention(q, k, v, *lists, scale, kv, tma=tma, out=out,
                                                  rotate_period=rotate_period, split=split)
@@ -349,6 +358,19 @@ def test_block_sparse_gpu(dtype, case, tma, rotate_period, bias_range):
     run_sparse(case, dtype, "cuda", tma, rotate_period, bias_range=bias_range)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@settings(settings.get_profile("kernels-gpu"))
+@given(case=HOPPER_CASES, rotate_period=st.sampled_from([None, 0, 7]),
+       buffers=st.sampled_from([(2, 2, None), (2, 1, 168), (3, 3, None), (1, 1, None)]))
+def test_block_sparse_hopper_gpu(dtype, case, rotate_period, buffers):
+    assume(case.block_size == 64)
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the Gluon kernel needs sm90+")
+    k_stages, v_stages, max_registers = buffers
+    run_sparse(case, dtype, "cuda", rotate_period=rotate_period,
+               hopper=dict(k_stages=k_stages, v_stages=v_stages, max_registers=max_registers))
+
+
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @settings(settings.get_profile("kernels-gpu"))
 @given(case=GPU_CASES, tma=st.sampled_from([None, False]), rotate_period=st.sampled_from([None, 7]),
@@ -361,7 +383,7 @@ def test_shared_pairs_gpu(dtype, case, tma, rotate_period, split):
 
 
 for _test in (test_fused_search_gpu, test_cached_search_gpu, test_block_sparse_gpu,
-              test_shared_pairs_gpu):
+              test_block_sparse_hopper_gpu, test_shared_pairs_gpu):
     for _mark in gpu_only:
         _mark(_test)
 
@@ -374,7 +396,7 @@ def _qkv(shape=(1, 2, 100, 64), dtype=torch.float32):
     return [torch.randn(shape, device=DEVICE).to(dtype) for _ in range(3)]
 
 
-@pytest.mark.parametrize("fn", ["fused", "cached", "sparse"])
+@pytest.mark.parametrize("fn", ["fused", "cached", "sparse", "hopper"])
 @pytest.mark.parametrize("problem", ["dtype", "head_dim", "block_size", "key_valid", "shape"])
 def test_bad_input_raises_value_error(fn, problem):
     dtype = torch.float64 if problem == "dtype" else torch.float32
@@ -393,7 +415,22 @@ def test_bad_input_raises_value_error(fn, problem):
         else:
             counts = torch.ones(1, 2, nb, dtype=torch.int32, device=DEVICE)
             indices = torch.zeros(1, 2, nb, 1, dtype=torch.int32, device=DEVICE)
-            kernels.block_sparse_attention(q, k, v, counts, indices, 0.1, bs, kv)
+            if fn == "sparse":
+                kernels.block_sparse_attention(q, k, v, counts, indices, 0.1, bs, kv)
+            else:
+                block_sparse_hopper.block_sparse_attention_hopper(q, k, v, counts, indices, 0.1,
+                                                                  kv)
+
+
+def test_hopper_kernel_refuses_what_it_does_not_support():
+    """fp32 (and, without an sm90 GPU, anything): a ValueError naming the requirements, and the
+    public entry point keeps the Triton kernel."""
+    q, k, v = _qkv((1, 2, 100, 128))
+    counts = torch.ones(1, 2, 2, dtype=torch.int32, device=DEVICE)
+    indices = torch.zeros(1, 2, 2, 1, dtype=torch.int32, device=DEVICE)
+    assert not block_sparse.uses_hopper_kernel(q, k, v, 64)
+    with pytest.raises(ValueError, match="sm90"):
+        block_sparse_hopper.block_sparse_attention_hopper(q, k, v, counts, indices, 0.1)
 
 
 @pytest.mark.parametrize("period", [-1, -2, 2.5])
