@@ -1,7 +1,8 @@
 """Triton kernels of AdaSpa: fused search, LSE-cached search, block-sparse attention, the
 mask-to-index expansion that feeds the block-sparse kernel, and the two passes of the block
 selection (sorting each mass row's candidates; packing each row's best blocks into mask bits);
-block-sparse attention also by pairs of query blocks that share key blocks (``shared_pairs``).
+block-sparse attention also by pairs of query blocks that share key blocks (``shared_pairs``)
+and, on Hopper at head dim 128, by a Gluon kernel (``block_sparse_hopper``).
 
 Each kernel lives in its own file with its launcher; their meaning is fixed by the pure-PyTorch
 references in :mod:`adaspa_compile.reference` (attention, mass, index lists) and

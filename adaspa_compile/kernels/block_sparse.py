@@ -11,7 +11,9 @@ order, which keeps a head's K/V hot in L2. On a GPU, programs also walk their li
 (:func:`default_rotate_period`): program ``p`` starts at the fraction ``(p mod P) / P`` of its
 list and wraps around, so the programs resident together read the same stretch of K/V instead
 of all of it (on random masks a head's K/V exceed L2: the HunyuanVideo mask took 21% less time
-on an H100).
+on an H100). On Hopper at head dim 128 :func:`block_sparse_attention` hands the same work to
+the Gluon kernel of :mod:`.block_sparse_hopper` (asynchronous wgmmas, 3 programs per SM; 5-9%
+faster there).
 
 - dtypes: fp16 / bf16 (fp32 accumulation) or fp32 (IEEE fp32 dots; the interpreter path).
 - head dims 1..128; 64 and 128 are tuned, others are padded to a power of two (>= 16) by masks.

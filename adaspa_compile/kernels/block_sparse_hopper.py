@@ -11,7 +11,7 @@ waits only for the scores, and runs block ``t``'s softmax while ``P @ V`` is in 
 ``V_STAGES`` buffers, each with its own mbarrier; one V buffer and a register cap let 3
 programs share an SM.
 
-Supports: sm90+, bf16 / fp16, head dim 64 or 128, block size 64, ``[B, H, L, D]`` views whose
+Supports: sm90 (Hopper; wgmma does not exist on later architectures), bf16 / fp16, head dim 64 or 128, block size 64, ``[B, H, L, D]`` views whose
 last dim is contiguous and other strides 16-byte aligned (the diffusers BSHD layout included),
 key padding and a ragged last block (the key bias, applied only to blocks inside the per-batch
 range of blocks that need it), the rotated list walk. Anything else raises ``ValueError``;
@@ -60,7 +60,7 @@ if gluon is not None:
         if ROTATE:
             slot = t + rot
             slot = gl.where(slot >= count, slot - count, slot)
-        return gl.load(idx_base + slot * stride_ik)
+        return gl.load(idx_base + slot * stride_ik).to(gl.int32)
 
     @gluon.jit
     def _issue_kv(desc, smem, bars, t, count, idx_base, rot, stride_ik, z, h,
@@ -109,7 +109,8 @@ if gluon is not None:
         lst = flat % n_lists
         z = zh // H
         h = zh % H
-        count = gl.load(Counts + z.to(gl.int64) * stride_cz + h * stride_ch + lst * stride_cm)
+        count = gl.load(Counts + z.to(gl.int64) * stride_cz + h * stride_ch
+                        + lst * stride_cm).to(gl.int32)
         idx_base = Indices + z.to(gl.int64) * stride_iz + h.to(gl.int64) * stride_ih \
             + lst.to(gl.int64) * stride_im
         rot = 0
@@ -214,11 +215,11 @@ if gluon is not None:
 
 
 def supports(q: torch.Tensor, block_size: int) -> bool:
-    """Whether this kernel takes these inputs (Gluon present, sm90+, bf16 / fp16, head dim 64
-    or 128, block size 64, TMA-compatible strides; see the module docstring)."""
+    """Whether this kernel takes these inputs (Gluon present, an sm90 GPU, bf16 / fp16, head
+    dim 64 or 128, block size 64; strides: :func:`tma_ready`)."""
     if gluon is None or _common.interpreting() or not q.is_cuda or block_size != BLOCK:
         return False
-    if torch.cuda.get_device_capability(q.device)[0] < 9:
+    if torch.cuda.get_device_capability(q.device)[0] != 9:  # wgmma is sm90 only
         return False
     return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128)
 
@@ -254,7 +255,7 @@ def block_sparse_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     """
     check_inputs(q, k, v, scale, BLOCK, key_valid, rotate_period)
     if not supports(q, BLOCK):
-        raise ValueError("block_sparse_attention_hopper needs Gluon, an sm90+ GPU, bf16/fp16 "
+        raise ValueError("block_sparse_attention_hopper needs Gluon, an sm90 GPU, bf16/fp16 "
                          f"and head dim 64 or 128; got {q.dtype}, head dim {q.shape[-1]} on "
                          f"{q.device}")
     B, H, L, D = q.shape
