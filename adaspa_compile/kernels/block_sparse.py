@@ -170,6 +170,19 @@ def check_lists(counts: torch.Tensor, indices: torch.Tensor, n_lists: int, nk: i
         raise ValueError(f"counts and indices must be on {q.device}")
 
 
+def launch_lists(q, counts: torch.Tensor, indices: torch.Tensor, block_size: int, out):
+    """``(out, indices, nb)`` for a 64-row launch: the lists checked against ``q``, ``out`` as
+    given (checked) or new, and ``indices`` given one slot where no row keeps anything (every
+    output row is then 0; the kernels still take a slot's address)."""
+    B, H, L = q.shape[:3]
+    nb = -(-L // block_size)
+    check_lists(counts, indices, nb, nb, q, "nq")
+    out = _common.output_like(q, out)
+    if indices.shape[3] == 0:
+        indices = torch.zeros(B, H, nb, 1, dtype=torch.int32, device=q.device)
+    return out, indices, nb
+
+
 def work_order(counts: torch.Tensor) -> torch.Tensor:
     """Flattened (b, h, list) items by their work ``counts``, heaviest first; ties keep their
     order (a stable sort)."""
@@ -195,13 +208,9 @@ def _launch(q, k, v, counts, indices, scale, block_size, key_valid, out,
     mode): the rows continue from it instead of starting empty."""
     check_inputs(q, k, v, scale, block_size, key_valid, rotate_period)
     B, H, L, D = q.shape
-    nb = -(-L // block_size)
-    check_lists(counts, indices, nb, nb, q, "nq")
-    out = _common.output_like(q, out)
+    out, indices, nb = launch_lists(q, counts, indices, block_size, out)
     if L == 0 or B * H == 0:
         return out
-    if indices.shape[3] == 0:  # no row keeps anything: every output row is 0
-        indices = torch.zeros(B, H, nb, 1, dtype=torch.int32, device=q.device)
     head_dim_pad, k_arg, v_arg, bias = kernel_inputs(q, k, v, block_size, key_valid, use_tma)
     default_warps, default_stages = _common.launch_config("sparse", head_dim_pad, block_size)
     if rotate_period is None:
@@ -315,7 +324,6 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     if tma is None and uses_hopper_kernel(q, k, v, block_size, out):
         from .block_sparse_hopper import block_sparse_attention_hopper
-        check_inputs(q, k, v, scale, block_size, key_valid, None)
         return block_sparse_attention_hopper(q, k, v, counts, indices, scale, key_valid, out=out)
     return _launch(q, k, v, counts, indices, scale, block_size, key_valid, out, use_tma=tma)
 

@@ -27,8 +27,8 @@ import torch
 import triton
 
 from . import _common
-from .block_sparse import bias_block_range, check_inputs, check_lists, default_rotate_period, \
-    work_order
+from .block_sparse import (bias_block_range, check_inputs, default_rotate_period, launch_lists,
+                           work_order)
 
 try:
     from triton.experimental import gluon
@@ -259,16 +259,12 @@ def block_sparse_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                          f"and head dim 64 or 128; got {q.dtype}, head dim {q.shape[-1]} on "
                          f"{q.device}")
     B, H, L, D = q.shape
-    nb = -(-L // BLOCK)
-    check_lists(counts, indices, nb, nb, q, "nq")
-    out = _common.output_like(q, out)
+    out, indices, nb = launch_lists(q, counts, indices, BLOCK, out)
     if L == 0 or B * H == 0:
         return out
     if not all(tma_ready(t) for t in (q, k, v, out)):
         raise ValueError("block_sparse_attention_hopper needs the last dim contiguous and the "
                          "other strides 16-byte aligned (TMA)")
-    if indices.shape[3] == 0:
-        indices = torch.zeros(B, H, nb, 1, dtype=torch.int32, device=q.device)
     bias = _common.key_bias(key_valid, B, L, BLOCK, q.device)
     has_bias = key_valid is not None or L % BLOCK != 0
     block_range = bias_block_range(bias, BLOCK)
