@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -47,7 +47,8 @@ class BlockMask:
     ``pair_overhead`` is the union of the lists of query blocks ``2p`` and ``2p + 1`` relative
     to the kept blocks (1.0 when adjacent rows keep the same blocks, up to 2.0): ``2 -
     pair_overhead`` of the kept blocks are shared by both rows of a pair, and ``ops`` runs pair
-    programs (``kernels/shared_pairs.py``) when it is low.
+    programs (``kernels/shared_pairs.py``) when it is low. ``kept_blocks`` is the number of kept
+    blocks over all rows, where known (None otherwise).
 
     For HunyuanVideo 720p (1861 blocks, 24 heads) one layer's mask is 10 MB, against 100 MB for
     int32 index lists at density 0.3.
@@ -59,6 +60,7 @@ class BlockMask:
     seq_len: int
     max_kept: int
     pair_overhead: float = 2.0
+    kept_blocks: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.bits.dtype != torch.uint8 or self.bits.dim() != 4:
@@ -90,11 +92,12 @@ class BlockMask:
         Reads ``max_kept`` and the pair overhead back to the host once."""
         if not counts.numel():
             return cls(bits=bits, num_kv_blocks=num_kv_blocks, block_size=block_size,
-                       seq_len=seq_len, max_kept=0)
+                       seq_len=seq_len, max_kept=0, kept_blocks=0)
         max_kept, kept, pairs = torch.stack([counts.max(), counts.sum(),
                                              pair_counts.sum()]).tolist()
         return cls(bits=bits, num_kv_blocks=num_kv_blocks, block_size=block_size, seq_len=seq_len,
-                   max_kept=max_kept, pair_overhead=2.0 * pairs / kept if kept else 2.0)
+                   max_kept=max_kept, pair_overhead=2.0 * pairs / kept if kept else 2.0,
+                   kept_blocks=kept)
 
     @property
     def shape(self) -> Tuple[int, int, int, int]:
@@ -127,6 +130,12 @@ class BlockMask:
                               device=dense.device)
         indices.scatter_(-1, slot, cols.expand_as(slot))
         return counts, indices[..., : self.max_kept].contiguous()
+
+    @property
+    def is_full(self) -> bool:
+        """Whether every row keeps every block (known only when ``kept_blocks`` is)."""
+        b, h, nq, nk = self.shape
+        return self.kept_blocks is not None and self.kept_blocks == b * h * nq * nk
 
     def density(self) -> torch.Tensor:
         """Kept share of blocks per (batch, head), fp32 ``[B, H]``."""

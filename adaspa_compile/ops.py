@@ -121,23 +121,32 @@ def sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bloc
                    scale: float, key_valid: Optional[torch.Tensor]) -> torch.Tensor:
     """Block-sparse attention over the kept blocks of ``mask``.
 
-    With the Triton kernels, the index lists come from the mask-to-index kernel (one launch, no
-    host sync, no dense ``[B, H, nq, nk]`` intermediate); programs own pairs of query blocks,
-    reading the key blocks both keep once, when adjacent rows share most of their blocks
-    (``mask.pair_overhead``, :func:`kernels.prefer_pairs`). Elsewhere the lists
-    come from the reference ``BlockMask.to_indices()``.
+    With the kernels, the index lists come from the mask-to-index kernel (one launch, no host
+    sync, no dense ``[B, H, nq, nk]`` intermediate). Where the Gluon kernel runs (Hopper, head dim
+    128: :func:`kernels.uses_hopper_kernel`) it takes every mask, walking lists rotated unless
+    the mask keeps every block; elsewhere programs own pairs of query blocks, reading the key
+    blocks both keep once, when adjacent rows share most of their blocks
+    (``mask.pair_overhead``, :func:`kernels.prefer_pairs`). Without kernels the lists come from
+    the reference ``BlockMask.to_indices()``.
+
+    Measured on the H100 (benchmarks/RESULTS.md, eighth run): against the pair programs, the
+    Gluon kernel took 3-4% less time on full masks unrotated (13% with key padding), 4-9% less
+    on random 0.9 masks rotated; rotated on full masks it was 2-6% slower than the pairs.
     """
     kernels = _kernels_for(q, mask.block_size, scale)
     if kernels is None:
         counts, indices = mask.to_indices()
         return reference.block_sparse_attention_ref(q, k, v, counts, indices, scale,
                                                     mask.block_size, key_valid)
-    if kernels.prefer_pairs(mask.pair_overhead, q.shape[-1], mask.block_size, q.dtype):
+    hopper = kernels.uses_hopper_kernel(q, k, v, mask.block_size)
+    if not hopper and kernels.prefer_pairs(mask.pair_overhead, q.shape[-1], mask.block_size,
+                                           q.dtype):
         counts, indices = kernels.shared_pair_lists(mask.bits, mask.num_kv_blocks, mask.max_kept)
         return kernels.shared_pair_attention(q, k, v, counts, indices, scale, key_valid)
     counts, indices = kernels.mask_indices(mask.bits, mask.num_kv_blocks, mask.max_kept)
     return kernels.block_sparse_attention(q, k, v, counts, indices, scale, mask.block_size,
-                                          key_valid)
+                                          key_valid,
+                                          rotate_period=0 if hopper and mask.is_full else None)
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,

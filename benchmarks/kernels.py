@@ -241,9 +241,11 @@ def run_shape(name, args, flex_fn, rows, checks):
         add(f"ours block-sparse d={dname} ({kept:.3f})", bench(
             lambda: block_sparse.block_sparse_attention(q, k, v, counts, indices, scale, bs, None),
             args.rep), sp_flops, {"density": kept})
-        # As the backend runs it: index lists from the bits on the GPU, pair programs sharing
-        # key blocks where kernels.prefer_pairs says so (dense-ish masks at head dim 128).
-        pairs = shared_pairs.prefer_pairs(bm.pair_overhead, D, bs, q.dtype)
+        # As the backend runs it: index lists from the bits on the GPU; the Gluon kernel where it
+        # runs (Hopper, head dim 128), else pair programs sharing key blocks where
+        # kernels.prefer_pairs says so (dense-ish masks at head dim 128).
+        pairs = (shared_pairs.prefer_pairs(bm.pair_overhead, D, bs, q.dtype)
+                 and not block_sparse.uses_hopper_kernel(q, k, v, bs))
         checks.append((name, f"sparse (ops) d={dname} vs ours", rel_err(
             ops.sparse_forward(q, k, v, bm, scale, None), o)))
         add(f"ours block-sparse as the backend runs it (ops{', pairs' if pairs else ''}) "

@@ -50,3 +50,13 @@ def test_rejects_wrong_shapes():
 def test_repr_shows_shape():
     mask = BlockMask.from_dense(torch.ones(1, 2, 4, 4, dtype=torch.bool), block_size=16, seq_len=64)
     assert "nq=4" in repr(mask) and "max_kept=4" in repr(mask)
+
+
+def test_is_full_needs_every_block_kept():
+    dense = torch.ones(1, 2, 3, 3, dtype=torch.bool)
+    full = BlockMask.from_dense(dense, block_size=64, seq_len=150)
+    assert full.is_full and full.kept_blocks == 18
+    dense[0, 1, 2, 0] = False
+    assert not BlockMask.from_dense(dense, block_size=64, seq_len=150).is_full
+    unknown = BlockMask(bits=full.bits, num_kv_blocks=3, block_size=64, seq_len=150, max_kept=3)
+    assert unknown.kept_blocks is None and not unknown.is_full

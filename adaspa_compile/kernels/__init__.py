@@ -23,14 +23,14 @@ import torch
 from . import _common
 
 __all__ = ["kernel_support", "fused_search", "cached_search", "block_sparse_attention",
-           "prefer_pairs", "shared_pair_attention", "shared_pair_lists", "mask_indices",
+           "uses_hopper_kernel", "prefer_pairs", "shared_pair_attention", "shared_pair_lists", "mask_indices",
            "sorted_candidate_mass", "keep_blocks",
            "SELECTION_MAX_BLOCKS", "TRITON_IMPORT_ERROR"]
 
 try:
     import triton  # noqa: F401
 
-    from .block_sparse import block_sparse_attention
+    from .block_sparse import block_sparse_attention, uses_hopper_kernel
     from .cached_search import cached_search
     from .candidate_sort import MAX_BLOCKS as SELECTION_MAX_BLOCKS
     from .candidate_sort import sorted_candidate_mass
@@ -47,6 +47,7 @@ except ImportError as exc:  # CPU installs without Triton
         raise RuntimeError(f"adaspa_compile.kernels: {TRITON_IMPORT_ERROR}")
 
     fused_search = cached_search = block_sparse_attention = mask_indices = _missing
+    uses_hopper_kernel = _missing
     prefer_pairs = sorted_candidate_mass = keep_blocks = _missing
     shared_pair_attention = shared_pair_lists = _missing
     SELECTION_MAX_BLOCKS = 0

@@ -304,7 +304,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            counts: torch.Tensor, indices: torch.Tensor, scale: float,
                            block_size: int, key_valid: Optional[torch.Tensor], *,
                            tma: Optional[bool] = None,
-                           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           out: Optional[torch.Tensor] = None,
+                           rotate_period: Optional[int] = None) -> torch.Tensor:
     """Attention of each query block over ``indices[b, h, i, :counts[b, h, i]]``.
 
     Args:
@@ -318,14 +319,17 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             head dim 64 or 128, True = wherever their strides allow (also under the
             interpreter), False = pointer loads.
         out: optional preallocated output (tests poison it); default ``torch.empty_like(q)``.
+        rotate_period: the rotated list walk (:func:`default_rotate_period` for None, 0 = none).
 
     On Hopper at head dim 128 (bf16 / fp16, block size 64, ``tma`` None, TMA-compatible strides)
     this runs the Gluon kernel of :mod:`.block_sparse_hopper` (:func:`uses_hopper_kernel`).
     """
     if tma is None and uses_hopper_kernel(q, k, v, block_size, out):
         from .block_sparse_hopper import block_sparse_attention_hopper
-        return block_sparse_attention_hopper(q, k, v, counts, indices, scale, key_valid, out=out)
-    return _launch(q, k, v, counts, indices, scale, block_size, key_valid, out, use_tma=tma)
+        return block_sparse_attention_hopper(q, k, v, counts, indices, scale, key_valid, out=out,
+                                             rotate_period=rotate_period)
+    return _launch(q, k, v, counts, indices, scale, block_size, key_valid, out, use_tma=tma,
+                   rotate_period=rotate_period)
 
 
 # Head dims where the Gluon kernel (block_sparse_hopper) is the default 64-row executor. Measured

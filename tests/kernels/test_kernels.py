@@ -532,30 +532,44 @@ def test_prefer_pairs_only_for_head_dim_128_and_low_overhead():
     assert not kernels.prefer_pairs(1.0, 128, 64, torch.float32)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("hopper", [False, True])
 @pytest.mark.parametrize("density", [1.0, 0.3])
-def test_sparse_forward_picks_pairs_for_dense_masks_gpu(monkeypatch, density):
-    """``ops.sparse_forward`` runs pair programs for a dense mask (head dim 128), single ones for
-    a random sparse mask, and both match the reference."""
+def test_sparse_forward_dispatch(monkeypatch, hopper, density):
+    """``ops.sparse_forward``: where the Gluon kernel runs, it takes every mask (unrotated when
+    the mask keeps every block); elsewhere pair programs take dense masks (``prefer_pairs``,
+    forced here so that fp32 on the CPU reaches them) and 64-row programs the rest; every path
+    matches the reference. (The Gluon kernel itself runs only on an sm90 GPU; here its choice is
+    forced, and the launch underneath is whichever kernel the device has.)"""
     from adaspa_compile import ops
 
-    calls = []
-    real_pair_lists = kernels.shared_pair_lists
+    pair_calls, single_calls = [], []
+    real_pairs, real_single = kernels.shared_pair_lists, kernels.block_sparse_attention
+    monkeypatch.setattr(ops, "_kernels_for", lambda *a: kernels)  # the interpreter on the CPU
+    monkeypatch.setattr(kernels, "uses_hopper_kernel", lambda *a, **kw: hopper)
+    monkeypatch.setattr(kernels, "prefer_pairs", lambda overhead, *a: overhead <= 1.15)
     monkeypatch.setattr(kernels, "shared_pair_lists",
-                        lambda *a: calls.append(a) or real_pair_lists(*a))
-    case = Case(batch=1, heads=2, seq_len=1000, head_dim=128, block_size=64, layout="bshd",
-                padding="tail", density=density, input_scale=1.0, seed=3)
-    q, k, v = make_qkv(case, torch.bfloat16, "cuda")
-    kv = make_key_valid(case, "cuda")
-    mask = make_mask(case, "cuda")
+                        lambda *a: pair_calls.append(a) or real_pairs(*a))
+    monkeypatch.setattr(kernels, "block_sparse_attention",
+                        lambda *a, **kw: single_calls.append(kw) or real_single(*a, **kw))
+    dtype = torch.bfloat16 if HAS_CUDA else torch.float32
+    case = Case(batch=1, heads=2, seq_len=1000 if HAS_CUDA else 380, head_dim=128,  # even nq
+                block_size=64, layout="bshd", padding="tail", density=density, input_scale=1.0,
+                seed=3)
+    q, k, v = make_qkv(case, dtype, DEVICE)
+    kv = make_key_valid(case, DEVICE)
+    nb = case.n_blocks
+    dense = torch.rand(1, 2, nb, nb, generator=torch.Generator().manual_seed(5)) < density
+    mask = BlockMask.from_dense(dense.to(DEVICE), block_size=64, seq_len=case.seq_len)
     got = ops.sparse_forward(q, k, v, mask, 128 ** -0.5, kv)
     counts, indices = mask.to_indices()
     ref = reference.block_sparse_attention_ref(f64(q), f64(k), f64(v), counts.cpu(),
                                                indices.cpu(), 128 ** -0.5, 64, kv.cpu())
-    assert rel_err(got, ref) < 1e-2
-    assert bool(calls) == kernels.prefer_pairs(mask.pair_overhead, 128, 64, torch.bfloat16)
-    assert bool(calls) == (density == 1.0)
+    assert rel_err(got, ref) < (1e-2 if HAS_CUDA else 1e-4)
+    assert mask.is_full == (density == 1.0)
+    assert bool(pair_calls) == (not hopper and density == 1.0)
+    if not pair_calls:
+        assert [kw["rotate_period"] for kw in single_calls] == [
+            0 if hopper and density == 1.0 else None]
 
 
 def test_natural_log_lse_matches_logsumexp():
