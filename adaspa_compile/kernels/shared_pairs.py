@@ -12,7 +12,9 @@ design, paid for the blocks one half does not keep), and the K/V read from L2 sh
 shared blocks. At density 1.0 they take 15-18% less time than 64-row programs on an H100; on
 sparse masks they are level or slower (the state of two query blocks spills registers, and three
 walks per program break the rotated walk's phase; ``split=True`` is an experiment on that), so
-``ops`` uses them for dense masks only (:func:`prefer_pairs`). The output is that of
+``ops`` uses them for dense masks only (:func:`prefer_pairs`), where the Gluon kernel of
+:mod:`.block_sparse_hopper` does not run (on Hopper at head dim 128 it is faster on dense masks
+too). The output is that of
 :func:`adaspa_compile.reference.block_sparse_attention_ref`.
 
 - dtypes, head dims, key padding, TMA and the rotated walk as in :mod:`.block_sparse`; block size
