@@ -9,10 +9,13 @@ issues the scores of block ``t`` and the ``P @ V`` of block ``t - 1`` as asynchr
 waits only for the scores, and runs block ``t``'s softmax while ``P @ V`` is in flight
 (FlashAttention-3's intra-warpgroup overlap). K and V arrive by TMA into ``K_STAGES`` /
 ``V_STAGES`` buffers, each with its own mbarrier; one V buffer and a register cap let 3
-programs share an SM.
+programs share an SM. On the H100 the third program per SM is what made it faster than the
+Triton kernel (5-9% at density 0.2); the overlap within a program alone changed nothing
+measurable (benchmarks/RESULTS.md, eighth run).
 
-Supports: sm90 (Hopper; wgmma does not exist on later architectures), bf16 / fp16, head dim 64 or 128, block size 64, ``[B, H, L, D]`` views whose
-last dim is contiguous and other strides 16-byte aligned (the diffusers BSHD layout included),
+Supports: sm90 (Hopper; wgmma does not exist on later architectures), bf16 / fp16, head dim 64
+or 128, block size 64, ``[B, H, L, D]`` views whose last dim is contiguous and other strides
+16-byte aligned (the diffusers BSHD layout included),
 key padding and a ragged last block (the key bias, applied only to blocks inside the per-batch
 range of blocks that need it), the rotated list walk. Anything else raises ``ValueError``;
 :func:`supports` says beforehand. GPU only (Gluon has no interpreter); the CPU path and the
@@ -24,7 +27,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import triton
 
 from . import _common
 from .block_sparse import (bias_block_range, check_inputs, default_rotate_period, launch_lists,
@@ -64,12 +66,12 @@ if gluon is not None:
 
     @gluon.jit
     def _issue_kv(desc, smem, bars, t, count, idx_base, rot, stride_ik, z, h,
-                  BLOCK_SIZE: gl.constexpr, ROTATE: gl.constexpr, STAGES_: gl.constexpr):
+                  BLOCK_SIZE: gl.constexpr, ROTATE: gl.constexpr, N_BUFFERS: gl.constexpr):
         """Start the TMA load of walk position ``t``'s block into buffer ``t % STAGES`` (no-op
         past the list's end)."""
         if t < count:
             j = _list_block(idx_base, t, rot, count, stride_ik, ROTATE)
-            buf = t % STAGES_
+            buf = t % N_BUFFERS
             mbarrier.expect(bars.index(buf), desc.block_type.nbytes)
             tma.async_copy_global_to_shared(desc, [z, h, j * BLOCK_SIZE, 0], bars.index(buf),
                                             smem.index(buf))
