@@ -174,7 +174,8 @@ def main():
     warps, stages = args.warps or warps, args.stages or stages
     maxnreg = args.maxnreg
     if maxnreg is None and args.kernel == "hopper":  # the launcher's cap
-        maxnreg = importlib.import_module("adaspa_compile.kernels.block_sparse_hopper").MAX_REGISTERS
+        hopper = importlib.import_module("adaspa_compile.kernels.block_sparse_hopper")
+        maxnreg = hopper.MAX_REGISTERS
     compiled = compile_sm90(fn, types, const, div16, warps, stages, maxnreg)
     sass = cuobjdump("-sass", compiled.asm["cubin"])
     usage = " ".join(line.strip() for line in cuobjdump("-res-usage", compiled.asm["cubin"])

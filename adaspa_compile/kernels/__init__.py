@@ -23,8 +23,8 @@ import torch
 from . import _common
 
 __all__ = ["kernel_support", "fused_search", "cached_search", "block_sparse_attention",
-           "uses_hopper_kernel", "prefer_pairs", "shared_pair_attention", "shared_pair_lists", "mask_indices",
-           "sorted_candidate_mass", "keep_blocks",
+           "uses_hopper_kernel", "prefer_pairs", "shared_pair_attention", "shared_pair_lists",
+           "mask_indices", "sorted_candidate_mass", "keep_blocks",
            "SELECTION_MAX_BLOCKS", "TRITON_IMPORT_ERROR"]
 
 try:
