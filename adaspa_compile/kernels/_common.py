@@ -164,6 +164,14 @@ def register_cap(kernel: str, head_dim_pad: int, block_size: int) -> dict:
     return {} if cap is None or interpreting() else {"maxnreg": cap}
 
 
+def tma_compatible(t: torch.Tensor) -> bool:
+    """Whether ``t``'s strides and base suit a tensor descriptor (last dim contiguous, the other
+    strides and the base 16-byte aligned)."""
+    item = t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(
+        (s * item) % 16 == 0 for s in t.stride()[:-1])
+
+
 def tma_descriptors(tensors: Sequence[torch.Tensor], block_size: int, head_dim_pad: int,
                     use_tma: Optional[bool]) -> Optional[List]:
     """Tensor descriptors over ``[B, H, L, D]`` tensors (K, V), one block per load; or None for
@@ -186,8 +194,7 @@ def tma_descriptors(tensors: Sequence[torch.Tensor], block_size: int, head_dim_p
         return None
     descs = []
     for t in tensors:
-        item = t.element_size()
-        if t.stride(3) != 1 or t.data_ptr() % 16 or any((s * item) % 16 for s in t.stride()[:3]):
+        if not tma_compatible(t):
             return None
         descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()),
                                       [1, 1, block_size, head_dim_pad]))

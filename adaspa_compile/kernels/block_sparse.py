@@ -346,4 +346,4 @@ def uses_hopper_kernel(q, k, v, block_size: int, out=None) -> bool:
     if q.shape[-1] not in HOPPER_HEAD_DIMS or not block_sparse_hopper.supports(q, block_size):
         return False
     tensors = (q, k, v) if out is None else (q, k, v, out)
-    return all(block_sparse_hopper.tma_ready(t) for t in tensors)
+    return all(_common.tma_compatible(t) for t in tensors)

@@ -42,7 +42,7 @@ try:
 except ImportError:  # a Triton without Gluon: supports() is False everywhere
     gluon = None
 
-__all__ = ["block_sparse_attention_hopper", "supports", "tma_ready"]
+__all__ = ["block_sparse_attention_hopper", "supports"]
 
 BLOCK = 64
 # K and V buffers and the register cap. 2 / 2 / none gives 2 programs per SM at head dim 128
@@ -218,7 +218,7 @@ if gluon is not None:
 
 def supports(q: torch.Tensor, block_size: int) -> bool:
     """Whether this kernel takes these inputs (Gluon present, an sm90 GPU, bf16 / fp16, head
-    dim 64 or 128, block size 64; strides: :func:`tma_ready`)."""
+    dim 64 or 128, block size 64; strides: ``_common.tma_compatible``)."""
     if gluon is None or _common.interpreting() or not q.is_cuda or block_size != BLOCK:
         return False
     if torch.cuda.get_device_capability(q.device)[0] != 9:  # wgmma is sm90 only
@@ -231,14 +231,6 @@ def _descriptor(t: torch.Tensor):
                                                   getattr(gl, str(t.dtype).split(".")[-1]))
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, BLOCK, t.shape[-1]],
                             layout)
-
-
-def tma_ready(t: torch.Tensor) -> bool:
-    """Whether ``t``'s strides and base suit a tensor descriptor (last dim contiguous, the rest
-    and the base 16-byte aligned)."""
-    item = t.element_size()
-    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(
-        (s * item) % 16 == 0 for s in t.stride()[:-1])
 
 
 def block_sparse_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -264,12 +256,12 @@ def block_sparse_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     out, indices, nb = launch_lists(q, counts, indices, BLOCK, out)
     if L == 0 or B * H == 0:
         return out
-    if not all(tma_ready(t) for t in (q, k, v, out)):
+    if not all(_common.tma_compatible(t) for t in (q, k, v, out)):
         raise ValueError("block_sparse_attention_hopper needs the last dim contiguous and the "
                          "other strides 16-byte aligned (TMA)")
     bias = _common.key_bias(key_valid, B, L, BLOCK, q.device)
-    has_bias = key_valid is not None or L % BLOCK != 0
-    block_range = bias_block_range(bias, BLOCK)
+    has_bias = _common.mask_mode(key_valid, L, BLOCK) != _common.MASK_NONE
+    block_range = bias_block_range(bias, BLOCK) if has_bias else bias  # read only with the bias
     if rotate_period is None:
         rotate_period = default_rotate_period(q)
     _hopper_kernel[(B * H * nb,)](
