@@ -100,7 +100,7 @@ def dense_pass_uses_cudnn(head_dim: int, key_valid: Optional[torch.Tensor]) -> b
     """Whether the fused search's dense attention+LSE goes to cuDNN (where cuDNN can run it)
     rather than our kernel.
 
-    Measured on the H100 (``benchmarks/kernels.py``, bf16): cuDNN is faster at head dim 128
+    Measured on the H100 (``benchmarks/kernel_speed.py``, bf16): cuDNN is faster at head dim 128
     (HunyuanVideo shape 310 vs 355 ms), ours at head dim 64 (CogVideoX shape 57.1 / 58.5 vs
     61.2 / 60.1 ms in two runs); other head dims were not compared and keep cuDNN, as do calls
     with key padding (cuDNN then runs only the valid keys, ours masks them).

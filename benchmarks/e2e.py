@@ -52,9 +52,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import adaspa_compile  # noqa: E402
+import adaspa_compile
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PHASE_NAMES = {"D": "dense", "F": "fused_search", "C": "cached_search", "S": "sparse"}

@@ -37,7 +37,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -46,15 +45,13 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import adaspa_compile  # noqa: E402
-from adaspa_compile.schedule import scaled_search_steps as search_steps_for  # noqa: E402
-from adaspa_compile.fidelity import (FIDELITY_CONFIG, WEIGHTS_DIR, FidelityModel,  # noqa: E402
+import adaspa_compile
+from adaspa_compile.schedule import scaled_search_steps as search_steps_for
+from adaspa_compile.fidelity import (FIDELITY_CONFIG, WEIGHTS_DIR, FidelityModel,
                                      build_model, default_shift, forward_flops, load_model,
                                      make_batch, random_captions, sample, shift_sigmas)
-from train_fidelity_model import adaspa_backend_for_compile, frame_strip  # noqa: E402
+from train_fidelity_model import adaspa_backend_for_compile, frame_strip
 
 PROMPT_SEED = 10**12 + 4  # held-out captions: training clips use seeds below 10**10
 PAPER_STEPS = 50

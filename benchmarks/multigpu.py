@@ -45,13 +45,11 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import adaspa_compile  # noqa: E402
-from adaspa_compile.distributed import prepare_context_parallel  # noqa: E402
+import adaspa_compile
+from adaspa_compile.distributed import prepare_context_parallel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from e2e import cast_as_loaded, wan_config  # noqa: E402
+from e2e import cast_as_loaded, wan_config
 
 PHASES = {"D": "dense", "F": "fused_search", "C": "cached_search", "S": "sparse"}
 DEFAULT_SCHEDULE = {"dense": 9, "fused_search": 1, "cached_search": 1, "sparse": 39}

@@ -31,7 +31,6 @@ import math
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -46,10 +45,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import adaspa_compile  # noqa: E402
-from adaspa_compile.fidelity import (FIDELITY_CONFIG, Conditioning, FidelityModel,  # noqa: E402
+import adaspa_compile
+from adaspa_compile.fidelity import (FIDELITY_CONFIG, Conditioning, FidelityModel,
                                      build_model, default_shift, forward_flops, load_model,
                                      make_batch, sample, save_model, shift_sigmas, to_uint8)
 
@@ -153,7 +151,7 @@ def export(path: Path, name: Optional[str] = None) -> None:
 
 def adaspa_backend_for_compile():
     """``"adaspa"`` when the entry point is installed, else the backend function itself (a
-    checkout run with ``sys.path``, as on the device machine)."""
+    checkout run with ``PYTHONPATH=.``, as on the device machine)."""
     if "adaspa" in torch._dynamo.list_backends():
         return "adaspa"
     from adaspa_compile.backend import adaspa_backend

@@ -124,10 +124,10 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 # (num_warps, num_stages) per kernel and (padded head dim, block size). Chosen on an H100 by
-# ``benchmarks/kernels.py --tune``; the block-sparse ones ("sparse": 64-row programs,
+# ``benchmarks/kernel_speed.py --tune``; the block-sparse ones ("sparse": 64-row programs,
 # "sparse_shared": pairs of query blocks, block size 64 only) by
-# ``benchmarks/block_sparse_variants.py`` and the
-# cached search at block size 64 by ``benchmarks/cached_search_variants.py`` (bf16; the
+# ``research/block_sparse_variants.py`` and the
+# cached search at block size 64 by ``research/cached_search_variants.py`` (bf16; the
 # block_size 128 rows of those are untuned guesses); anything missing falls back to
 # ``_DEFAULT_LAUNCH``.
 LAUNCH_CONFIGS = {

@@ -53,7 +53,7 @@ def _mass_loop(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, rows_left
     write mass rows ``mass_rows + s * n_k_blocks`` for ``s < rows_left``. The row sums of
     ``CHUNK`` consecutive key blocks are gathered in registers and reduced across rows (and so
     across warps) once per chunk: reducing at every block puts block-wide barriers in every
-    iteration (10% slower at head dim 128 on the H100, ``benchmarks/cached_search_variants.py``).
+    iteration (10% slower at head dim 128 on the H100, ``research/cached_search_variants.py``).
     """
     splits = tl.arange(0, SPLIT)
     row_ptrs = mass_rows + splits * n_k_blocks

@@ -159,7 +159,7 @@ def prefer_pairs(pair_overhead: float, head_dim: int, block_size: int, dtype: to
     """Whether these pair programs beat 64-row ones (:mod:`.block_sparse`) for a mask with this
     ``pair_overhead`` (``2 - pair_overhead`` of its kept blocks are shared by both rows).
 
-    Measured on an H100 (bf16, TMA, block size 64, ``benchmarks/block_sparse_variants.py``,
+    Measured on an H100 (bf16, TMA, block size 64, ``research/block_sparse_variants.py``,
     benchmarks/RESULTS.md, seventh run): at head dim 128 and density 1.0 (overhead 1.0) they take
     0.82-0.85x the time of 64-row programs; on masks sharing 0.6-0.7 of their blocks they are
     level, sharing 0.25 they are 1.2-1.3x slower (their state for two query blocks spills

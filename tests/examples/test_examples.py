@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.scripts import load_script
+
 pytestmark = pytest.mark.usefixtures("fresh_compile")
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -32,12 +34,8 @@ COMMON_ARGS = ["--prompt", PROMPT, "--steps", str(STEPS), "--search-steps", "1",
 
 
 def load_example(name: str, monkeypatch):
-    """Import ``examples/<name>.py`` as its script does (its folder on ``sys.path``)."""
-    monkeypatch.syspath_prepend(str(EXAMPLES))
-    spec = importlib.util.spec_from_file_location(f"adaspa_example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """Import ``examples/<name>.py`` with its sibling ``_common``, as its script does."""
+    return load_script(EXAMPLES / f"{name}.py", monkeypatch, siblings=("_common",))
 
 
 # ----------------------------------------------------------------------------- tiny components

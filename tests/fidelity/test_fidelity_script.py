@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,23 +9,18 @@ from pathlib import Path
 
 import pytest
 
+from tests.scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "fidelity.py"
 
 pytest.importorskip("diffusers")
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("fidelity_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_metrics_and_schedule():
+def test_metrics_and_schedule(monkeypatch):
     import torch
 
-    m = _load()
+    m = load_script(SCRIPT, monkeypatch, siblings=("train_fidelity_model",))
     assert m.search_steps_for(50) == (9, 29)
     assert m.search_steps_for(8) == (1, 5)
     assert m.search_steps_for(2) == (0, 1)

@@ -4,9 +4,9 @@ the exponential unit's floor when moving exponentials off that unit does not hel
 CogVideoX search overhead), and what the HunyuanVideo random-mask block-sparse case pays for
 that local masks do not (issue 3: 0.34x vs 0.26x cuDNN).
 
-    python benchmarks/ncu_kernels.py                        # every target, on a GPU machine
-    python benchmarks/ncu_kernels.py --targets cached-cogvideox --quick
-    python benchmarks/ncu_kernels.py --launch sparse-hunyuan-random   # what ncu runs
+    python research/ncu_kernels.py                        # every target, on a GPU machine
+    python research/ncu_kernels.py --targets cached-cogvideox --quick
+    python research/ncu_kernels.py --launch sparse-hunyuan-random   # what ncu runs
 
 Each target is profiled in a child process under ``ncu --clock-control none`` (clocks left
 alone), one launch after a warm-up launch, with the sections SpeedOfLight, ComputeWorkloadAnalysis,
@@ -18,7 +18,7 @@ DRAM throughput) and writes every report as CSV to ``$OUT`` (or ``benchmarks/res
 Targets (bf16, B=1, BSHD memory viewed as BHSD, block size 64, the launch configs the backend
 uses): ``cached-<shape>`` the LSE-cached search (LSE from cuDNN, or the reference on the CPU),
 ``sparse-<shape>-random`` / ``sparse-<shape>-local`` the 64-row block-sparse kernel on the
-head-adaptive d=0.2 masks of ``kernels.py`` / ``block_sparse_variants.py``.
+head-adaptive d=0.2 masks of ``kernel_speed.py`` / ``block_sparse_variants.py``.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # kernel_speed, e2e, fidelity
 
 from adaspa_compile import kernels as adaspa_kernels  # noqa: E402
 from adaspa_compile import reference  # noqa: E402
@@ -83,7 +82,7 @@ def parse_target(target: str):
 
 
 def _tokens(shape: str, args) -> int:
-    from kernels import SHAPES
+    from kernel_speed import SHAPES
 
     if args.tokens:
         return args.tokens
@@ -92,7 +91,7 @@ def _tokens(shape: str, args) -> int:
 
 def cached_launch(shape: str, L: int, device: str):
     """The cached search's launch with an LSE of the same inputs."""
-    from kernels import SHAPES, random_qkv
+    from kernel_speed import SHAPES, random_qkv
 
     H, D = SHAPES[shape][:2]
     q, k, v = random_qkv(H, L, D, device)
@@ -110,7 +109,7 @@ def cached_launch(shape: str, L: int, device: str):
 def sparse_launch(shape: str, mask: str, L: int, device: str, rotate_period=None):
     """The 64-row block-sparse launch on the shape's head-adaptive d=0.2 mask."""
     import block_sparse_variants as variants
-    from kernels import SHAPES, head_densities, make_mask, random_qkv, text_blocks
+    from kernel_speed import SHAPES, head_densities, make_mask, random_qkv, text_blocks
 
     H, D, _, text, where = SHAPES[shape]
     text = min(text, L // 4)

@@ -1,7 +1,7 @@
 """Extra work of a "pair" block-sparse kernel on real AdaSpa masks.
 
-    python benchmarks/pair_inflation.py                          # 2 CPU cores: about 15 minutes
-    python benchmarks/pair_inflation.py --resolutions 16x64x64   # the 4k shape only, 1.5 minutes
+    python research/pair_inflation.py                          # 2 CPU cores: about 15 minutes
+    python research/pair_inflation.py --resolutions 16x64x64   # the 4k shape only, 1.5 minutes
 
 A pair kernel runs query blocks ``2p`` and ``2p + 1`` together (128 rows at block size 64) over
 the union of their kept key-block lists. For a bool mask ``[B, H, nq, nk]``:
@@ -38,8 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # kernel_speed, e2e, fidelity
 
 import adaspa_compile  # noqa: E402
 from adaspa_compile.blockmask import pair_union  # noqa: E402

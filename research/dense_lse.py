@@ -3,7 +3,7 @@
 as the backend runs it. CogVideoX and HunyuanVideo shapes, B=1, bf16, BSHD memory viewed as
 BHSD; FA4's output and LSE are checked against cuDNN's in the same run.
 
-    python benchmarks/dense_lse.py          # on a GPU; FA4 rows need flash-attn-4
+    python research/dense_lse.py          # on a GPU; FA4 rows need flash-attn-4
 
 Writes ``$OUT/dense_lse.json`` (or ``./dense_lse.json``).
 """
@@ -13,10 +13,9 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # kernel_speed, e2e, fidelity
 
-from kernels import bench, random_qkv, rel_err  # noqa: E402
+from kernel_speed import bench, random_qkv, rel_err  # noqa: E402
 
 from adaspa_compile import ops  # noqa: E402
 

@@ -19,9 +19,9 @@ The timestep tensor of each call is made (and synced) before the measured region
 diffusers pipeline where it is already on the device, so the syncs reported are the model's and
 the backend's own.
 
-    python benchmarks/profile_step.py                  # one H100, about 1-2 minutes
-    python benchmarks/profile_step.py --quick          # tiny widths, CPU (profiles CPU ops only)
-    python benchmarks/profile_step.py --layers 1,1 --sparsity 0.9
+    python research/profile_step.py                  # one H100, about 1-2 minutes
+    python research/profile_step.py --quick          # tiny widths, CPU (profiles CPU ops only)
+    python research/profile_step.py --layers 1,1 --sparsity 0.9
 
 Writes ``profile_step.txt``, ``profile_step.json`` and the chrome trace
 ``profile_step.trace.json.gz`` (skipped when over ``--max-trace-mb``, 16 by default) to ``$OUT``
@@ -48,8 +48,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # kernel_speed, e2e, fidelity
 
 import adaspa_compile  # noqa: E402
 import e2e  # noqa: E402  (benchmarks/e2e.py: the model builders and the call pattern)
@@ -80,7 +79,7 @@ def register_backend() -> str:
     from adaspa_compile.backend import adaspa_backend
 
     register(adaspa_backend, name="adaspa")
-    return "benchmarks/profile_step.py (package not installed)"
+    return "research/profile_step.py (package not installed)"
 
 
 def timestep_tensor(t: float, spec, device: torch.device) -> torch.Tensor:

@@ -21,7 +21,7 @@ LSE comes from cuDNN's attention, as at a cached-search step of the backend. Tim
 ``triton.testing.do_bench`` medians, bf16, B=1, BSHD memory viewed as BHSD, with cuDNN dense
 attention (forward, no LSE) in the same run as the baseline.
 
-    python benchmarks/cached_search_variants.py --shapes hunyuan,wan,cogvideox
+    python research/cached_search_variants.py --shapes hunyuan,wan,cogvideox
 
 Writes ``benchmarks/results/cached_search_variants.json`` (and ``$OUT/`` when set).
 """
@@ -38,10 +38,9 @@ import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # kernel_speed, e2e, fidelity
 
-from kernels import SHAPES, bench, random_qkv, rel_err, write_results  # noqa: E402
+from kernel_speed import SHAPES, bench, random_qkv, rel_err, write_results  # noqa: E402
 
 cached_search = importlib.import_module("adaspa_compile.kernels.cached_search")
 cudnn_attention = importlib.import_module("adaspa_compile.kernels.cudnn_attention")
@@ -128,7 +127,7 @@ def run_shape(name, args, variants, rows):
 def main():
     args = parse_args()
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/cached_search_variants.py needs a CUDA device")
+        sys.exit("research/cached_search_variants.py needs a CUDA device")
     chosen = VARIANTS if args.variants == "all" else [
         v for v in VARIANTS if label(v) in {s.strip() for s in args.variants.split(",")}]
     meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -1,4 +1,4 @@
-"""Kernel benchmark of issue 3: one run, one table (ADASPA.md section 7 shapes, B=1, bf16).
+"""Kernel speed: one run, one table (the benchmark shapes of docs, B=1, bf16).
 
 For each shape, in one process on one GPU: cuDNN and flash dense SDPA, our block-sparse kernel
 and FlexAttention on the identical block masks (densities 1.0, 0.5, head-adaptive 0.2 = heads at
@@ -9,9 +9,9 @@ block selection (``select_blocks``, once per search step and layer). Median time
 ``triton.testing.do_bench``; every kernel's output is checked against a reference in the same
 run. Inputs are random, in the diffusers layout (BSHD memory viewed as BHSD).
 
-    python benchmarks/kernels.py                 # full lengths, all shapes
-    python benchmarks/kernels.py --quick         # a quarter of the tokens
-    python benchmarks/kernels.py --shapes hunyuan --tune
+    python benchmarks/kernel_speed.py                 # full lengths, all shapes
+    python benchmarks/kernel_speed.py --quick         # a quarter of the tokens
+    python benchmarks/kernel_speed.py --shapes hunyuan --tune
 
 Writes JSON to ``benchmarks/results/kernels.json`` and, when set, ``$OUT/kernels.json``.
 """
@@ -19,6 +19,7 @@ Writes JSON to ``benchmarks/results/kernels.json`` and, when set, ``$OUT/kernels
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -29,14 +30,10 @@ import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import importlib  # noqa: E402
-
-from adaspa_compile import ops  # noqa: E402
-from adaspa_compile.blockmask import BlockMask  # noqa: E402
-from adaspa_compile.config import AdaSpaConfig  # noqa: E402
-from adaspa_compile.selection import BlockLayout, select_blocks  # noqa: E402
+from adaspa_compile import ops
+from adaspa_compile.blockmask import BlockMask
+from adaspa_compile.config import AdaSpaConfig
+from adaspa_compile.selection import BlockLayout, select_blocks
 
 # The modules, not the package's same-named functions.
 block_sparse = importlib.import_module("adaspa_compile.kernels.block_sparse")
@@ -324,7 +321,7 @@ def main():
         if s not in SHAPES:
             ap.error(f"unknown shape {s!r}; choose from {sorted(SHAPES)}")
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA device")
+        sys.exit("benchmarks/kernel_speed.py needs a CUDA device")
 
     meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": triton.__version__, "cuda": torch.version.cuda,

@@ -1,10 +1,10 @@
 """Why AdaSpa's higher recall does not give a higher PSNR: per-step diagnostics on CPU.
 
-    python benchmarks/fidelity_diagnose.py --quick           # ~1.5 min on 2 CPU cores
-    python benchmarks/fidelity_diagnose.py                   # 1 pair, 20 steps, ~8 min
-    python benchmarks/fidelity_diagnose.py --first-pair 1    # the next (prompt, seed) pair
-    python benchmarks/fidelity_diagnose.py --drivers adaspa,window --no-velocity   # on-policy
-    python benchmarks/fidelity_diagnose.py --check-backend --out-json /tmp/c.json  # ~5 min
+    python research/fidelity_diagnose.py --quick           # ~1.5 min on 2 CPU cores
+    python research/fidelity_diagnose.py                   # 1 pair, 20 steps, ~8 min
+    python research/fidelity_diagnose.py --first-pair 1    # the next (prompt, seed) pair
+    python research/fidelity_diagnose.py --drivers adaspa,window --no-velocity   # on-policy
+    python research/fidelity_diagnose.py --check-backend --out-json /tmp/c.json  # ~5 min
 
 The trained fidelity model samples the dense trajectory of ``benchmarks/fidelity.py`` (same
 prompts, seeds, scheduler, CFG 4, search steps scaled as 9 and 29 of 50). Every
@@ -54,8 +54,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # kernel_speed, e2e, fidelity
 
 import adaspa_compile  # noqa: E402
 from adaspa_compile import ops  # noqa: E402
@@ -939,7 +938,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     model = load_model(args.weights, device="cpu", dtype=torch.float32)
     report: Dict[str, Any] = {
-        "command": "python benchmarks/fidelity_diagnose.py " + " ".join(argv if argv is not None
+        "command": "python research/fidelity_diagnose.py " + " ".join(argv if argv is not None
                                                                         else sys.argv[1:]),
         "environment": {"device": platform.processor() or "cpu", "threads": torch.get_num_threads(),
                         "torch": torch.__version__, "diffusers": diffusers.__version__},

@@ -11,8 +11,8 @@ It times nothing: it shows structure (e.g. whether a wgmma is waited on at once 
 exponentials, how many barriers an iteration has), which is what to check before spending device
 time. Example (the cached search as the backend launches it at head dim 128):
 
-    python benchmarks/sass_report.py --kernel cached --head-dim 128
-    python benchmarks/sass_report.py --kernel shared --head-dim 128
+    python research/sass_report.py --kernel cached --head-dim 128
+    python research/sass_report.py --kernel shared --head-dim 128
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # kernel_speed, e2e, fidelity
 
 from adaspa_compile.kernels import _common  # noqa: E402
 

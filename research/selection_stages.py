@@ -5,8 +5,8 @@ default schedule), so at CogVideoX's batch-2 shape it is part of issue 5's searc
 Mass maps are synthetic: positive, row sums equal to the block's rows, with a local diagonal
 band and random background (what a search step hands over), at the e2e shapes' batch.
 
-    python benchmarks/selection_stages.py                  # e2e shapes, on a GPU
-    python benchmarks/selection_stages.py --quick          # small, runs on the CPU
+    python research/selection_stages.py                  # e2e shapes, on a GPU
+    python research/selection_stages.py --quick          # small, runs on the CPU
 
 Prints one table (ms per stage) and writes JSON to ``$OUT/selection_stages.json`` when set.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # kernel_speed, e2e, fidelity
 
 from adaspa_compile import selection as sel  # noqa: E402
 from adaspa_compile.config import AdaSpaConfig  # noqa: E402

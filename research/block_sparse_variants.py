@@ -7,7 +7,7 @@ top-k of uniform scores) or *local*: row-wise top-k of a score that falls with t
 between the blocks' (frame, row, column) centroids on the video grid, plus Gumbel noise, with a
 per-head spatial and temporal reach. Random masks are the worst case for pair programs (adjacent
 query blocks share few key blocks); local masks have the structure of video attention maps
-(`benchmarks/pair_inflation.py` measures the pair overlap of real AdaSpa masks). Text blocks and
+(`research/pair_inflation.py` measures the pair overlap of real AdaSpa masks). Text blocks and
 the diagonal are always kept. ``shared`` = the fraction of kept blocks that both query blocks of
 a pair keep (``2 - BlockMask.pair_overhead``).
 
@@ -16,8 +16,8 @@ cuDNN) in the same run, and against fp32 attention on a sample of query blocks (
 blocks, ``exact``). Times are ``triton.testing.do_bench`` medians, bf16, B=1,
 BSHD memory viewed as BHSD (the diffusers layout).
 
-    python benchmarks/block_sparse_variants.py --shapes hunyuan
-    python benchmarks/block_sparse_variants.py --shapes wan,cogvideox --quick
+    python research/block_sparse_variants.py --shapes hunyuan
+    python research/block_sparse_variants.py --shapes wan,cogvideox --quick
 
 Writes ``benchmarks/results/block_sparse_variants.json`` (and ``$OUT/`` when set).
 """
@@ -34,11 +34,10 @@ import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # kernel_speed, e2e, fidelity
 
 from adaspa_compile.blockmask import BlockMask  # noqa: E402
-from kernels import bench, head_densities, random_qkv, rel_err, write_results  # noqa: E402
+from kernel_speed import bench, head_densities, random_qkv, rel_err, write_results  # noqa: E402
 
 block_sparse = importlib.import_module("adaspa_compile.kernels.block_sparse")
 shared_pairs = importlib.import_module("adaspa_compile.kernels.shared_pairs")
