@@ -17,9 +17,11 @@ from typing import Sequence
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _exec(path: Path, name: str) -> ModuleType:
+def _exec(path: Path, name: str, monkeypatch) -> ModuleType:
+    """Run ``path`` as module ``name``, registered in ``sys.modules`` (dataclasses look it up)."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
     spec.loader.exec_module(module)
     return module
 
@@ -27,5 +29,5 @@ def _exec(path: Path, name: str) -> ModuleType:
 def load_script(path: Path, monkeypatch, siblings: Sequence[str] = ()) -> ModuleType:
     """Import the script at ``path``, its sibling modules ``siblings`` first (by bare name)."""
     for sibling in siblings:
-        monkeypatch.setitem(sys.modules, sibling, _exec(path.parent / f"{sibling}.py", sibling))
-    return _exec(path, f"adaspa_script_{path.stem}")
+        _exec(path.parent / f"{sibling}.py", sibling, monkeypatch)
+    return _exec(path, f"adaspa_script_{path.stem}", monkeypatch)
