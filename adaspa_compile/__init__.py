@@ -13,14 +13,15 @@ from .blockmask import BlockMask
 from .config import AdaSpaConfig
 from .ops import attention_with_lse, block_mass, block_sparse_attention
 from .plot import plot_masks
-from .report import Report, SiteReport
-from .runtime import get_runtime
+from .report import ModelReport, Report, SiteReport
 from .selection import BlockLayout, Selection, select_blocks
+from .state import report, reset
 
 __all__ = [
     "AdaSpaConfig",
     "BlockLayout",
     "BlockMask",
+    "ModelReport",
     "Report",
     "Selection",
     "SiteReport",
@@ -34,17 +35,3 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
-
-
-def report() -> Report:
-    """What the backend did at every attention site; ``print()`` it for a table."""
-    return get_runtime().report()
-
-
-def reset(forget_sites: bool = False) -> None:
-    """Start a new generation at the next model call (drops every LSE and mask cache).
-
-    ``forget_sites=True`` also drops the sites themselves; do it together with
-    ``torch._dynamo.reset()``.
-    """
-    get_runtime().reset(forget_sites=forget_sites)

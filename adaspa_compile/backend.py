@@ -6,6 +6,7 @@ Registered through the ``torch_dynamo_backends`` entry point, so ``backend="adas
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Callable, List, Mapping, Optional
 
@@ -13,10 +14,11 @@ import torch
 import torch.fx
 
 from . import distributed
+from . import op  # noqa: F401  (registers the adaspa::attention op)
 from .config import AdaSpaConfig
-from .passes import GraphInputs, run_passes
+from .passes import GraphInputs, SiteInfo, run_passes
 from .passes.sdpa_sites import find_sdpa_calls
-from .runtime import get_runtime
+from .state import NO_SDPA_NOTE, CompiledGraph
 
 __all__ = ["adaspa_backend"]
 
@@ -35,42 +37,33 @@ def adaspa_backend(gm: torch.fx.GraphModule, example_inputs: List[Any], *,
     _check_mode(mode, cfg)
     distributed.check_compiled_frame()  # context parallelism: refuse ring, bad Ulysses degree
     inputs = GraphInputs.from_graph(gm)
-    _check_graph(gm, inputs)
-    gm = run_passes(gm, cfg, inputs)
-    _mark_ulysses_sites(gm, cfg)
+    notes = _graph_notes(gm)
+    gm, sites = run_passes(gm, cfg, inputs)
+    sites = _with_ulysses_groups(gm, sites, cfg)
     inner = _compile_inner(gm, example_inputs, cfg, mode)
-    return _StepTracker(inner, inputs, driver=_frame_id())
-
-
-class _StepTracker:
-    """Calls the compiled graph after moving the runtime's step clock."""
-
-    def __init__(self, inner: Callable, inputs: GraphInputs, driver: object) -> None:
-        self._inner = inner
-        self._inputs = inputs
-        self._driver = driver
-
-    def __call__(self, *args: Any) -> Any:
-        get_runtime().begin_call(self._driver, self._inputs.timestep(args),
-                                 self._inputs.signature(args))
-        return self._inner(*args)
-
-
-def _mark_ulysses_sites(gm: torch.fx.GraphModule, cfg: AdaSpaConfig) -> None:
-    """Sites behind a Ulysses all-to-all rank their heads across the group; every rank of it
-    must compile with adaspa (a store handshake, no-op when not distributed)."""
-    sites = distributed.ulysses_sites(gm)
-    for site_id, group in sites.items():
-        get_runtime().site(site_id).head_group = group
-    distributed.check_ranks(sites.values(), repr(cfg))
+    return CompiledGraph(inner, inputs, cfg, sites, notes, frame=_frame_id())
 
 
 def _frame_id() -> object:
-    """The Dynamo frame being compiled: recompiles of one frame share it."""
+    """The frame being compiled, as ``(code object, Dynamo frame id)``: recompiles of one frame
+    share it, and after ``torch._dynamo.reset()`` (which numbers frames from 0 again) only the
+    same code under the same number matches."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
     from torch._guards import CompileContext
 
     compile_id = CompileContext.current_compile_id()
-    return getattr(compile_id, "frame_id", compile_id)
+    tx = InstructionTranslator.current_tx()
+    return (getattr(tx, "f_code", None), getattr(compile_id, "frame_id", compile_id))
+
+
+def _with_ulysses_groups(gm: torch.fx.GraphModule, sites: List[SiteInfo],
+                         cfg: AdaSpaConfig) -> List[SiteInfo]:
+    """Sites behind a Ulysses all-to-all rank their heads across the group; every rank of it
+    must compile with adaspa (a store handshake, no-op when not distributed)."""
+    groups = distributed.ulysses_sites(gm)
+    distributed.check_ranks(groups.values(), repr(cfg))
+    return [dataclasses.replace(s, head_group=groups[i]) if i in groups else s
+            for i, s in enumerate(sites)]
 
 
 def _check_mode(mode: Optional[str], cfg: AdaSpaConfig) -> None:
@@ -85,31 +78,16 @@ def _check_mode(mode: Optional[str], cfg: AdaSpaConfig) -> None:
                          f"{cfg.inner_backend!r}")
 
 
-def _check_graph(gm: torch.fx.GraphModule, inputs: GraphInputs) -> None:
-    runtime = get_runtime()
-    # A graph that takes `temb` but no timestep, compiled before any graph has shown the clock a
-    # timestep, is a lone block (compile_repeated_blocks). The resume graphs after a graph break
-    # also take `temb`, but the graph before the break has moved the clock by then.
-    if inputs.timestep_index is None and inputs.has_input("temb") \
-            and runtime.clock.source != "timestep":
-        raise RuntimeError(
-            "backend='adaspa' is compiling a single transformer block (it takes `temb` but no "
-            "`timestep`), as compile_repeated_blocks(...) does. AdaSpa counts denoising steps "
-            "from the model's timestep input, which a block never sees. Compile the whole "
-            "transformer instead: pipe.transformer = torch.compile(pipe.transformer, "
-            "backend='adaspa')")
-    # Graph-break pieces after the graph that moves the clock (or holds the sites) need no note.
-    if inputs.timestep_index is None and runtime.clock.source != "timestep":
-        runtime.note("a compiled graph has no timestep input: denoising steps are counted as "
-                     "model calls (CFG branches cannot be told apart)")
-    if next(find_sdpa_calls(gm), None) is None and not runtime.has_sites():
-        others = sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function"
-                         and any(h in str(n.target).lower() for h in _OTHER_ATTENTION_HINTS)})
-        hint = f" It calls {others}." if others else ""
-        runtime.note("a compiled graph has no scaled_dot_product_attention call, so nothing in "
-                     f"it is accelerated.{hint} With diffusers, use the native attention backend "
-                     "(transformer.set_attention_backend('native')) so attention goes through "
-                     "SDPA")
+def _graph_notes(gm: torch.fx.GraphModule) -> List[str]:
+    """A remark for a graph with no SDPA call (shown only if its model gets no site at all)."""
+    if next(find_sdpa_calls(gm), None) is not None:
+        return []
+    others = sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function"
+                     and any(h in str(n.target).lower() for h in _OTHER_ATTENTION_HINTS)})
+    hint = f" It calls {others}." if others else ""
+    return [f"{NO_SDPA_NOTE}, so nothing in it is accelerated.{hint} With diffusers, use the "
+            "native attention backend (transformer.set_attention_backend('native')) so "
+            "attention goes through SDPA"]
 
 
 def _compile_inner(gm: torch.fx.GraphModule, example_inputs: List[Any], cfg: AdaSpaConfig,

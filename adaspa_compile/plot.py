@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
-from .runtime import get_runtime
+from .state import _states
 
 __all__ = ["plot_masks"]
 
@@ -22,11 +22,13 @@ MAX_COLUMNS = 4
 
 
 def plot_masks(site: Optional[int] = None, path: Union[str, os.PathLike] = "masks.png",
-               max_heads: int = 8, branch: int = 0, batch: int = 0) -> str:
+               max_heads: int = 8, branch: int = 0, batch: int = 0,
+               module: Optional[Any] = None) -> str:
     """Write a PNG of the block masks of ``site`` (one panel per head, kept blocks dark).
 
-    ``site`` is a site id from ``adaspa_compile.report()`` (default: the first site with a mask
-    for ``branch``); ``branch`` the CFG branch and ``batch`` the batch element. The masks are
+    ``site`` is a site id of ``module``'s model in ``adaspa_compile.report()`` (default: the
+    first site with a mask for ``branch``; ``module`` may be left out while one model is
+    compiled); ``branch`` the CFG branch and ``batch`` the batch element. The masks are
     those of the latest search. Text blocks (always kept) are marked with red lines. The image is
     ``250 * min(heads, 4)`` pixels wide and ``250 * rows + 60`` high. Returns ``path``.
 
@@ -35,14 +37,14 @@ def plot_masks(site: Optional[int] = None, path: Union[str, os.PathLike] = "mask
     """
     if not isinstance(max_heads, int) or max_heads < 1:
         raise ValueError(f"max_heads must be an int >= 1, got {max_heads!r}")
-    runtime = get_runtime()
-    site_ids = [s.site_id for s in runtime.report().rewritten]
+    sites = _model_sites(module)
+    site_ids = sorted(sites)
     if not site_ids:
         raise ValueError("no attention site has been rewritten: compile a model with "
                          "torch.compile(model, backend='adaspa') and run it past its first "
                          "search step")
     if site is None:
-        searched = [i for i in site_ids if _mask_of(runtime.site(i), branch) is not None]
+        searched = [i for i in site_ids if _mask_of(sites[i], branch) is not None]
         if not searched:
             raise ValueError(f"no site has a mask for branch {branch} yet: run the compiled model "
                              "up to its first search step (options['search_steps'][0]); sites: "
@@ -51,12 +53,12 @@ def plot_masks(site: Optional[int] = None, path: Union[str, os.PathLike] = "mask
     elif site not in site_ids:
         raise ValueError(f"unknown adaspa site {site!r}; rewritten sites are {site_ids} "
                          "(see adaspa_compile.report())")
-    entry = runtime.site(site)
+    entry = sites[site]
     mask = _mask_of(entry, branch)
     if mask is None:
         have = sorted(b for b in entry.caches if _mask_of(entry, b) is not None)
         phases = {b: "".join(p.letter for p in ps) for b, ps in entry.phases.items()}
-        raise ValueError(f"site {site} ({entry.info.name}) has no mask for branch {branch} yet: "
+        raise ValueError(f"site {site} ({entry.name}) has no mask for branch {branch} yet: "
                          f"masks come from the search steps {entry.cfg.search_steps}; phases so "
                          f"far {phases or 'none'}, branches with a mask: {have or 'none'}")
     if not 0 <= batch < mask.shape[0]:
@@ -87,11 +89,20 @@ def plot_masks(site: Optional[int] = None, path: Union[str, os.PathLike] = "mask
         ax.set_title(f"head {h}: kept {float(dense[h].float().mean()):.2f}", fontsize=8)
         ax.tick_params(labelsize=6)
     shown = f"{heads} of {dense.shape[0]} heads" if heads < dense.shape[0] else f"{heads} heads"
-    fig.suptitle(f"site {site} {entry.info.name} {entry.info.shape}\nbranch {branch}, "
+    fig.suptitle(f"site {site} {entry.name} {entry.info.shape}\nbranch {branch}, "
                  f"batch {batch}, {shown}, {dense.shape[1]}x{dense.shape[2]} blocks of {bs}",
                  fontsize=8)
     fig.savefig(os.fspath(path), dpi=_DPI)
     return os.fspath(path)
+
+
+def _model_sites(module: Optional[Any]) -> dict:
+    """``{site id: site}`` of the one model compiled, or of ``module``."""
+    states = _states(module)
+    if len(states) > 1:
+        raise ValueError(f"{len(states)} models are compiled with backend='adaspa' "
+                         f"({[label for label, _ in states]}): pass module=the model to plot")
+    return {s.site_id: s for _, state in states for s in state.sites.values()}
 
 
 def _mask_of(site, branch: int):

@@ -1,12 +1,6 @@
-"""Runtime state of the backend: the step clock and one `Site` per rewritten attention call.
-
-Everything that changes between model calls lives in the single `Runtime` object returned by
-:func:`get_runtime`: the clock, and per site its LSE and mask caches (one per CFG branch), the
-phases it ran and what its last search found. ``report()`` reads it and ``reset()`` clears it.
-
-The graph calls one custom op, ``adaspa::attention``, whose last argument is the site id; the op
-looks the site up here and branches on the current phase at run time, so one compiled graph
-serves every step and generation.
+"""The executor of one attention site: it plans the phase of each call, runs it, and keeps the
+site's LSE and mask caches (one per CFG branch) and history. A site belongs to one model's state
+(``state.py``); the ``adaspa::attention`` op (``op.py``) finds it and calls :meth:`Site.forward`.
 """
 
 from __future__ import annotations
@@ -22,52 +16,15 @@ from . import ops
 from .blockmask import BlockMask
 from .config import AdaSpaConfig
 from .logs import log_once
-from .report import Report, SiteReport
-from .schedule import Phase, StepClock, phase_for_step
-from .selection import BlockLayout, select_blocks
-from .selectors import block_recall, selector_scores
+from .passes.sites import SiteInfo
+from .report import SiteReport
+from .schedule import Phase, SiteFacts, plan_phase
+from .selection import BlockLayout
+from .selectors import make_selector
 
-__all__ = ["SiteInfo", "Site", "Runtime", "get_runtime"]
+__all__ = ["Site", "SearchTimer"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TextSpan:
-    """Where the text tokens sit in a site's sequence: ``position`` ``"first"``, ``"last"`` or
-    ``None`` (no text), known through ``text_len`` or, for unpadded text of varying length,
-    through ``video_len``."""
-
-    position: Optional[str]
-    text_len: int = 0
-    video_len: int = 0
-    source: str = "-"
-
-    def tokens(self, seq_len: int) -> Optional[Tuple[int, int]]:
-        """The half-open token range of the text in a sequence of ``seq_len``."""
-        if self.position is None:
-            return None
-        count = self.text_len if self.text_len else seq_len - self.video_len
-        if count <= 0:
-            return None
-        return (0, count) if self.position == "first" else (seq_len - count, seq_len)
-
-    def __str__(self) -> str:
-        if self.position is None:
-            return f"none ({self.source})"
-        count = self.text_len if self.text_len else f"L-{self.video_len}"
-        return f"{self.position} {count} ({self.source})"
-
-
-@dataclass(frozen=True)
-class SiteInfo:
-    """What the FX pass found out about one SDPA call."""
-
-    name: str
-    shape: str
-    eligible: bool
-    reason: str = ""
-    text: TextSpan = TextSpan(None)
 
 
 @dataclass
@@ -75,13 +32,15 @@ class _BranchCache:
     shape: Tuple[int, ...]
     lse: Optional[torch.Tensor] = None
     mask: Optional[BlockMask] = None
+    searched_at: Optional[int] = None
 
 
 @dataclass
 class Site:
-    """One rewritten attention call: its settings, caches and history."""
+    """One attention layer of one model: its settings, caches and history."""
 
     site_id: int
+    name: str
     info: SiteInfo
     cfg: AdaSpaConfig
     dense_reason: str = ""
@@ -90,42 +49,34 @@ class Site:
     density: Optional[torch.Tensor] = None
     recall: Optional[torch.Tensor] = None
     search_ms: List["SearchTimer"] = field(default_factory=list)
-    # Ulysses context parallelism: the process group whose ranks hold the other heads.
-    head_group: Optional[str] = None
-    # A graph shared by several layers (Dynamo compiled a block's frame once and calls it for
-    # each block, e.g. after graph breaks) runs this site several times per step: the n-th call
-    # of a step (n >= 1) keeps its own caches in ``layer_caches[n]``.
-    layer_caches: Dict[int, Dict[int, _BranchCache]] = field(default_factory=dict)
-    _tick: Tuple[int, ...] = ()
-    _occurrence: int = 0
+    padding_checked: bool = False
+
+    @property
+    def head_group(self) -> Optional[str]:
+        """Ulysses context parallelism: the process group whose ranks hold the other heads."""
+        return self.info.head_group
 
     def clear(self) -> None:
         """Forget the current generation: caches, phases and search results."""
         self.caches.clear()
-        self.layer_caches.clear()
         self.phases.clear()
         self.search_ms.clear()
         self.density = self.recall = None
-        self._tick, self._occurrence = (), 0
 
     def cache_bytes(self) -> int:
-        caches = [*self.caches.values(), *(c for d in self.layer_caches.values()
-                                           for c in d.values())]
         return sum((c.lse.numel() * 4 if c.lse is not None else 0)
-                   + (c.mask.nbytes() if c.mask is not None else 0) for c in caches)
+                   + (c.mask.nbytes() if c.mask is not None else 0) for c in self.caches.values())
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                attn_mask: Optional[torch.Tensor], scale: Optional[float],
-                clock: StepClock) -> torch.Tensor:
-        """Run the phase the clock asks for; the output keeps ``q``'s strides."""
-        occurrence = self._count(clock)
-        cache = self._cache_for(clock.branch, q, occurrence)
-        phase = self._phase(clock.step, cache, q, attn_mask)
-        lead = self._lead_mask(clock.branch, q, occurrence) if phase is not Phase.DENSE else None
-        if lead is not None:
-            phase = Phase.SPARSE
-        if occurrence == 0:
-            self.phases.setdefault(clock.branch, []).append(phase)
+                attn_mask: Optional[torch.Tensor], scale: Optional[float], step: int,
+                branch: int) -> torch.Tensor:
+        """Run the phase planned for this call; the output keeps ``q``'s strides."""
+        if q.shape[2] < self.cfg.min_seq_len:
+            self._stay_dense(f"sequence length {q.shape[2]} < min_seq_len={self.cfg.min_seq_len}")
+        cache = self._cache_for(branch, q)
+        lead = self._lead_mask(branch, q)
+        phase = self._plan(step, branch, cache, lead, attn_mask)
+        self.phases.setdefault(branch, []).append(phase)
         if phase is Phase.DENSE:
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                                                    scale=scale)
@@ -135,169 +86,69 @@ class Site:
         if phase is Phase.FUSED_SEARCH:
             timer = SearchTimer(q.device)
             out, cache.lse, mass = ops.fused_search(q, k, v, s, self.cfg.block_size, key_valid)
-            self._select(mass, key_valid, cache, q, k, s, timer)
+            self._select(mass, key_valid, cache, q, k, s, timer, step)
             return _with_strides_of(out, q)
         if phase is Phase.CACHED_SEARCH:
             timer = SearchTimer(q.device)
             mass = ops.cached_search(q, k, cache.lse, s, self.cfg.block_size, key_valid)
-            self._select(mass, key_valid, cache, q, k, s, timer)
-        mask = cache.mask if lead is None else lead
+            self._select(mass, key_valid, cache, q, k, s, timer, step)
+        mask = lead if lead is not None and phase is Phase.SPARSE else cache.mask
         return _with_strides_of(ops.sparse_forward(q, k, v, mask, s, key_valid), q)
 
-    def _lead_mask(self, branch: int, q: torch.Tensor, occurrence: int):
+    def _plan(self, step: int, branch: int, cache: _BranchCache, lead: Optional[BlockMask],
+              attn_mask: Optional[torch.Tensor]) -> Phase:
+        """``plan_phase`` on this call's facts; the padding check (a host sync) runs once per
+        site, the first time a search or sparse step is planned."""
+        facts = SiteFacts(searched_at=cache.searched_at, has_lse=cache.lse is not None,
+                          lead_mask=lead is not None, dense_reason=self.dense_reason)
+        phase = plan_phase(step, branch, facts, self.cfg)
+        if phase is Phase.DENSE or self.padding_checked:
+            return phase
+        self.padding_checked = True
+        if _is_padding_mask(attn_mask):
+            return phase
+        self._stay_dense("the additive attn_mask holds values other than 0 and padding "
+                         f"(<= {ops.PADDING_BIAS:g}): not a key-padding mask")
+        return plan_phase(step, branch, SiteFacts(padding_mask=False), self.cfg)
+
+    def _lead_mask(self, branch: int, q: torch.Tensor) -> Optional[BlockMask]:
         """With ``share_cfg_mask``, the mask of branch 0 (this step's first call) for a later
         branch of the same shape; ``None`` otherwise (the branch searches its own)."""
         if not self.cfg.share_cfg_mask or branch == 0:
             return None
-        lead = self._caches(occurrence).get(0)
+        lead = self.caches.get(0)
         return lead.mask if lead is not None and lead.shape == tuple(q.shape) else None
 
-    def _count(self, clock: StepClock) -> int:
-        """How many calls of this site the current step and branch made before this one."""
-        tick = (clock.generation, clock.step, clock.branch)
-        if tick != self._tick:
-            self._tick, self._occurrence = tick, 0
-        else:
-            self._occurrence += 1
-            if self._occurrence == 1:
-                get_runtime().note(
-                    f"{self.info.name} runs several times per step: one compiled graph serves "
-                    "several layers (Dynamo compiled a block as a frame of its own, e.g. after "
-                    "graph breaks); each call keeps its own masks, the report shows the first")
-        return self._occurrence
-
-    def _caches(self, occurrence: int) -> Dict[int, _BranchCache]:
-        """The per-branch caches of the ``occurrence``-th call of this site in a step."""
-        return self.caches if occurrence == 0 else self.layer_caches.setdefault(occurrence, {})
-
-    def _cache_for(self, branch: int, q: torch.Tensor, occurrence: int = 0) -> _BranchCache:
-        caches = self._caches(occurrence)
-        cache = caches.get(branch)
+    def _cache_for(self, branch: int, q: torch.Tensor) -> _BranchCache:
+        cache = self.caches.get(branch)
         if cache is None or cache.shape != tuple(q.shape):
-            cache = caches[branch] = _BranchCache(shape=tuple(q.shape))
+            cache = self.caches[branch] = _BranchCache(shape=tuple(q.shape))
         return cache
-
-    def _phase(self, step: int, cache: _BranchCache, q: torch.Tensor,
-               attn_mask: Optional[torch.Tensor]) -> Phase:
-        if q.shape[2] < self.cfg.min_seq_len:
-            self._stay_dense(f"sequence length {q.shape[2]} < min_seq_len={self.cfg.min_seq_len}")
-        if self.dense_reason:
-            return Phase.DENSE
-        phase = phase_for_step(step, self.cfg.search_steps)
-        if phase is Phase.CACHED_SEARCH and not self.cfg.lse_cache:
-            phase = Phase.FUSED_SEARCH
-        if phase is Phase.FUSED_SEARCH or (phase is Phase.CACHED_SEARCH and cache.lse is None) \
-                or (phase is Phase.SPARSE and cache.mask is None):
-            if not _is_padding_mask(attn_mask):
-                self._stay_dense("the additive attn_mask holds values other than 0 and padding "
-                                 f"(<= {ops.PADDING_BIAS:g}): not a key-padding mask")
-                return Phase.DENSE
-            return Phase.FUSED_SEARCH
-        return phase
 
     def _stay_dense(self, reason: str) -> None:
         if not self.dense_reason:
             self.dense_reason = reason
-            log_once(logger, f"adaspa: {self.info.name} stays dense: {reason}")
+            log_once(logger, f"adaspa: {self.name} stays dense: {reason}")
 
     def _select(self, mass: torch.Tensor, key_valid: Optional[torch.Tensor], cache: _BranchCache,
-                q: torch.Tensor, k: torch.Tensor, scale: float, timer: "SearchTimer") -> None:
+                q: torch.Tensor, k: torch.Tensor, scale: float, timer: "SearchTimer",
+                step: int) -> None:
         """Choose this branch's mask from the exact ``mass`` and the configured selector."""
-        cfg = self.cfg
-        layout = BlockLayout(seq_len=q.shape[2], block_size=cfg.block_size,
+        layout = BlockLayout(seq_len=q.shape[2], block_size=self.cfg.block_size,
                              text_span=self.info.text.tokens(q.shape[2]), key_valid=key_valid)
-        scores = selector_scores(cfg.selector, mass, q, k, scale, layout, cfg.video_grid)
-        if cfg.selector == "window":
-            cfg = cfg.replace(head_adaptive=False)  # a static window has no recall to rank by
-        chosen = select_blocks(scores, layout, cfg, head_group=self.head_group)
-        cache.mask = chosen.mask
-        recall = chosen.recall if cfg.selector == "adaspa" else \
-            block_recall(chosen.mask.to_dense(), mass)
+        chosen = make_selector(self.cfg).select(mass, q, k, scale, layout, self.head_group)
+        cache.mask, cache.searched_at = chosen.mask, step
         timer.stop()
-        if self._occurrence == 0:  # a graph shared by layers: report its first layer
-            self.density, self.recall = chosen.density, recall  # read when reported: no sync
-            self.search_ms.append(timer)
+        self.density, self.recall = chosen.density, chosen.recall  # read when reported: no sync
+        self.search_ms.append(timer)
 
-    def report_row(self) -> SiteReport:
+    def report_row(self, model: str) -> SiteReport:
         return SiteReport(
-            site_id=self.site_id, name=self.info.name, shape=self.info.shape, eligible=True,
-            reason=self.dense_reason, text=str(self.info.text),
+            site_id=self.site_id, name=self.name, shape=self.info.shape, eligible=True,
+            reason=self.dense_reason, text=str(self.info.text), model=model,
             phases={b: "".join(p.letter for p in ps) for b, ps in sorted(self.phases.items())},
             density=_as_list(self.density), recall=_as_list(self.recall),
             search_ms=[t.ms() for t in self.search_ms], cache_bytes=self.cache_bytes())
-
-
-class Runtime:
-    """The one place that holds runtime state: the clock and the sites, keyed by site id."""
-
-    def __init__(self) -> None:
-        self.clock = StepClock()
-        self._sites: Dict[int, Site] = {}
-        self._skipped: List[SiteInfo] = []
-        self._notes: List[str] = []
-
-    def add_site(self, info: SiteInfo, cfg: AdaSpaConfig) -> int:
-        site_id = len(self._sites) + len(self._skipped)
-        self._sites[site_id] = Site(site_id=site_id, info=info, cfg=cfg)
-        return site_id
-
-    def has_sites(self) -> bool:
-        """Whether any compiled graph has an attention site (rewritten or left dense)."""
-        return bool(self._sites or self._skipped)
-
-    def add_skipped(self, info: SiteInfo) -> None:
-        self._skipped.append(info)
-        log_once(logger, f"adaspa: {info.name} left dense: {info.reason}", logging.INFO)
-
-    def note(self, message: str) -> None:
-        """A graph-level remark for the report (logged once)."""
-        if message not in self._notes:
-            self._notes.append(message)
-            log_once(logger, f"adaspa: {message}")
-
-    def site(self, site_id: int) -> Site:
-        try:
-            return self._sites[site_id]
-        except KeyError:
-            raise RuntimeError(f"adaspa site {site_id} is unknown: adaspa_compile.reset("
-                               "forget_sites=True) dropped it while its compiled graph lives on; "
-                               "call torch._dynamo.reset() as well") from None
-
-    def begin_call(self, driver: object, timestep: Optional[float], signature: Tuple) -> None:
-        """Move the clock at the start of a compiled graph's call."""
-        if timestep is None:
-            new_generation = self.clock.observe_call(signature)
-        else:
-            new_generation = self.clock.observe_timestep(driver, timestep, signature)
-        if new_generation:
-            for site in self._sites.values():
-                site.clear()
-
-    def reset(self, forget_sites: bool = False) -> None:
-        """Start a new generation at the next call; optionally forget every site."""
-        self.clock.reset()
-        for site in self._sites.values():
-            site.clear()
-        if forget_sites:
-            self.clock = StepClock()
-            self._sites.clear()
-            self._skipped.clear()
-            self._notes.clear()
-
-    def report(self) -> Report:
-        rows = [s.report_row() for s in self._sites.values()]
-        rows += [SiteReport(site_id=None, name=i.name, shape=i.shape, eligible=False,
-                            reason=i.reason, text=str(i.text)) for i in self._skipped]
-        return Report(sites=rows, clock=self.clock.source, generation=self.clock.generation,
-                      step=self.clock.step, notes=list(self._notes))
-
-
-_RUNTIME = Runtime()
-
-
-def get_runtime() -> Runtime:
-    """The process-wide runtime shared by every graph compiled with ``backend="adaspa"``."""
-    return _RUNTIME
 
 
 def _with_strides_of(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -349,17 +200,3 @@ class SearchTimer:
 
 def _as_list(x: Optional[torch.Tensor]) -> Optional[List[List[float]]]:
     return None if x is None else [[round(v, 4) for v in row] for row in x.tolist()]
-
-
-@torch.library.custom_op("adaspa::attention", mutates_args=())
-def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 attn_mask: Optional[torch.Tensor], scale: Optional[float],
-                 site_id: int) -> torch.Tensor:
-    """SDPA at an adaspa site: dense, search or block-sparse depending on the step."""
-    runtime = get_runtime()
-    return runtime.site(site_id).forward(q, k, v, attn_mask, scale, runtime.clock)
-
-
-@attention_op.register_fake
-def _attention_op_fake(q, k, v, attn_mask, scale, site_id):
-    return torch.empty_like(q)

@@ -1,12 +1,15 @@
-"""Which phase a denoising step runs (ADASPA.md section 3), and the step clock that counts them."""
+"""Which phase an attention call runs (``plan_phase``), and the step clock that counts steps."""
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Tuple
 
-__all__ = ["Phase", "phase_for_step", "scaled_search_steps", "StepClock"]
+if TYPE_CHECKING:
+    from .config import AdaSpaConfig
+
+__all__ = ["Phase", "SiteFacts", "plan_phase", "scaled_search_steps", "StepClock"]
 
 
 class Phase(str, enum.Enum):
@@ -22,75 +25,98 @@ class Phase(str, enum.Enum):
         return {"dense": "D", "fused_search": "F", "cached_search": "C", "sparse": "S"}[self.value]
 
 
-def phase_for_step(step: int, search_steps: Sequence[int]) -> Phase:
-    """Dense before the first search step, fused search at it, cached search at later search
-    steps, block-sparse otherwise."""
-    if step < search_steps[0]:
+@dataclass(frozen=True)
+class SiteFacts:
+    """What the phase planner needs to know about one site and CFG branch at one step."""
+
+    searched_at: Optional[int] = None  # the step of this branch's last search, this generation
+    has_lse: bool = False  # an LSE cached by a fused search of this branch
+    lead_mask: bool = False  # ``share_cfg_mask``: branch 0 holds a mask of this call's shape
+    padding_mask: bool = True  # the attn_mask is none, bool, or 0 / padding only
+    dense_reason: str = ""  # why the site runs dense for good ("" when it does not)
+
+
+def plan_phase(step: int, branch: int, facts: SiteFacts, cfg: "AdaSpaConfig") -> Phase:
+    """The phase of one attention call: every schedule rule and override in one place.
+
+    Dense before the first search step (the warmup) and at sites that stay dense. From then on a
+    branch searches whenever a search step has passed since its last search: at the search step
+    itself, or at its first call after it (a model that joins the generation late, or a layer a
+    step cache skipped). The first search of a generation is fused (exact); later ones re-search
+    from the cached LSE (``lse_cache``), or fuse again without one. Between searches: sparse on
+    the latest mask. With ``share_cfg_mask`` the later branches of a step run sparse on branch
+    0's mask. A search or sparse step needs a key-padding mask at most.
+    """
+    steps = cfg.search_steps
+    if facts.dense_reason or step < steps[0]:
         return Phase.DENSE
-    if step == search_steps[0]:
-        return Phase.FUSED_SEARCH
-    if step in search_steps:
+    if not facts.padding_mask:
+        return Phase.DENSE
+    if cfg.share_cfg_mask and branch > 0 and facts.lead_mask:
+        return Phase.SPARSE
+    due = max(s for s in steps if s <= step)
+    if facts.searched_at is not None and facts.searched_at >= due:
+        return Phase.SPARSE
+    if facts.searched_at is not None and facts.has_lse and cfg.lse_cache:
         return Phase.CACHED_SEARCH
-    return Phase.SPARSE
+    return Phase.FUSED_SEARCH
 
 
 @dataclass
 class StepClock:
-    """Counts denoising steps and CFG branches from the timestep of each model call.
+    """Counts one model's denoising steps and CFG branches.
 
-    Calls sharing one timestep are branches of one step; a lower timestep is the next step; a
-    higher one, or new input shapes, starts a new generation. Without a timestep input every
-    call is a step of its own (``source == "forward count"``).
+    Each call carries the model's timestep and, when a diffusers pipeline calls the model, the
+    step index of the pipeline's scheduler. Calls at one step (one timestep, or one scheduler
+    step) are branches of that step. Without a scheduler, a lower timestep is the next step. A
+    higher timestep, an earlier scheduler step, or new input shapes start a new generation.
+    Without a timestep every call is a step of its own (``source == "forward count"``).
     """
 
     source: str = "none yet"
     generation: int = -1
     step: int = 0
     branch: int = 0
+    steps_from: str = "calls"  # "calls" (counted) or "scheduler" (the pipeline's step index)
     _last_timestep: Optional[float] = None
     _signature: Optional[Tuple] = None
-    _driver: Optional[object] = field(default=None, repr=False)
 
-    def observe_timestep(self, driver: object, timestep: float, signature: Tuple) -> bool:
-        """Advance on a call carrying ``timestep``; True when a new generation starts.
+    def observe(self, timestep: Optional[float], signature: Tuple,
+                scheduler_step: Optional[int] = None) -> bool:
+        """Advance on one model call; True when it starts a new generation."""
+        self.source = "forward count" if timestep is None else "timestep"
+        self.steps_from = "calls" if scheduler_step is None else "scheduler"
+        new_generation = (
+            self.generation < 0
+            or signature != self._signature
+            or (timestep is not None and self._last_timestep is not None
+                and timestep > self._last_timestep)
+            or (scheduler_step is not None and scheduler_step < self.step)
+        )
+        if new_generation:
+            self.generation += 1
+            self.step, self.branch = (scheduler_step or 0), 0
+        elif self._same_step(timestep, scheduler_step):
+            self.branch += 1
+        else:
+            self.step = self.step + 1 if scheduler_step is None else scheduler_step
+            self.branch = 0
+        self._last_timestep, self._signature = timestep, signature
+        return new_generation
 
-        Only the first graph seen with a timestep (``driver``) moves the clock, so graph breaks
-        that pass the timestep twice in one forward do not count as branches.
-        """
-        if self._driver is None or self.source != "timestep":
-            self._driver, self.source = driver, "timestep"
-        elif driver != self._driver:
-            return False
-        return self._advance(timestep, signature)
+    def adopt(self, timestep: float, signature: Tuple) -> None:
+        """Count by ``timestep`` from now on, the call in progress already counted."""
+        self.source, self._last_timestep, self._signature = "timestep", timestep, signature
 
-    def observe_call(self, signature: Tuple) -> bool:
-        """Advance on a call without timestep input (ignored once a timestep was seen)."""
-        if self.source == "timestep":
-            return False
-        self.source = "forward count"
-        return self._advance(None, signature)
+    def _same_step(self, timestep: Optional[float], scheduler_step: Optional[int]) -> bool:
+        if scheduler_step is not None:
+            return scheduler_step == self.step
+        return timestep is not None and timestep == self._last_timestep
 
     def reset(self) -> None:
         """Forget everything: the next call is step 0 of a new generation."""
         self.generation, self.step, self.branch = -1, 0, 0
         self._last_timestep, self._signature = None, None
-
-    def _advance(self, timestep: Optional[float], signature: Tuple) -> bool:
-        last = self._last_timestep
-        new_generation = (
-            self.generation < 0
-            or signature != self._signature
-            or (timestep is not None and last is not None and timestep > last)
-        )
-        if new_generation:
-            self.generation += 1
-            self.step, self.branch = 0, 0
-        elif timestep is not None and timestep == last:
-            self.branch += 1
-        else:
-            self.step, self.branch = self.step + 1, 0
-        self._last_timestep, self._signature = timestep, signature
-        return new_generation
 
 
 DEFAULT_SEARCH_STEPS, DEFAULT_STEPS = (9, 29), 50  # the paper's schedule: steps 9 and 29 of 50

@@ -12,27 +12,75 @@ All three share the schedule, the budget and the kernels, so only the choice of 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Tuple
 
 import torch
 
-from .config import SELECTORS
-from .selection import BlockLayout
+from .config import AdaSpaConfig
+from .selection import BlockLayout, Selection, select_blocks
 
-__all__ = ["SELECTORS", "selector_scores", "pooled_mass", "window_scores", "block_recall"]
+__all__ = ["Selector", "ExactMass", "PooledEstimate", "StaticWindow", "make_selector",
+           "pooled_mass", "window_scores", "block_recall"]
 
 
-def selector_scores(selector: str, mass: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                    scale: float, layout: BlockLayout,
-                    video_grid: Optional[Tuple[int, int, int]]) -> torch.Tensor:
-    """``[B, H, nb, nb]`` scores (higher = keep first) for ``selector``."""
-    if selector == "adaspa":
+class Selector:
+    """Chooses a site's block mask at a search step from the exact block ``mass``.
+
+    Subclasses say what the blocks are ranked by (:meth:`scores`); the budget, tiers and text
+    sink are :func:`select_blocks`'s, so selectors differ only in which blocks they keep.
+    """
+
+    def __init__(self, cfg: AdaSpaConfig) -> None:
+        self.cfg = cfg
+
+    def scores(self, mass: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float,
+               layout: BlockLayout) -> torch.Tensor:
+        """``[B, H, nb, nb]`` scores: higher is kept first."""
+        raise NotImplementedError
+
+    def select(self, mass: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float,
+               layout: BlockLayout, head_group: Optional[str] = None) -> Selection:
+        """The mask, its density, and the recall of the exact ``mass`` that it keeps."""
+        chosen = select_blocks(self.scores(mass, q, k, scale, layout), layout, self.cfg,
+                               head_group=head_group)
+        recall = block_recall(chosen.mask.to_dense(), mass)
+        return dataclasses.replace(chosen, recall=recall)
+
+
+class ExactMass(Selector):
+    """AdaSpa: the exact block mass; the selection's own recall is already exact."""
+
+    def scores(self, mass, q, k, scale, layout):
         return mass
-    if selector == "pooled":
+
+    def select(self, mass, q, k, scale, layout, head_group=None):
+        return select_blocks(mass, layout, self.cfg, head_group=head_group)
+
+
+class PooledEstimate(Selector):
+    """Softmax of mean-pooled ``q . k`` per block, re-estimated at every search step."""
+
+    def scores(self, mass, q, k, scale, layout):
         return pooled_mass(q, k, scale, layout)
-    if selector == "window":
-        return window_scores(layout, video_grid, mass.device).expand_as(mass)
-    raise ValueError(f"unknown selector {selector!r}; valid: {SELECTORS}")
+
+
+class StaticWindow(Selector):
+    """The nearest key blocks in the video grid; no tiers (a window has no recall to rank by)."""
+
+    def __init__(self, cfg: AdaSpaConfig) -> None:
+        super().__init__(cfg.replace(head_adaptive=False))
+
+    def scores(self, mass, q, k, scale, layout):
+        return window_scores(layout, self.cfg.video_grid, mass.device).expand_as(mass)
+
+
+SELECTOR_CLASSES = {"adaspa": ExactMass, "pooled": PooledEstimate, "window": StaticWindow}
+
+
+def make_selector(cfg: AdaSpaConfig) -> Selector:
+    """The selector ``cfg.selector`` names."""
+    return SELECTOR_CLASSES[cfg.selector](cfg)
 
 
 def _block_means(x: torch.Tensor, layout: BlockLayout, valid: torch.Tensor) -> torch.Tensor:

@@ -432,7 +432,6 @@ def run_adaspa(ctx: Context, method: str, cache: contextlib.ExitStack,
     if ctx.args.quick:
         options["min_seq_len"] = 256
     torch._dynamo.reset()
-    adaspa_compile.reset(forget_sites=True)
     graphs0 = unique_graphs()
     compiled = torch.compile(ctx.model, backend="adaspa", fullgraph=True, options=options)
 
@@ -591,7 +590,6 @@ def run_model(spec: ModelSpec, args, device, dtype, payload, all_checks, start: 
             result["wall_s"] = time.perf_counter() - t0
             entry["methods"][method] = result
             torch._dynamo.reset()
-            adaspa_compile.reset(forget_sites=True)
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

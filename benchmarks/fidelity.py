@@ -270,7 +270,7 @@ class SearchProbe:
 
     def __call__(self, **kwargs):
         out = self.compiled(**kwargs)
-        rep = adaspa_compile.report()
+        rep = adaspa_compile.report(self.compiled)
         if rep.step in self.search_steps:
             for site in rep.rewritten:
                 if site.recall is None or site.density is None:
@@ -573,7 +573,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             entry["options"] = {k: (list(v) if isinstance(v, tuple) else v)
                                 for k, v in opts.items()}
             torch._dynamo.reset()
-            adaspa_compile.reset(forget_sites=True)
             compiled = torch.compile(model.transformer, backend=backend, options=opts,
                                      dynamic=False, fullgraph=True)
             probe = SearchProbe(compiled, search)
@@ -609,7 +608,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             write()
             del compiled, probe
         torch._dynamo.reset()
-        adaspa_compile.reset(forget_sites=True)
 
     report["goals"] = check_goals(report["results"], args)
     report["seconds_total"] = round(time.perf_counter() - t_start, 1)

@@ -153,7 +153,6 @@ def run_dense(model, ins, ts, args, device, parallel: bool) -> Dict[str, Any]:
 
 def run_adaspa(model, ins, ts, args, device, parallel: bool) -> Dict[str, Any]:
     torch._dynamo.reset()
-    adaspa_compile.reset(forget_sites=True)
     options = {"sparsity": args.sparsity, "search_steps": SEARCH_STEPS}
     if args.quick:
         options.update(min_seq_len=64, inner_backend=args.inner)

@@ -218,7 +218,6 @@ def attention_recall(transformer: torch.nn.Module, clips: torch.Tensor, cond: Co
     the diagonal are always kept, outside the 20%). One fresh generation per noise level.
     """
     torch._dynamo.reset()
-    adaspa_compile.reset(forget_sites=True)
     dtype = next(transformer.parameters()).dtype
     compiled = torch.compile(transformer.eval(), backend=adaspa_backend_for_compile(),
                              options=RECALL_OPTIONS, fullgraph=True)
@@ -231,22 +230,23 @@ def attention_recall(transformer: torch.nn.Module, clips: torch.Tensor, cond: Co
         x, t, _ = flow_batch(clips, noise, sigma)
         compiled(hidden_states=x.to(dtype), timestep=t, return_dict=False, **kwargs)
         sites = {}
-        for s in adaspa_compile.report().rewritten:
+        for s in adaspa_compile.report(transformer).rewritten:
             heads = torch.tensor(s.recall).mean(0)  # mean over the batch
             sites[s.name] = {"recall": s.mean_recall(), "density": s.mean_density(),
                              "heads": [round(float(h), 4) for h in heads]}
         if not sites:
-            raise RuntimeError(f"no attention site was rewritten:\n{adaspa_compile.report()}")
+            raise RuntimeError("no attention site was rewritten:\n"
+                               f"{adaspa_compile.report(transformer)}")
         result[f"{value:g}"] = {
             "recall": sum(v["recall"] for v in sites.values()) / len(sites),
             "density": sum(v["density"] for v in sites.values()) / len(sites),
             "min_head_recall": min(min(v["heads"]) for v in sites.values()),
             "sites": sites}
         if masks_png and value == 0.5:
-            rewritten = adaspa_compile.report().rewritten
-            adaspa_compile.plot_masks(site=rewritten[len(rewritten) // 2].site_id, path=masks_png)
+            rewritten = adaspa_compile.report(transformer).rewritten
+            adaspa_compile.plot_masks(site=rewritten[len(rewritten) // 2].site_id, path=masks_png,
+                                      module=transformer)
     torch._dynamo.reset()
-    adaspa_compile.reset(forget_sites=True)
     return result
 
 

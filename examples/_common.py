@@ -87,6 +87,9 @@ def build_parser(description: str, defaults: Defaults) -> argparse.ArgumentParse
     a.add_argument("--compile-mode", default=None,
                    help="torch.compile mode, e.g. max-autotune-no-cudagraphs")
     a.add_argument("--fullgraph", action="store_true", help="fail on a graph break")
+    a.add_argument("--regional", action="store_true",
+                   help="compile only the repeated transformer blocks "
+                        "(transformer.compile_repeated_blocks): a shorter compile")
 
     d = p.add_argument_group("loading")
     d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -160,14 +163,28 @@ def load_pipeline(pipeline_cls: type, args: argparse.Namespace, **components: An
     return pipe
 
 
+TRANSFORMERS = ("transformer", "transformer_2")  # Wan 2.2 A14B: high- and low-noise experts
+
+
 def compile_transformer(pipe, args: argparse.Namespace) -> None:
-    """Replace ``pipe.transformer`` by its compiled form (nothing for ``--backend eager``)."""
+    """Compile ``pipe.transformer`` (and ``pipe.transformer_2`` where the pipeline has two
+    experts), whole or, with ``--regional``, their repeated blocks. Each compiled model keeps
+    its own adaspa masks and step clock. Nothing for ``--backend eager``."""
     if args.backend == "eager":
         return
-    kwargs: Dict[str, Any] = {"fullgraph": args.fullgraph, "mode": args.compile_mode}
+    kwargs: Dict[str, Any] = {"fullgraph": args.fullgraph}
+    if args.compile_mode is not None:
+        kwargs["mode"] = args.compile_mode
     if args.backend == "adaspa":
         kwargs["options"] = adaspa_options(args)
-    pipe.transformer = torch.compile(pipe.transformer, backend=args.backend, **kwargs)
+    for name in TRANSFORMERS:
+        model = getattr(pipe, name, None)
+        if model is None:
+            continue
+        if args.regional:
+            model.compile_repeated_blocks(backend=args.backend, **kwargs)
+        else:
+            setattr(pipe, name, torch.compile(model, backend=args.backend, **kwargs))
 
 
 def save_video(frames: List[Any], path: Path, fps: int) -> Path:

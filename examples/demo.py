@@ -272,7 +272,6 @@ def main(argv: Optional[Sequence[str]] = None) -> DemoResult:
     args = parse_args(argv)
     model = load(args)
     dense, t_dense, _ = denoise(model.transformer, model, args, "dense (eager)")
-    adaspa_compile.reset()
     compiled = torch.compile(model.transformer, backend="adaspa", options=args.options)
     sparse, t_sparse, t_first = denoise(compiled, model, args, "adaspa")
 
@@ -281,7 +280,7 @@ def main(argv: Optional[Sequence[str]] = None) -> DemoResult:
           f"{t_first:.1f} s is the first call (it compiles the graph)")
     for caption, value in zip(args.prompt, scores):
         print(f"PSNR adaspa vs dense, {caption!r}: {value:.2f} dB")
-    report = adaspa_compile.report()
+    report = adaspa_compile.report(model.transformer)
     print(report)
     out = save(dense, sparse, scores, args)
     print(f"wrote {out}")

@@ -1,14 +1,19 @@
-"""Wan 2.1 text-to-video with AdaSpa sparse attention.
+"""Wan 2.1 and Wan 2.2 text-to-video with AdaSpa sparse attention.
 
     python examples/wan.py --model /path/to/Wan2.1-T2V-14B-Diffusers --prompt "A cat on the grass"
+    python examples/wan.py --model /path/to/Wan2.2-T2V-A14B-Diffusers   # two experts
     python examples/wan.py --model ... --height 480 --width 832 --mode recall --recall 0.95
+    python examples/wan.py --model ... --regional          # compile the repeated blocks only
     python examples/wan.py --model ... --backend inductor   # dense reference, same seed
 
-``--model`` is a local folder in diffusers layout (``Wan-AI/Wan2.1-T2V-14B-Diffusers`` or the
-1.3B one). The pipeline is loaded in bf16 on CUDA with the VAE in fp32 (as diffusers advises),
-``pipe.transformer`` is compiled with ``backend="adaspa"``, and the video (720p, 81 frames by
-default) is written with the report. Wan runs classifier-free guidance as two transformer calls
-per step: the report shows two CFG branches, each with its own LSE cache and masks.
+``--model`` is a local folder in diffusers layout (``Wan-AI/Wan2.1-T2V-14B-Diffusers``, the 1.3B
+one, or ``Wan-AI/Wan2.2-T2V-A14B-Diffusers``). The pipeline is loaded in bf16 on CUDA with the
+VAE in fp32 (as diffusers advises), the transformer is compiled with ``backend="adaspa"``, and the
+video (720p, 81 frames by default) is written with the report. Wan runs classifier-free guidance
+as two transformer calls per step: the report shows two CFG branches, each with its own LSE cache
+and masks. Wan 2.2 A14B has two experts, ``transformer`` for the high-noise steps and
+``transformer_2`` for the rest: both are compiled, and each searches its own masks (the
+low-noise expert starts with a fused search at its first step).
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The shared options plus this model's own."""
     parser = _common.build_parser(__doc__.splitlines()[0], DEFAULTS)
     parser.add_argument("--flow-shift", type=float, default=None,
-                        help="scheduler flow shift; default 5.0 from 720p up, 3.0 below "
-                             "(diffusers' advice for Wan 2.1)")
+                        help="scheduler flow shift; default for Wan 2.1 5.0 from 720p up, 3.0 "
+                             "below (diffusers' advice); Wan 2.2 keeps its checkpoint's")
     return parser
 
 
@@ -51,6 +56,8 @@ def main(argv: Optional[Sequence[str]] = None, pipe=None) -> _common.Generation:
 def set_flow_shift(pipe, args) -> None:
     """Rebuild the scheduler with the flow shift that suits the resolution."""
     shift = args.flow_shift
+    if shift is None and getattr(pipe, "transformer_2", None) is not None:
+        return  # Wan 2.2: the scheduler of the checkpoint
     if shift is None:
         shift = 5.0 if (args.height or 480) >= 720 else 3.0
     if "flow_shift" in pipe.scheduler.config:

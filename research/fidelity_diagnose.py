@@ -11,7 +11,7 @@ prompts, seeds, scheduler, CFG 4, search steps scaled as 9 and 29 of 50). Every
 ``F.scaled_dot_product_attention`` call of the video self-attention is intercepted (the model's
 own dense output is returned, so the trajectory stays dense: "teacher-forced") and, for each
 selector configuration, the mask it would have *in use* at that step is chosen exactly as the
-runtime chooses it (``selection.select_blocks`` / ``selectors.selector_scores`` on the same
+runtime chooses it (``selection.select_blocks`` / ``selectors.make_selector`` on the same
 q, k, layout; at the later search step AdaSpa's mass uses the LSE cached at the first one), and
 measured against the exact attention of that step:
 
@@ -62,7 +62,8 @@ from adaspa_compile.config import AdaSpaConfig  # noqa: E402
 from adaspa_compile.fidelity import (FIDELITY_CONFIG, MAX_TOKENS, WEIGHTS_DIR,  # noqa: E402
                                      load_model, random_captions, sample)
 from adaspa_compile.selection import BlockLayout, select_blocks  # noqa: E402
-from adaspa_compile.selectors import selector_scores  # noqa: E402
+from adaspa_compile.selectors import make_selector  # noqa: E402
+from adaspa_compile.state import state_of  # noqa: E402
 from fidelity import search_steps_for  # noqa: E402  (benchmarks/fidelity.py)
 
 try:
@@ -458,9 +459,9 @@ class Analyzer:
                            head_adaptive=spec["head_adaptive"], selector=spec["selector"],
                            video_grid=self.grid if spec["selector"] == "window" else None,
                            min_seq_len=1)
-        scores = selector_scores(spec["selector"], mass, call.q[None], call.k[None], call.scale,
-                                 call.layout, cfg.video_grid)
-        sel = select_blocks(scores, call.layout, cfg)
+        selector = make_selector(cfg)
+        scores = selector.scores(mass, call.q[None], call.k[None], call.scale, call.layout)
+        sel = select_blocks(scores, call.layout, selector.cfg)
         return sel.mask.to_dense()[0], sel.target_sparsity[0]
 
     # ------------------------------------------------------------------ measurements
@@ -859,20 +860,19 @@ def check_backend(args: argparse.Namespace, model) -> Dict[str, Any]:
         if name == "window":
             opts["video_grid"] = token_grid(shape)
         torch._dynamo.reset()
-        adaspa_compile.reset(forget_sites=True)
         compiled = torch.compile(model.transformer, backend=adaspa_backend_for_compile(),
                                  options=opts, dynamic=False, fullgraph=True)
         t0 = time.perf_counter()
         backend_clip = sample(compiled, cond, steps=steps, shape=shape, seed=0, negative=neg,
                               guidance_scale=args.guidance_scale)
         t_backend = time.perf_counter() - t0
-        rep = adaspa_compile.report()
+        rep = adaspa_compile.report(model.transformer)
         sub.configs = [name]
         an = Analyzer(sub, shape)
         emu = generate(model, an, cond, neg, 0, steps, "onpolicy", name, "onpolicy")
         masks_equal = []
         # the backend's masks of the last search vs the emulation's, per site (branch 0 and 1)
-        sites = [s for s in adaspa_compile.runtime.get_runtime()._sites.values() if s.caches]
+        sites = [s for s in state_of(model.transformer).sites.values() if s.caches]
         for layer, site in enumerate(sites):
             for b, cache in site.caches.items():
                 key = ("onpolicy", name, layer, b)
@@ -890,7 +890,6 @@ def check_backend(args: argparse.Namespace, model) -> Dict[str, Any]:
         print(f"check {name}: {json.dumps({k: v for k, v in out[name].items() if k != 'backend_phases'})}")
         del compiled
     torch._dynamo.reset()
-    adaspa_compile.reset(forget_sites=True)
     return out
 
 

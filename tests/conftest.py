@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -29,12 +30,10 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 @pytest.fixture
 def fresh_compile():
-    """Reset Dynamo and forget every adaspa site before and after a test."""
-    import torch
-    import adaspa_compile
-
+    """Reset Dynamo and collect the models of earlier tests (their adaspa state goes with them)
+    before and after a test."""
     torch._dynamo.reset()
-    adaspa_compile.reset(forget_sites=True)
+    gc.collect()
     yield
     torch._dynamo.reset()
-    adaspa_compile.reset(forget_sites=True)
+    gc.collect()

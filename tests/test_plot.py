@@ -1,5 +1,6 @@
 """`plot_masks`: a PNG of the per-head block masks of one rewritten site."""
 
+import gc
 import struct
 import sys
 
@@ -23,6 +24,7 @@ def run(heads: int = 4, steps: int = 2, options=OPTIONS, branches: int = 1):
         for i in range(steps):
             for _ in range(branches):
                 compiled(**dict(inputs, timestep=torch.tensor([1000.0 - 100 * i])))
+    return model  # the caller keeps it alive: its adaspa state goes with it
 
 
 def png_size(path):
@@ -36,8 +38,9 @@ def png_size(path):
                                                     (8, 8, (1000, 560)), (8, 5, (1000, 560))])
 def test_png_has_one_panel_per_head(tmp_path, heads, max_heads, size):
     pytest.importorskip("matplotlib")
-    run(heads=heads)
-    path = adaspa_compile.plot_masks(path=tmp_path / "masks.png", max_heads=max_heads)
+    model = run(heads=heads)
+    path = adaspa_compile.plot_masks(module=model, path=tmp_path / "masks.png",
+                                     max_heads=max_heads)
     assert path == str(tmp_path / "masks.png")
     assert png_size(path) == size
 
@@ -50,9 +53,10 @@ def test_png_shows_the_mask(tmp_path):
     darkness = []
     for sparsity in (0.2, 0.8):
         torch._dynamo.reset()
-        adaspa_compile.reset(forget_sites=True)
-        run(options=dict(OPTIONS, sparsity=sparsity, head_adaptive=False))
-        path = adaspa_compile.plot_masks(site=0, path=tmp_path / f"m{sparsity}.png")
+        gc.collect()
+        model = run(options=dict(OPTIONS, sparsity=sparsity, head_adaptive=False))
+        path = adaspa_compile.plot_masks(module=model, site=0,
+                                         path=tmp_path / f"m{sparsity}.png")
         pixels = torch.tensor(list(Image.open(path).convert("L").getdata()))
         darkness.append(float((pixels < 64).float().mean()))
     assert darkness[0] > darkness[1] * 1.5 > 0
@@ -60,35 +64,36 @@ def test_png_shows_the_mask(tmp_path):
 
 def test_second_branch_and_explicit_site(tmp_path):
     pytest.importorskip("matplotlib")
-    run(branches=2)
+    model = run(branches=2)
     sites = [s.site_id for s in adaspa_compile.report().rewritten]
-    path = adaspa_compile.plot_masks(site=sites[-1], branch=1, path=tmp_path / "b1.png")
+    path = adaspa_compile.plot_masks(module=model, site=sites[-1], branch=1,
+                                     path=tmp_path / "b1.png")
     assert png_size(path) == (1000, 310)
 
 
 def test_unknown_site_is_refused():
-    run()
-    with pytest.raises(ValueError, match=r"unknown adaspa site 99; rewritten sites are \[0, 2\]"):
-        adaspa_compile.plot_masks(site=99)
+    model = run()
+    with pytest.raises(ValueError, match=r"unknown adaspa site 99; rewritten sites are \[0, 1\]"):
+        adaspa_compile.plot_masks(module=model, site=99)
 
 
 def test_site_not_searched_yet_is_refused():
-    run(options=dict(OPTIONS, search_steps=(5,)))
+    model = run(options=dict(OPTIONS, search_steps=(5,)))
     with pytest.raises(ValueError,
                        match="site 0 .* has no mask for branch 0 yet.*search steps \\(5,\\)"):
-        adaspa_compile.plot_masks(site=0)
+        adaspa_compile.plot_masks(module=model, site=0)
     with pytest.raises(ValueError, match="no site has a mask for branch 0 yet"):
-        adaspa_compile.plot_masks()
+        adaspa_compile.plot_masks(module=model)
 
 
 def test_missing_branch_and_bad_arguments_are_refused():
-    run()
+    model = run()
     with pytest.raises(ValueError, match="no mask for branch 3 yet.*branches with a mask: \\[0\\]"):
-        adaspa_compile.plot_masks(site=0, branch=3)
+        adaspa_compile.plot_masks(module=model, site=0, branch=3)
     with pytest.raises(ValueError, match="max_heads"):
-        adaspa_compile.plot_masks(max_heads=0)
+        adaspa_compile.plot_masks(module=model, max_heads=0)
     with pytest.raises(ValueError, match="batch 4 is out of range"):
-        adaspa_compile.plot_masks(batch=4)
+        adaspa_compile.plot_masks(module=model, batch=4)
 
 
 def test_nothing_compiled_is_refused():
@@ -97,9 +102,9 @@ def test_nothing_compiled_is_refused():
 
 
 def test_without_matplotlib_the_error_names_the_extra(monkeypatch, tmp_path):
-    run()
+    model = run()
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=r"adaspa-compile\[plot\]"):
-        adaspa_compile.plot_masks(path=tmp_path / "x.png")
+        adaspa_compile.plot_masks(module=model, path=tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()

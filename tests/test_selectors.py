@@ -1,5 +1,7 @@
 """Peer selectors: pooled estimate, static window, and equal budgets across selectors."""
 
+import gc
+
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -62,7 +64,7 @@ def test_peer_selectors_share_schedule_and_budget(selector):
     run_steps(ours, inputs)
     adaspa_rows = adaspa_compile.report().rewritten
     torch._dynamo.reset()
-    adaspa_compile.reset(forget_sites=True)
+    gc.collect()
     peer = torch.compile(m, backend="adaspa", fullgraph=True,
                          options=dict(options, selector=selector, video_grid=(2, 16, 16)))
     outs = run_steps(peer, inputs)
@@ -87,3 +89,14 @@ def test_selector_options_are_validated():
     with pytest.raises(ValueError, match="video_grid"):
         AdaSpaConfig(video_grid=(4, 8))
     assert AdaSpaConfig(video_grid=[4, 8, 8]).video_grid == (4, 8, 8)
+
+
+def test_every_configured_selector_is_an_object():
+    from adaspa_compile.config import SELECTORS
+    from adaspa_compile.selectors import SELECTOR_CLASSES, make_selector
+
+    assert set(SELECTOR_CLASSES) == set(SELECTORS)
+    for name in SELECTORS:
+        selector = make_selector(AdaSpaConfig(selector=name))
+        assert selector.cfg.selector == name
+    assert make_selector(AdaSpaConfig(selector="window")).cfg.head_adaptive is False

@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.fx
 
-__all__ = ["GraphInputs", "TIMESTEP_NAMES"]
+__all__ = ["GraphInputs", "TIMESTEP_NAMES", "is_parameter", "layer_weight", "main_input"]
 
 # Argument names under which models receive the denoising timestep (diffusers: ``timestep``).
 TIMESTEP_NAMES = ("timestep", "timesteps", "t")
@@ -36,6 +36,38 @@ def _local_name(node: torch.fx.Node) -> Optional[str]:
     while source is not None and hasattr(source, "index") and not hasattr(source, "member"):
         source = getattr(source, "base", None)
     return key if type(source).__name__ == "LocalSource" else None
+
+
+def _source_text(node: torch.fx.Node) -> str:
+    """The placeholder's Dynamo source as text (``L['self']._parameters['weight']``)."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    if source is None:
+        return ""
+    name = source.name
+    return name() if callable(name) else str(name)
+
+
+def is_parameter(node: torch.fx.Node) -> bool:
+    """Whether a placeholder is a module parameter (lifted into the graph's inputs)."""
+    return node.op == "placeholder" and "._parameters[" in _source_text(node)
+
+
+def layer_weight(query: torch.fx.Node, max_nodes: int = 200) -> Optional[torch.fx.Node]:
+    """The parameter nearest to ``query`` walking back through its producers (breadth first):
+    the query projection's weight, or the query norm's. It belongs to the attention layer."""
+    seen, frontier = {query}, [query]
+    while frontier and len(seen) < max_nodes:
+        params = [n for n in frontier if is_parameter(n)]
+        if params:
+            return params[0]
+        parents = []
+        for node in frontier:
+            for parent in node.all_input_nodes:
+                if parent not in seen:
+                    seen.add(parent)
+                    parents.append(parent)
+        frontier = parents
+    return None
 
 
 def main_input(node: torch.fx.Node) -> Optional[str]:
@@ -72,6 +104,7 @@ class GraphInputs:
     user_indices: Tuple[int, ...]
     text_len: Optional[int]
     names: Tuple[Optional[str], ...]
+    parameter_indices: Tuple[int, ...] = ()
 
     @classmethod
     def from_graph(cls, gm: torch.fx.GraphModule) -> "GraphInputs":
@@ -88,7 +121,9 @@ class GraphInputs:
                 text_len = example.shape[1]
         return cls(timestep_index=timestep_index,
                    timestep_name=None if timestep_index is None else names[timestep_index],
-                   user_indices=user, text_len=text_len, names=names)
+                   user_indices=user, text_len=text_len, names=names,
+                   parameter_indices=tuple(i for i, n in enumerate(placeholders)
+                                           if is_parameter(n)))
 
     def has_input(self, name: str) -> bool:
         return name in self.names
@@ -101,6 +136,7 @@ class GraphInputs:
         return float(t.reshape(-1)[0]) if t.numel() else None
 
     def signature(self, args: Sequence) -> Tuple:
-        """Shapes (and int values) of the forward arguments: a change starts a new generation."""
+        """Shapes (and int values) of the forward arguments but the timestep: a change starts a
+        new generation. A recompile that turns a Python-number timestep into an input keeps it."""
         return tuple(tuple(args[i].shape) if isinstance(args[i], torch.Tensor) else args[i]
-                     for i in self.user_indices)
+                     for i in self.user_indices if i != self.timestep_index)

@@ -20,9 +20,9 @@ import torch
 import torch.fx
 
 from ..config import AdaSpaConfig
-from ..runtime import TextSpan
 from .graph_inputs import TEXT_INPUT_NAME, VIDEO_INPUT_NAME, GraphInputs, main_input
 from .sdpa_sites import SdpaCall, _hint, _val
+from .sites import TextSpan
 
 __all__ = ["find_text_span"]
 

@@ -80,13 +80,6 @@ def test_hunyuan_token_refiner_and_padding():
     assert all("refiner" not in s.name for s in report.rewritten)
 
 
-def test_compile_repeated_blocks_is_refused_with_advice():
-    model, kwargs = ALL_TINY_MODELS["wan"]()
-    model.compile_repeated_blocks(backend="adaspa", fullgraph=True, options=OPTIONS)
-    with pytest.raises(Exception, match="Compile the whole transformer"), torch.no_grad():
-        model(**kwargs)
-
-
 def test_non_sdpa_attention_backend_warns_that_nothing_is_accelerated(caplog):
     model, kwargs = ALL_TINY_MODELS["wan"]()
     model.set_attention_backend("flex")  # also diffusers' process-wide active backend

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import adaspa_compile
+from adaspa_compile.state import state_of
 from tests.dit import Block, TinyDiT, tiny_dit_inputs
 
 OPTIONS = {"min_seq_len": 128, "search_steps": (2, 4), "sparsity": 0.5}
@@ -92,9 +93,9 @@ def test_cfg_branches_keep_their_own_caches():
     m = model()
     compiled = torch.compile(m, backend="adaspa", fullgraph=True, options=OPTIONS)
     run_steps(compiled, tiny_dit_inputs(), branches=2)
-    site = adaspa_compile.get_runtime().site(adaspa_compile.report().rewritten[0].site_id)
-    assert site.phases == {0: list(site.phases[0]), 1: list(site.phases[1])}
-    assert adaspa_compile.report().rewritten[0].phases == {0: "DDFSCSS", 1: "DDFSCSS"}
+    row = adaspa_compile.report().rewritten[0]
+    site = state_of(m).sites[row.name]
+    assert row.phases == {0: "DDFSCSS", 1: "DDFSCSS"}
     assert set(site.caches) == {0, 1}
     assert site.caches[0].mask is not site.caches[1].mask
 
@@ -117,8 +118,8 @@ def test_new_shape_starts_a_new_generation():
     compiled = torch.compile(m, backend="adaspa", options=OPTIONS, dynamic=False)
     run_steps(compiled, tiny_dit_inputs(), TIMESTEPS[:4])
     run_steps(compiled, tiny_dit_inputs(tokens=640), TIMESTEPS[4:6])
-    assert adaspa_compile.get_runtime().clock.generation == 1
-    assert adaspa_compile.get_runtime().clock.step == 1
+    assert state_of(m).clock.generation == 1
+    assert state_of(m).clock.step == 1
 
 
 def test_reset_starts_over():
@@ -150,12 +151,18 @@ def test_reduce_overhead_is_refused():
         run_steps(compiled, tiny_dit_inputs(), TIMESTEPS[:1])
 
 
-def test_single_block_compile_is_refused_with_advice():
+def test_a_lone_block_counts_its_calls():
+    """A block compiled on its own (no model around it that takes a timestep) counts steps as
+    calls, and its report says so."""
     block = Block(32, 4).eval()
     compiled = torch.compile(block, backend="adaspa", options=OPTIONS)
     x, text = torch.randn(1, 256, 32), torch.randn(1, 40, 32)
-    with pytest.raises(Exception, match="Compile the whole transformer"), torch.no_grad():
-        compiled(x, text, torch.randn(1, 32), None)
+    with torch.no_grad():
+        for _ in range(4):
+            compiled(x, text, torch.randn(1, 32), None)
+    report = adaspa_compile.report(block)
+    assert report.clock == "forward count" and report.rewritten[0].phases == {0: "DDFS"}
+    assert any("takes no timestep" in n for n in report.notes)
 
 
 def test_grad_mode_leaves_sdpa_dense_with_reason():
@@ -184,7 +191,7 @@ def test_no_timestep_counts_calls_and_says_so():
     report = adaspa_compile.report()
     assert report.clock == "forward count"
     assert report.rewritten[0].phases == {0: "DDFS"}
-    assert any("no timestep input" in n for n in report.notes)
+    assert any("takes no timestep" in n for n in report.notes)
 
 
 def test_graph_without_sdpa_warns_that_nothing_is_accelerated(caplog):
@@ -202,7 +209,8 @@ def test_additive_mask_with_bias_values_stays_dense():
             return torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=bias)
 
     m = Biased()
-    compiled = torch.compile(m, backend="adaspa", fullgraph=True, options=dict(OPTIONS, search_steps=(0,)))
+    compiled = torch.compile(m, backend="adaspa", fullgraph=True,
+                             options=dict(OPTIONS, search_steps=(0,)))
     x = torch.randn(1, 256, 16)
     with torch.no_grad():
         outs = [compiled(x, torch.tensor([t])) for t in (900.0, 800.0)]
@@ -231,4 +239,4 @@ def test_graph_break_after_temb_is_not_taken_for_a_single_block():
     assert report.clock == "timestep" and len(report.rewritten) == 2
     assert all(s.phases == {0: "DD"} for s in report.rewritten)
     # The resume graph is a piece of a timestep-driven model: no "no timestep" note for it.
-    assert not any("no timestep input" in n for n in report.notes), report.notes
+    assert not any("takes no timestep" in n for n in report.notes), report.notes

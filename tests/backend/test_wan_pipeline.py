@@ -1,9 +1,12 @@
 """A real diffusers pipeline loop: WanPipeline, tiny random transformer and VAE, CFG on."""
 
+import gc
+
 import pytest
 import torch
 
 import adaspa_compile
+from adaspa_compile.state import state_of
 from tests.tiny_models import tiny_wan_pipeline, wan_prompt_embeds
 
 pytestmark = pytest.mark.usefixtures("fresh_compile")
@@ -55,12 +58,13 @@ def test_wan_pipeline_share_cfg_mask_reuses_the_cond_mask():
     embeds = wan_prompt_embeds(pipe)
     pipe.transformer = torch.compile(pipe.transformer, backend="adaspa", fullgraph=True,
                                      options=dict(OPTIONS, share_cfg_mask=True))
-    runtime = adaspa_compile.runtime.get_runtime()
+    model = pipe.transformer._orig_mod
     used = {}  # (step, branch) -> ids of the masks the sparse calls ran with, in call order
     sparse_forward = adaspa_compile.ops.sparse_forward
 
     def recording(q, k, v, mask, *args):
-        used.setdefault((runtime.clock.step, runtime.clock.branch), []).append(id(mask))
+        clock = state_of(model).clock
+        used.setdefault((clock.step, clock.branch), []).append(id(mask))
         return sparse_forward(q, k, v, mask, *args)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -76,10 +80,58 @@ def test_wan_pipeline_share_cfg_mask_reuses_the_cond_mask():
     report = adaspa_compile.report()
     for row in report.rewritten:
         assert row.phases == {0: "DDDFSSSSCSSS", 1: "DDDSSSSSSSSS"}
-        caches = runtime.site(row.site_id).caches
+        caches = state_of(model).sites[row.name].caches
         assert caches[0].mask is not None and caches[1].mask is None and caches[1].lse is None
     torch._dynamo.reset()
-    adaspa_compile.reset(forget_sites=True)
+    gc.collect()
     pipe.transformer = torch.compile(pipe.transformer._orig_mod, backend="adaspa",
                                      fullgraph=True, options=OPTIONS)
     assert not torch.equal(generate(pipe, embeds), shared)  # per-branch masks differ
+
+
+def tiny_wan22_pipeline():
+    """Wan 2.2 A14B's layout: a high-noise expert (``transformer``) and a low-noise expert
+    (``transformer_2``) of one class and config, switched at ``boundary_ratio``."""
+    from diffusers import WanPipeline
+
+    from tests.tiny_models import _tiny_wan_transformer
+
+    base = tiny_wan_pipeline()
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=base.vae, scheduler=base.scheduler,
+                       transformer=base.transformer,
+                       transformer_2=_tiny_wan_transformer(seed=7, in_channels=16),
+                       boundary_ratio=0.5)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_wan22_experts_search_their_own_masks():
+    """Each expert has its own clock, sites and masks. The low-noise expert first runs at a
+    step past the search steps, so its first call is its own fused search, not a sparse step on
+    the other expert's mask; the steps are the pipeline scheduler's."""
+    pipe = tiny_wan22_pipeline()
+    embeds = wan_prompt_embeds(pipe)
+    high, low = pipe.transformer, pipe.transformer_2
+    pipe.transformer = torch.compile(high, backend="adaspa", fullgraph=True, options=OPTIONS)
+    pipe.transformer_2 = torch.compile(low, backend="adaspa", fullgraph=True, options=OPTIONS)
+    first = generate(pipe, embeds)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        second = generate(pipe, embeds)
+    torch.testing.assert_close(second, first, atol=0, rtol=0)
+    report = adaspa_compile.report()
+    assert [m.label for m in report.models] == ["WanTransformer3DModel#0",
+                                                "WanTransformer3DModel#1"]
+    assert all(m.steps_from == "scheduler" and m.generation == 1 for m in report.models)
+    high_rows = adaspa_compile.report(high).rewritten
+    low_rows = adaspa_compile.report(low).rewritten
+    assert [r.name for r in high_rows] == [r.name for r in low_rows] == ["blocks.0.attn1",
+                                                                          "blocks.1.attn1"]
+    switch = len(high_rows[0].phases[0])  # the first step the low-noise expert runs
+    assert switch > OPTIONS["search_steps"][-1], str(report)  # it joins after the last search
+    for row in high_rows:
+        assert row.phases == {b: "DDDFSSSSC" + "S" * (switch - 9) for b in (0, 1)}, str(report)
+    for row in low_rows:
+        assert row.phases == {b: "F" + "S" * (STEPS - switch - 1) for b in (0, 1)}, str(report)
+    high_masks = {id(c.mask) for s in state_of(high).sites.values() for c in s.caches.values()}
+    low_masks = {id(c.mask) for s in state_of(low).sites.values() for c in s.caches.values()}
+    assert len(low_masks) == 4 and not high_masks & low_masks

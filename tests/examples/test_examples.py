@@ -243,6 +243,48 @@ def test_wan_example_two_cfg_branches_per_step(tmp_path, monkeypatch):
     assert report.skipped and all("cross-attention" in s.reason for s in report.skipped)
 
 
+def test_wan_example_regional_compile_runs_the_same_schedule(tmp_path, monkeypatch):
+    example = load_example("wan", monkeypatch)
+    out = tmp_path / "wan_regional.gif"
+    pipe = tiny_wan_pipeline()
+    result = example.main(COMMON_ARGS + ["--frames", "13", "--output", str(out), "--regional"],
+                          pipe=pipe)
+    check_gif(out, 13)
+    check_sites(result.report, text="none", branches=[0, 1], min_sites=2)
+    assert not hasattr(pipe.transformer, "_orig_mod")  # the blocks were compiled, not the model
+    assert [s.name for s in result.report.rewritten] == ["blocks.0.attn1", "blocks.1.attn1"]
+
+
+def test_wan22_example_compiles_both_experts(tmp_path, monkeypatch):
+    """Wan 2.2 A14B's layout: each expert is compiled and searches its own masks; the low-noise
+    expert, first called after the first search step, starts with its own fused search."""
+    from diffusers import WanPipeline
+
+    example = load_example("wan", monkeypatch)
+    base = tiny_wan_pipeline()
+    low = seeded(7, lambda: type(base.transformer)(**base.transformer.config))
+    pipe = WanPipeline(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae,
+                       scheduler=base.scheduler, transformer=base.transformer,
+                       transformer_2=low, boundary_ratio=0.5)
+    pipe.set_progress_bar_config(disable=True)
+    out = tmp_path / "wan22.gif"
+    result = example.main(COMMON_ARGS + ["--frames", "13", "--output", str(out)], pipe=pipe)
+    check_gif(out, 13)
+    report = result.report
+    assert [m.label for m in report.models] == ["WanTransformer3DModel#0",
+                                                "WanTransformer3DModel#1"], str(report)
+    high = [s for s in report.rewritten if s.model.endswith("#0")]
+    low_sites = [s for s in report.rewritten if s.model.endswith("#1")]
+    assert len(high) == len(low_sites) == 2, str(report)
+    switch = len(high[0].phases[0])
+    assert 1 < switch < STEPS, str(report)
+    for site in high:
+        assert site.phases == {b: PHASES[:switch] for b in (0, 1)}, str(report)
+    for site in low_sites:
+        assert all(p[0] == "F" for p in site.phases.values()), str(report)
+        assert all(len(p) == STEPS - switch for p in site.phases.values()), str(report)
+
+
 def test_wan_example_flow_shift_follows_resolution(tmp_path, monkeypatch):
     example = load_example("wan", monkeypatch)
     pipe = tiny_wan_pipeline()
@@ -343,7 +385,7 @@ def test_demo_samples_the_trained_model_dense_and_sparse(tmp_path, monkeypatch, 
     with Image.open(out) as im:  # a dense and an adaspa row per caption
         assert im.format == "PNG" and im.size[1] > 4 * 32 and im.size[0] > 8 * 32
     printed = capsys.readouterr().out
-    assert "PSNR adaspa vs dense" in printed and "adaspa report: 6 site(s)" in printed
+    assert "PSNR adaspa vs dense" in printed and "adaspa report: 1 model(s), 6 site(s)" in printed
     assert str(out) in printed
 
 

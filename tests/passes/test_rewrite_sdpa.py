@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import adaspa_compile
 from adaspa_compile import AdaSpaConfig
 from adaspa_compile.passes import GraphInputs, run_passes
+from adaspa_compile.state import CompiledGraph
 
 pytestmark = pytest.mark.usefixtures("fresh_compile")
 
@@ -17,9 +18,10 @@ def capture(fn, *args, cfg=None, **kwargs):
     seen = {}
 
     def backend(gm, example_inputs):
-        gm = run_passes(gm, cfg, GraphInputs.from_graph(gm))
+        inputs = GraphInputs.from_graph(gm)
+        gm, sites = run_passes(gm, cfg, inputs)
         seen["targets"] = [n.target for n in gm.graph.nodes if n.op == "call_function"]
-        return gm.forward
+        return CompiledGraph(gm.forward, inputs, cfg, sites, [], frame=None)
 
     with torch.no_grad():
         torch.compile(fn, backend=backend, fullgraph=True)(*args, **kwargs)
@@ -111,9 +113,10 @@ def test_rewritten_node_keeps_metadata_and_strides():
     metas = []
 
     def backend(gm, example_inputs):
-        gm = run_passes(gm, cfg, GraphInputs.from_graph(gm))
+        inputs = GraphInputs.from_graph(gm)
+        gm, sites = run_passes(gm, cfg, inputs)
         metas.extend(n.meta for n in gm.graph.nodes if n.target is torch.ops.adaspa.attention.default)
-        return gm.forward
+        return CompiledGraph(gm.forward, inputs, cfg, sites, [], frame=None)
 
     with torch.no_grad():
         torch.compile(f, backend=backend, fullgraph=True)(torch.randn(1, 128, 16))
