@@ -6,9 +6,9 @@ shares one graph between instances of one class (two LoRA variants, Wan 2.2's tw
 between the repeated blocks of a regional compile. So each call of a graph receives the parameters
 of the model that runs it. A graph keeps, per parameter it receives first (its *anchor*), the state
 of the model that owns that parameter: a dictionary lookup by identity, with no host sync and no
-recompile. The first time an anchor is seen, the owner is found on the call stack: the innermost
-module holding the anchor whose forward takes a timestep (the denoiser, not its blocks nor a
-wrapper around it), else the module that ``torch.compile`` wraps.
+recompile. The first time an anchor is seen, the owner is found on the call stack: the module that
+``torch.compile`` wraps, or, where only blocks are compiled, the outermost module holding the anchor
+whose forward takes a timestep (the denoiser, not its blocks).
 
 Sites are named by where their attention layer sits in the model (``blocks.3.attn1``): the name of
 the layer parameter nearest to the query (``SiteInfo.layer_weight``). So every graph that serves a
@@ -69,7 +69,7 @@ class ModelState:
         self.skipped: Dict[str, SiteInfo] = {}
         self.notes: List[str] = []
         self._graphs: "weakref.WeakSet[CompiledGraph]" = weakref.WeakSet()
-        self._driver: Optional[object] = None  # the compiled frame whose graphs move the clock
+        self._driver: Optional[object] = None  # the ``drive_key`` of the graphs that move the clock
         self._hook: Optional[torch.utils.hooks.RemovableHandle] = None
         self._param_names: Dict[int, str] = {}
         self._calls: Dict[str, int] = {}
@@ -146,34 +146,36 @@ class ModelState:
 
     # ------------------------------------------------------------------ the clock
     def begin_call(self, graph: "CompiledGraph", args: Sequence) -> None:
-        """Move the clock at the start of a graph's call, if this graph is the one that does."""
+        """Move the clock at the start of a graph's call, if this graph is the one that does.
+
+        One graph per model drives the clock: the first that takes the timestep (graph breaks
+        that pass it on again do not count as branches), else the first graph of a model
+        without one, else nothing where a forward pre-hook on the model drives it.
+        """
         self._record_skipped(graph, args)
         if self._hook is not None:
-            return  # the forward pre-hook on the model moves the clock
+            return
         timestep = graph.inputs.timestep(args)
-        if timestep is None:
-            if self.clock.source == "timestep" or self._add_clock_hook():
-                return
-        if graph.frame != self._driver and timestep is not None \
-                and self.clock.source == "forward count" and self._driver_alive(counting=True):
-            # A graph with the timestep behind a counting one (a hook's graph comes first):
-            # this call is already counted; the timestep drives from now on.
-            self._driver = graph.frame
-            self.clock.adopt(timestep, graph.inputs.signature(args))
+        signature = graph.inputs.signature(args)
+        if graph.drive_key == self._driver:
+            self.observe(timestep, signature)
             return
-        if graph.frame != self._driver and (
-                self._driver is None or not self._driver_alive()
-                or (timestep is not None and self.clock.source != "timestep")):
-            self._driver = graph.frame
-        elif graph.frame != self._driver:
-            return
-        self.observe(timestep, graph.inputs.signature(args))
+        driver_alive = self._driver is not None and self._driver_alive()
+        counting = driver_alive and self.clock.source == "forward count"
+        if timestep is not None and (not driver_alive or counting):
+            hook_graph_first = counting and graph.drive_key[0] != self._driver[0]
+            self._driver = graph.drive_key
+            if hook_graph_first:  # another frame without the timestep counted this call
+                self.clock.adopt(timestep, signature)
+            else:  # the first graph with the timestep, or a recompile that now takes it
+                self.observe(timestep, signature)
+        elif timestep is None and not driver_alive and not self._add_clock_hook():
+            self._driver = graph.drive_key
+            self.observe(None, signature)
 
-    def _driver_alive(self, counting: bool = False) -> bool:
-        """Whether a live graph of the driving frame remains that takes the timestep (or, with
-        ``counting``, that does not). ``torch._dynamo.reset()`` drops them all."""
-        return any(g.frame == self._driver and (g.inputs.timestep_index is None) == counting
-                   for g in self._graphs)
+    def _driver_alive(self) -> bool:
+        """Whether a graph of the driving frame lives (``torch._dynamo.reset()`` drops them)."""
+        return any(g.drive_key == self._driver for g in self._graphs)
 
     def observe(self, timestep: Optional[float], signature: Tuple) -> None:
         """One call of the model: advance the clock; a new generation clears every site."""
@@ -200,6 +202,7 @@ class ModelState:
         if _timestep_of(arguments) is None:
             return False
         self._hook = model.register_forward_pre_hook(_ClockHook(self), with_kwargs=True)
+        weakref.finalize(self, self._hook.remove)  # the hook goes with the state
         self.observe(_timestep_of(arguments), _signature_of(arguments))
         return True
 
@@ -237,7 +240,10 @@ class CompiledGraph:
     def __init__(self, inner: Callable, inputs: GraphInputs, cfg: AdaSpaConfig,
                  sites: List[SiteInfo], notes: List[str], frame: object) -> None:
         self._inner = inner
-        self.frame = frame  # the Dynamo frame compiled: its recompiles share it
+        # The graphs that may move a model's clock: the recompiles of one frame that all take the
+        # timestep, or all do not (a hook function that diffusers shares between the model and
+        # its blocks is one frame compiled for each).
+        self.drive_key = (frame, inputs.timestep_index is not None)
         self.inputs = inputs
         self.cfg = cfg
         self.sites = sites
@@ -345,10 +351,10 @@ def _self_of(frame: FrameType) -> Any:
 
 
 def _owning_model(anchor: Optional[torch.Tensor]) -> Optional[torch.nn.Module]:
-    """The model that runs the graph: of the modules running on the call stack that hold
-    ``anchor`` (any module when ``anchor`` is None), the innermost whose forward takes a
-    timestep (a denoiser, not the blocks inside it nor a wrapper around it); else the innermost
-    that ``torch.compile`` wraps; else the outermost."""
+    """The model that runs the graph, among the modules running on the call stack that hold
+    ``anchor`` (any module when ``anchor`` is None): the innermost that ``torch.compile`` wraps;
+    else (the blocks of a regional compile) the outermost whose forward takes a timestep; else
+    the outermost."""
     holders = []  # innermost first
     for frame in _frames():
         module = _self_of(frame)
@@ -356,12 +362,12 @@ def _owning_model(anchor: Optional[torch.Tensor]) -> Optional[torch.nn.Module]:
                 anchor is None or _holds(module, anchor)):
             holders.append(module)
     for module in holders:
-        if _takes_timestep(module):
-            return module
-    for module in holders:
         wrapped = getattr(module, "_orig_mod", None)
         if isinstance(wrapped, torch.nn.Module):
             return wrapped
+    denoisers = [m for m in holders if _takes_timestep(m)]
+    if denoisers:
+        return denoisers[-1]
     return holders[-1] if holders else None
 
 

@@ -9,7 +9,9 @@ process on one device:
 
 - ``eager``: the model's own SDPA (cuDNN where torch picks it);
 - ``inductor``: ``torch.compile(model, fullgraph=True)``, dense;
-- ``adaspa-0.8``, ``adaspa-0.9``, ``adaspa-recall``: ``torch.compile(model, backend="adaspa")``.
+- ``adaspa-0.8``, ``adaspa-0.9``, ``adaspa-recall``: ``torch.compile(model, backend="adaspa")``;
+- ``adaspa-0.8-regional``: ``model.compile_repeated_blocks(backend="adaspa")``, the blocks only
+  (its compile time against ``adaspa-0.8``'s is the point; its FX cache is not the whole model's).
 
 For adaspa, phases are forced through the schedule itself: ``search_steps=(2, 4)`` over an 8-step
 generation gives dense, dense, fused search, sparse, cached search, sparse x3; the phase of every
@@ -62,12 +64,15 @@ DEFAULT_SCHEDULE = {"dense": 9, "fused_search": 1, "cached_search": 1, "sparse":
 BENCH_SEARCH_STEPS = (2, 4)
 TIMED_STEPS = 8  # D D F S C S S S
 WARMUP_STEPS = 5  # D D F S C: every phase once before timing
-METHODS = ("eager", "inductor", "adaspa-0.8", "adaspa-0.9", "adaspa-recall")
+METHODS = ("eager", "inductor", "adaspa-0.8", "adaspa-0.9", "adaspa-recall",
+           "adaspa-0.8-regional")
 ADASPA_OPTIONS = {
     "adaspa-0.8": {"sparsity": 0.8},
     "adaspa-0.9": {"sparsity": 0.9},
     "adaspa-recall": {"mode": "recall", "recall": 0.95},
+    "adaspa-0.8-regional": {"sparsity": 0.8},
 }
+REGIONAL = "-regional"  # compile_repeated_blocks instead of compiling the whole model
 # Relative L2 error allowed against eager: twice inductor's own, at least BF16_FLOOR (a few
 # bf16 roundings of the output); FALLBACK_TOL when inductor is not run.
 BF16_FLOOR = 1e-2
@@ -433,7 +438,21 @@ def run_adaspa(ctx: Context, method: str, cache: contextlib.ExitStack,
         options["min_seq_len"] = 256
     torch._dynamo.reset()
     graphs0 = unique_graphs()
-    compiled = torch.compile(ctx.model, backend="adaspa", fullgraph=True, options=options)
+    if method.endswith(REGIONAL):
+        ctx.model.compile_repeated_blocks(backend="adaspa", fullgraph=True, options=options)
+        compiled = ctx.model
+    else:
+        compiled = torch.compile(ctx.model, backend="adaspa", fullgraph=True, options=options)
+    try:
+        return _run_adaspa(ctx, compiled, options, cache, first_adaspa, graphs0)
+    finally:
+        for block in ctx.model.modules():  # undo a regional compile for the next method
+            block._compiled_call_impl = None
+
+
+def _run_adaspa(ctx: Context, compiled, options: Dict[str, Any], cache: contextlib.ExitStack,
+                first_adaspa: bool, graphs0: int) -> Dict[str, Any]:
+    spec = ctx.spec
 
     # The first call compiles. The first adaspa method of a model then runs a warmup generation
     # (every phase once: kernel JIT and autotuning); later ones reuse the compiled kernels.
@@ -456,7 +475,7 @@ def run_adaspa(ctx: Context, method: str, cache: contextlib.ExitStack,
     base = memory_start(ctx)
     calls = generation(ctx, compiled, TIMED_STEPS, keep, adaspa=True)
     memory = memory_peak(ctx, base)
-    report = adaspa_compile.report()
+    report = adaspa_compile.report(ctx.model)
 
     samples: Dict[str, List[float]] = {name: [] for name in PHASE_NAMES.values()}
     for c in calls:
