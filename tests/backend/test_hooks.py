@@ -74,6 +74,20 @@ def test_taylorseer_cache_keeps_one_site_per_layer():
     assert all(set(p) == {0} and p[0][:2] == "DF" for p in phases.values()), phases
 
 
+def test_magcache_runs_outside_the_compiled_graph_and_the_report_says_so():
+    """diffusers wraps MagCache's hooks in ``torch.compiler.disable``: the blocks run eagerly,
+    no graph holds an SDPA call, and the report says that nothing is accelerated."""
+    from diffusers.hooks import MagCacheConfig
+
+    model, kwargs = tiny_wan()
+    model.enable_cache(MagCacheConfig(threshold=10.0, max_skip_steps=2, retention_ratio=0.34,
+                                      num_inference_steps=STEPS, mag_ratios=[1.0] * STEPS))
+    outs = run(model, kwargs, torch.compile(model, backend="adaspa", options=OPTIONS), True)
+    assert all(torch.isfinite(o).all() for o in outs)
+    report = adaspa_compile.report(model)
+    assert not report.sites and any("nothing in it is accelerated" in n for n in report.notes)
+
+
 def test_group_offloading_changes_nothing():
     pytest.importorskip("accelerate")
     expected = plain_adaspa_outputs()

@@ -135,3 +135,24 @@ def test_wan22_experts_search_their_own_masks():
     high_masks = {id(c.mask) for s in state_of(high).sites.values() for c in s.caches.values()}
     low_masks = {id(c.mask) for s in state_of(low).sites.values() for c in s.caches.values()}
     assert len(low_masks) == 4 and not high_masks & low_masks
+
+
+def test_model_cpu_offload_changes_nothing():
+    """accelerate's offload hooks around the compiled transformer (they break the graph, so no
+    ``fullgraph``): the same latents and phases as without them."""
+    pytest.importorskip("accelerate")
+    outputs, phases = [], []
+    for offload in (False, True):
+        torch._dynamo.reset()
+        pipe = tiny_wan_pipeline()
+        if offload:
+            pipe.enable_model_cpu_offload(device="cpu")
+        model = pipe.transformer
+        pipe.transformer = torch.compile(model, backend="adaspa", options=OPTIONS)
+        outputs.append(generate(pipe, wan_prompt_embeds(pipe)))
+        phases.append({s.name: s.phases for s in adaspa_compile.report(model).rewritten})
+        del pipe, model
+        gc.collect()
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    assert phases[1] == phases[0] and len(phases[0]) == 2
+    assert all(p == {0: "DDDFSSSSCSSS", 1: "DDDFSSSSCSSS"} for p in phases[0].values())
