@@ -9,9 +9,13 @@ from tests.tiny_models import ALL_TINY_MODELS, tiny_hunyuan_video
 pytestmark = pytest.mark.usefixtures("fresh_compile")
 
 OPTIONS = {"min_seq_len": 128, "search_steps": (1, 3), "sparsity": 0.5}
-# Text position each joint-attention model must be found to use (None: no text in self-attention).
-EXPECTED_TEXT = {"hunyuan_video": "last", "wan": None, "cogvideox": "first",
-                 "cogvideox15": "first", "ltx": None, "mochi": "last"}
+# The text span each model's self-attention must be found to have: all 24 text tokens (the
+# tiny models' text length), first or last; Mochi gathers the unpadded tokens, so its span is
+# what follows the 256 video tokens; Wan and LTX attend to text in cross-attention only.
+NO_TEXT = "none (no video/text concat feeds q)"
+EXPECTED_TEXT = {"hunyuan_video": "last 24 (graph)", "wan": NO_TEXT,
+                 "cogvideox": "first 24 (graph)", "cogvideox15": "first 24 (graph)",
+                 "ltx": NO_TEXT, "mochi": "last L-256 (graph, unpadded text)"}
 
 
 def steps(model, kwargs, compiled, n, t0=900.0):
@@ -33,12 +37,10 @@ def test_dense_steps_equal_eager_and_sites_are_found(name):
                              options=dict(OPTIONS, inner_backend="eager", search_steps=(5,)))
     for eager, ours in steps(model, kwargs, compiled, 2):
         assert torch.equal(eager, ours), name
-    report = adaspa_compile.report()
+    report = adaspa_compile.report(model)
     assert report.rewritten, f"{name}: no self-attention was rewritten\n{report}"
     assert report.clock == "timestep"
-    positions = {s.text.split(" ")[0] for s in report.rewritten}
-    expected = EXPECTED_TEXT[name]
-    assert positions == {expected if expected else "none"}, str(report)
+    assert {s.text for s in report.rewritten} == {EXPECTED_TEXT[name]}, str(report)
     for site in report.rewritten:
         assert site.phases == {0: "DD"}
 
@@ -94,3 +96,46 @@ def test_non_sdpa_attention_backend_warns_that_nothing_is_accelerated(caplog):
     assert not report.sites
     assert any("nothing in it is accelerated" in n and "flex_attention" in n for n in report.notes)
     assert "set_attention_backend('native')" in str(report)
+
+
+def test_mochi_text_span_follows_each_samples_length(monkeypatch):
+    """Mochi attends to each sample's unpadded text: per call, the span is the tokens after the
+    256 video tokens, as many as that sample's valid text."""
+    from adaspa_compile.runtime import Site
+    from tests.tiny_models import tiny_mochi
+
+    spans = []
+    forward = Site.forward
+
+    def recording(self, q, *args):
+        spans.append(self.info.text.tokens(q.shape[2]))
+        return forward(self, q, *args)
+
+    monkeypatch.setattr(Site, "forward", recording)
+    model, kwargs = tiny_mochi(batch_size=2, valid_lens=(5, 17))
+    compiled = torch.compile(model, backend="adaspa", fullgraph=True,
+                             options=dict(OPTIONS, inner_backend="eager"))
+    with torch.no_grad():
+        compiled(**kwargs)
+    assert set(spans) == {(256, 261), (256, 273)}, spans
+
+
+def test_the_chosen_mask_keeps_the_text_rows_and_columns():
+    """HunyuanVideo puts its 24 text tokens last: after a search, every block holding a text
+    token is kept in its row and in its column."""
+    from adaspa_compile.state import state_of
+
+    model, kwargs = tiny_hunyuan_video(batch_size=1, valid_lens=(17,))
+    options = dict(OPTIONS, sparsity=0.9, search_steps=(0,), block_size=16)
+    compiled = torch.compile(model, backend="adaspa", options=options)
+    steps(model, kwargs, compiled, 1)
+    sites = state_of(model).sites.values()
+    assert sites
+    for site in sites:
+        dense = site.caches[0].mask.to_dense()  # [B, H, nb, nb]
+        L = dense.shape[-1] * 16
+        start, end = site.info.text.tokens(site.caches[0].shape[2])
+        assert end - start == 24
+        text_blocks = list(range(start // 16, (end - 1) // 16 + 1))
+        assert dense[..., text_blocks, :].all() and dense[..., :, text_blocks].all(), site.name
+        assert not dense.all(), f"{site.name}: sparsity 0.9 kept every block ({L} tokens)"
