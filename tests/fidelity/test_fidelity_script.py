@@ -60,3 +60,17 @@ def test_full_run_without_weights_says_how_to_train(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode != 0
     assert "python benchmarks/train_fidelity_model.py --minutes 8" in proc.stderr
+
+
+def test_quick_run_at_density_one_reproduces_dense(tmp_path):
+    """Sanity of the whole harness: at density 1 (sparsity 0) every phase keeps every block, so
+    the adaspa clips equal the dense ones (PSNR >= 60 dB)."""
+    out = tmp_path / "fidelity_dense.json"
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--densities", "1.0", "--methods", "adaspa",
+           "--resolutions", "4x16x16", "--weights", str(tmp_path / "no_weights"),
+           "--out-json", str(out), "--plot-png", str(tmp_path / "psnr.png"),
+           "--strip-png", str(tmp_path / "strip.png")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    done = [r for r in json.loads(out.read_text())["results"] if not r.get("skipped")]
+    assert done and all(min(r["psnr"]) >= 60.0 for r in done), done

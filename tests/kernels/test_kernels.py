@@ -67,6 +67,20 @@ def cases(draw, max_blocks: float, head_dims) -> Case:
 
 INTERP_CASES = cases(max_blocks=2.6, head_dims=[16, 32, 40, 64, 80, 128])
 GPU_CASES = cases(max_blocks=12.5, head_dims=[64, 80, 128])
+
+
+@st.composite
+def long_cases(draw) -> Case:
+    """64 to 80 key blocks (several chunks of the mass loop, long index lists), a ragged last
+    block, one head, bf16-sized work."""
+    case = draw(cases(max_blocks=1, head_dims=[64, 128]))
+    n_blocks = draw(st.integers(64, 80))
+    ragged = draw(st.integers(0, case.block_size - 1))
+    return Case(**{**case.__dict__, "batch": 1, "heads": 1,
+                   "seq_len": n_blocks * case.block_size - ragged})
+
+
+GPU_LONG_CASES = long_cases()
 GPU_DTYPES = [torch.bfloat16, torch.float32]
 HOPPER_CASES = cases(max_blocks=12.5, head_dims=[64, 128])
 
@@ -356,6 +370,20 @@ def test_cached_search_gpu(dtype, case, tma):
 def test_block_sparse_gpu(dtype, case, tma, rotate_period, bias_range):
     assume(dtype != torch.float32 or case.head_dim <= 64)  # fp32 FMA dots compile slowly
     run_sparse(case, dtype, "cuda", tma, rotate_period, bias_range=bias_range)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@settings(settings.get_profile("kernels-gpu"), max_examples=8)
+@given(case=GPU_LONG_CASES, kernel=st.sampled_from(["fused", "cached", "sparse"]))
+def test_long_sequences_gpu(case, kernel):
+    """Real models run many chunks and long lists: 64+ key blocks, with padding and ragged ends."""
+    if kernel == "fused":
+        run_fused(case, torch.bfloat16, "cuda", True)
+    elif kernel == "cached":
+        run_cached(case, torch.bfloat16, "cuda", None)
+    else:
+        run_sparse(case, torch.bfloat16, "cuda", None, None)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
