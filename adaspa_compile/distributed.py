@@ -24,8 +24,8 @@ rank:
   last block: use the default ``fullgraph=False``).
 
 Without it, diffusers' hooks break the graph and Dynamo compiles every block as a frame of its
-own, blocks 1..N-1 sharing one compiled graph and so one adaspa site: ``Site`` then keeps
-separate caches per call of a step (runtime.py). See notes/multigpu.md.
+own, blocks 1..N-1 sharing one compiled graph: each block still has its own site, named by its
+layer (``state.py``). See notes/multigpu.md.
 """
 
 from __future__ import annotations
