@@ -1,10 +1,14 @@
-"""End-to-end benchmark of issue 5: whole transformer forwards of real diffusers video DiTs.
+"""End-to-end benchmark: whole transformer forwards of real diffusers video DiTs.
 
 Builds diffusers' own model classes at full width with random bf16 weights (parameters cast as
 ``from_pretrained(torch_dtype=bf16)`` does, fp32-kept modules included), truncated in depth,
 and drives them with each pipeline's call pattern: one falling timestep per step; HunyuanVideo
 one call per step (guidance-distilled) with a padded text mask; Wan two calls per step (CFG as
-two calls, batch 1); CogVideoX one call with the CFG pair as batch 2. Methods compared in one
+two calls, batch 1); Wan 2.2 A14B (``wan22``) as Wan with two experts of Wan2.1-14B's shape,
+each compiled on its own, the low-noise one taking over at the boundary step as ``WanPipeline``
+does (the projection places the boundary from ``boundary_ratio`` 0.875 over the timesteps of a
+flow-match scheduler with shift 12, an assumption recorded with the results); CogVideoX one call
+with the CFG pair as batch 2. Methods compared in one
 process on one device:
 
 - ``eager``: the model's own SDPA (cuDNN where torch picks it);
@@ -56,6 +60,9 @@ import torch
 
 
 import adaspa_compile
+from adaspa_compile.config import AdaSpaConfig
+from adaspa_compile.schedule import (DEFAULT_SEARCH_STEPS, DEFAULT_STEPS, Phase, SiteFacts,
+                                     plan_phase)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PHASE_NAMES = {"D": "dense", "F": "fused_search", "C": "cached_search", "S": "sparse"}
@@ -63,6 +70,13 @@ PHASE_NAMES = {"D": "dense", "F": "fused_search", "C": "cached_search", "S": "sp
 DEFAULT_SCHEDULE = {"dense": 9, "fused_search": 1, "cached_search": 1, "sparse": 39}
 BENCH_SEARCH_STEPS = (2, 4)
 TIMED_STEPS = 8  # D D F S C S S S
+# Wan 2.2: the low-noise expert takes over at this step of the timed generation (after both
+# searches of the high-noise one): D D F S C | F S S.
+TIMED_BOUNDARY_STEP = 5
+# ... and at this step of a 50-step generation in the projection: Wan2.2-T2V-A14B's
+# boundary_ratio 0.875 over the timesteps of FlowMatchEulerDiscreteScheduler(shift=12), an
+# assumption (the pipeline's scheduler decides), recorded in the results.
+WAN22_BOUNDARY_RATIO, WAN22_SHIFT = 0.875, 12.0
 WARMUP_STEPS = 5  # D D F S C: every phase once before timing
 METHODS = ("eager", "inductor", "adaspa-0.8", "adaspa-0.9", "adaspa-recall",
            "adaspa-0.8-regional")
@@ -101,6 +115,7 @@ class ModelSpec:
     build: Callable[[], torch.nn.Module]
     inputs: Callable[[torch.nn.Module, torch.device, torch.dtype], List[Dict[str, Any]]]
     notes: str = ""
+    experts: int = 1  # 2: Wan 2.2 A14B, a high-noise and a low-noise expert of one config
 
     @property
     def tokens(self) -> int:
@@ -108,7 +123,7 @@ class ModelSpec:
 
     @property
     def calls_per_step(self) -> int:
-        return 2 if self.name == "wan" else 1
+        return 2 if self.name.startswith("wan") else 1
 
 
 def _randn(g: torch.Generator, shape, device, dtype) -> torch.Tensor:
@@ -193,6 +208,99 @@ def wan_spec(quick: bool, layers: int) -> ModelSpec:
         notes="CFG as two calls per step (cond, uncond), each batch 1")
 
 
+def wan22_spec(quick: bool, layers: int) -> ModelSpec:
+    """Wan 2.2 A14B 720p, 81 frames: two experts with Wan2.1-14B's shape (the high-noise one
+    until the pipeline's boundary step, then the low-noise one), called as WanPipeline does."""
+    spec = wan_spec(quick, layers)
+    return ModelSpec(**{**spec.__dict__, "name": "wan22", "experts": 2,
+                        "layers_label": f"2 experts x {layers}",
+                        "notes": spec.notes + f"; the low-noise expert from step "
+                                 f"{TIMED_BOUNDARY_STEP} of the timed generation"})
+
+
+class ExpertPair:
+    """Two experts called as ``WanPipeline`` calls them: by the scheduler's step index, the
+    high-noise ``transformer`` before ``boundary_step``, ``transformer_2`` from it on. The
+    ``scheduler`` attribute is what adaspa reads the step from in a real pipeline."""
+
+    def __init__(self, transformer, transformer_2, boundary_step: int) -> None:
+        self.transformer, self.transformer_2 = transformer, transformer_2
+        self.boundary_step = boundary_step
+        self.scheduler = SimpleNamespace(step_index=None)
+
+    def experts(self) -> List[Any]:
+        return [self.transformer, self.transformer_2]
+
+    def current(self):
+        step = self.scheduler.step_index or 0
+        return self.transformer if step < self.boundary_step else self.transformer_2
+
+    def map(self, fn: Callable[[Any], Any]) -> "ExpertPair":
+        return ExpertPair(fn(self.transformer), fn(self.transformer_2), self.boundary_step)
+
+    def __call__(self, **kwargs):
+        return self.current()(**kwargs)
+
+
+def experts_of(model) -> List[Any]:
+    return model.experts() if isinstance(model, ExpertPair) else [model]
+
+
+def phase_sequence(steps: int, search_steps: Tuple[int, ...],
+                   boundary: Optional[int] = None) -> List[str]:
+    """The phase of each step as the backend plans it (``plan_phase``), one branch; with
+    ``boundary``, a second model takes over there and searches its own masks."""
+    cfg = AdaSpaConfig(search_steps=search_steps)
+    facts = [SiteFacts(), SiteFacts()]
+    phases = []
+    for step in range(steps):
+        model = 0 if boundary is None or step < boundary else 1
+        phase = plan_phase(step, 0, facts[model], cfg)
+        if phase in (Phase.FUSED_SEARCH, Phase.CACHED_SEARCH):
+            facts[model] = SiteFacts(searched_at=step, has_lse=facts[model].has_lse
+                                     or phase is Phase.FUSED_SEARCH)
+        phases.append(phase.value)
+    return phases
+
+
+def wan22_boundary_step(steps: int) -> int:
+    """The first step of the low-noise expert: WanPipeline switches where the timestep falls
+    below ``boundary_ratio * num_train_timesteps``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=WAN22_SHIFT)
+    scheduler.set_timesteps(steps)
+    boundary = WAN22_BOUNDARY_RATIO * scheduler.config.num_train_timesteps
+    return sum(float(t) >= boundary for t in scheduler.timesteps)
+
+
+def projected_schedule(spec: ModelSpec) -> Dict[str, int]:
+    """How many steps of a 50-step generation run each phase, with the default search steps."""
+    if spec.experts == 1:
+        return DEFAULT_SCHEDULE
+    phases = phase_sequence(DEFAULT_STEPS, DEFAULT_SEARCH_STEPS, wan22_boundary_step(50))
+    return {name: phases.count(name) for name in DEFAULT_SCHEDULE}
+
+
+def block_classes(model) -> int:
+    """How many classes of repeated blocks a regional compile compiles (a graph each)."""
+    return len({type(m) for e in experts_of(model) for m in e.modules()
+                if type(m).__name__ in getattr(e, "_repeated_blocks", ())})
+
+
+def compile_model(model, **kwargs):
+    """``torch.compile`` of the model, or of each expert."""
+    if isinstance(model, ExpertPair):
+        return model.map(lambda m: torch.compile(m, **kwargs))
+    return torch.compile(model, **kwargs)
+
+
+def set_step(model, step: int) -> None:
+    """What a pipeline's scheduler says before the transformer call of ``step``."""
+    if isinstance(model, ExpertPair):
+        model.scheduler.step_index = step
+
+
 def cogvideox_spec(quick: bool, layers: int) -> ModelSpec:
     """CogVideoX1.5-5B 768 x 1360, 81 frames: latent 22 x 96 x 170 (21 padded to the temporal
     patch), 226 text tokens first; CFG batched (B=2)."""
@@ -230,13 +338,16 @@ def cogvideox_spec(quick: bool, layers: int) -> ModelSpec:
         notes="CFG batched: one call of batch 2 per step")
 
 
-def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype):
     """Random weights on ``device``; parameters cast to ``dtype`` except the modules diffusers
-    keeps in fp32 when loading (``_keep_in_fp32_modules``), buffers left as built."""
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = spec.build()
-    return cast_as_loaded(model.to(device), dtype)
+    keeps in fp32 when loading (``_keep_in_fp32_modules``), buffers left as built. Two experts
+    (seeds 0 and 1) for a two-expert spec."""
+    built = []
+    for seed in range(spec.experts):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            built.append(cast_as_loaded(spec.build().to(device), dtype))
+    return built[0] if spec.experts == 1 else ExpertPair(*built, TIMED_BOUNDARY_STEP)
 
 
 def cast_as_loaded(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -325,10 +436,19 @@ CHECK_STEPS = {"dense": 0, "fused_search": BENCH_SEARCH_STEPS[0],
                "sparse": BENCH_SEARCH_STEPS[0] + 1}
 
 
-def site_phase(branch: int) -> str:
-    """The phase letter the last call ran at every rewritten site: "-" without sites, and
-    "[DS]"-style when the sites disagree (then no phase is timed and the phase check fails)."""
-    letters = {s.phases.get(branch, "")[-1:] for s in adaspa_compile.report().rewritten} - {""}
+def report_of(model) -> adaspa_compile.Report:
+    """The adaspa report of the model (of the expert that ran last, with ``last_expert``)."""
+    if isinstance(model, ExpertPair):
+        return adaspa_compile.report()
+    return adaspa_compile.report(model)
+
+
+def site_phase(model, branch: int) -> str:
+    """The phase letter the last call ran at every rewritten site of the model that ran: "-"
+    without sites, and "[DS]"-style when the sites disagree (then no phase is timed and the
+    phase check fails)."""
+    ran = model.current() if isinstance(model, ExpertPair) else model
+    letters = {s.phases.get(branch, "")[-1:] for s in adaspa_compile.report(ran).rewritten} - {""}
     if not letters:
         return "-"
     return letters.pop() if len(letters) == 1 else "[" + "".join(sorted(letters)) + "]"
@@ -339,10 +459,11 @@ def generation(ctx: Context, model, steps: int, keep: Dict[int, torch.Tensor],
     """Run ``steps`` denoising steps of every branch; keep branch-0 outputs of chosen steps."""
     calls = []
     for i in range(steps):
+        set_step(model, i)
         for b, kwargs in enumerate(ctx.branches):
             ms, out = timed(ctx.device, forward, model, kwargs, ctx.timesteps[i], ctx.spec,
                             ctx.device)
-            calls.append(Call(i, b, site_phase(b) if adaspa else "D", ms))
+            calls.append(Call(i, b, site_phase(model, b) if adaspa else "D", ms))
             if b == 0 and i in keep:
                 keep[i] = out.detach().clone()
             del out
@@ -379,10 +500,12 @@ def run_eager(ctx: Context) -> Dict[str, Any]:
     """The model's own forward: warmup, then one call at each checked step (their outputs are
     the references)."""
     spec = ctx.spec
+    set_step(ctx.model, 0)
     forward(ctx.model, ctx.branches[0], ctx.timesteps[0], spec, ctx.device)
     base = memory_start(ctx)
     times = []
     for step in sorted(set(CHECK_STEPS.values())):
+        set_step(ctx.model, step)
         ms, out = timed(ctx.device, forward, ctx.model, ctx.branches[0], ctx.timesteps[step],
                         spec, ctx.device)
         times.append(ms)
@@ -406,7 +529,8 @@ def run_inductor(ctx: Context) -> Dict[str, Any]:
 def _run_inductor(ctx: Context) -> Dict[str, Any]:
     spec = ctx.spec
     graphs0 = unique_graphs()
-    compiled = torch.compile(ctx.model, fullgraph=True)
+    compiled = compile_model(ctx.model, fullgraph=True)
+    set_step(compiled, 0)
     t0 = time.perf_counter()
     out = forward(compiled, ctx.branches[0], ctx.timesteps[0], spec, ctx.device)
     sync(ctx.device)
@@ -419,8 +543,11 @@ def _run_inductor(ctx: Context) -> Dict[str, Any]:
         checks["dense step vs eager"] = err
     del out
     base = memory_start(ctx)
-    times = [timed(ctx.device, forward, compiled, ctx.branches[0], ctx.timesteps[i], spec,
-                   ctx.device)[0] for i in range(3)]
+    times = []
+    for i in range(3):
+        set_step(compiled, i)
+        times.append(timed(ctx.device, forward, compiled, ctx.branches[0], ctx.timesteps[i], spec,
+                           ctx.device)[0])
     result = dense_result(ctx, times)
     result.update(memory_peak(ctx, base))
     result.update(compile_s=(first_ms - median(times)) / 1e3,
@@ -439,15 +566,17 @@ def run_adaspa(ctx: Context, method: str, cache: contextlib.ExitStack,
     torch._dynamo.reset()
     graphs0 = unique_graphs()
     if method.endswith(REGIONAL):
-        ctx.model.compile_repeated_blocks(backend="adaspa", fullgraph=True, options=options)
+        for expert in experts_of(ctx.model):
+            expert.compile_repeated_blocks(backend="adaspa", fullgraph=True, options=options)
         compiled = ctx.model
     else:
-        compiled = torch.compile(ctx.model, backend="adaspa", fullgraph=True, options=options)
+        compiled = compile_model(ctx.model, backend="adaspa", fullgraph=True, options=options)
     try:
         return _run_adaspa(ctx, compiled, options, cache, first_adaspa, graphs0)
     finally:
-        for block in ctx.model.modules():  # undo a regional compile for the next method
-            block._compiled_call_impl = None
+        for expert in experts_of(ctx.model):  # undo a regional compile for the next method
+            for block in expert.modules():
+                block._compiled_call_impl = None
 
 
 def _run_adaspa(ctx: Context, compiled, options: Dict[str, Any], cache: contextlib.ExitStack,
@@ -460,6 +589,7 @@ def _run_adaspa(ctx: Context, compiled, options: Dict[str, Any], cache: contextl
         from torch._inductor.utils import fresh_cache
 
         cache.enter_context(fresh_cache())  # kept open: later adaspa methods hit its FX cache
+    set_step(compiled, 0)
     t0 = time.perf_counter()
     forward(compiled, ctx.branches[0], ctx.timesteps[0], spec, ctx.device)
     sync(ctx.device)
@@ -475,7 +605,7 @@ def _run_adaspa(ctx: Context, compiled, options: Dict[str, Any], cache: contextl
     base = memory_start(ctx)
     calls = generation(ctx, compiled, TIMED_STEPS, keep, adaspa=True)
     memory = memory_peak(ctx, base)
-    report = adaspa_compile.report(ctx.model)
+    report = report_of(ctx.model)
 
     samples: Dict[str, List[float]] = {name: [] for name in PHASE_NAMES.values()}
     for c in calls:
@@ -483,12 +613,14 @@ def _run_adaspa(ctx: Context, compiled, options: Dict[str, Any], cache: contextl
             samples[PHASE_NAMES[c.phase]].append(c.ms)
     ms = {name: median(xs) for name, xs in samples.items()}
     projected = None
-    if all(ms[p] is not None for p in DEFAULT_SCHEDULE):
-        projected = spec.calls_per_step * sum(n * ms[p] for p, n in DEFAULT_SCHEDULE.items()) / 1e3
+    schedule = projected_schedule(spec)
+    if all(ms[p] is not None for p in schedule):
+        projected = spec.calls_per_step * sum(n * ms[p] for p, n in schedule.items()) / 1e3
     overhead_ms = None
     if projected is not None:
-        overhead_ms = spec.calls_per_step * ((ms["fused_search"] - ms["dense"])
-                                             + (ms["cached_search"] - ms["sparse"]))
+        overhead_ms = spec.calls_per_step * (
+            schedule["fused_search"] * (ms["fused_search"] - ms["dense"])
+            + schedule["cached_search"] * (ms["cached_search"] - ms["sparse"]))
 
     sites = report.rewritten
     cache_bytes = sum(s.cache_bytes for s in sites)
@@ -503,7 +635,7 @@ def _run_adaspa(ctx: Context, compiled, options: Dict[str, Any], cache: contextl
         "forward_ms": ms, "samples_ms": samples,
         "phases_seen": "".join(c.phase for c in calls if c.branch == 0),
         "warmup_ms": [round(c.ms, 2) for c in warmup],
-        "projected_50_s": projected,
+        "projected_50_s": projected, "schedule_projected": schedule,
         "search_overhead_ms": overhead_ms,
         "search_overhead_pct": None if projected is None else 100 * overhead_ms / 1e3 / projected,
         "selection_ms": [round(t, 2) for s in sites for t in s.search_ms],
@@ -545,13 +677,17 @@ def checks_for(ctx: Context, method: str, result: Dict[str, Any]) -> List[Dict[s
             check(f"{what} < {tol:.2g} (2x inductor's error, >= {BF16_FLOOR})", err < tol, err)
     if method.startswith("adaspa"):
         check("recompiles == 0", result["recompiles"] == 0, result["recompiles"])
-        check("graphs == 1 (fullgraph)", result["graphs"] == 1, result["graphs"])
-        check(f"rewritten sites == layers ({ctx.spec.layers})",
-              result["sites_rewritten"] == ctx.spec.layers, result["sites_rewritten"])
+        graphs = block_classes(ctx.model) if method.endswith(REGIONAL) else 1
+        check(f"graphs == {graphs} (fullgraph)", result["graphs"] == graphs, result["graphs"])
+        sites = ctx.spec.layers * ctx.spec.experts
+        check(f"rewritten sites == layers ({sites})", result["sites_rewritten"] == sites,
+              result["sites_rewritten"])
         want_shape = f"[{ctx.spec.batch},{ctx.spec.heads},{ctx.spec.tokens},{ctx.spec.head_dim}]"
         check(f"site shape {want_shape}", result["site_shapes"] == [want_shape],
               result["site_shapes"])
-        expected = "DDFSCSSS"
+        boundary = TIMED_BOUNDARY_STEP if ctx.spec.experts == 2 else None
+        expected = "".join(Phase(p).letter for p in phase_sequence(
+            TIMED_STEPS, BENCH_SEARCH_STEPS, boundary))
         check(f"phases {expected}", result["phases_seen"] == expected, result["phases_seen"])
         target = result["options"].get("recall")
         if result["options"].get("mode") == "recall":
@@ -568,7 +704,7 @@ def run_model(spec: ModelSpec, args, device, dtype, payload, all_checks, start: 
     log(f"{spec.name}: building ({spec.layers_label} layers, {spec.heads}x{spec.head_dim} heads, "
         f"{spec.tokens:,} tokens, {spec.text_tokens} of them text)")
     model = build_model(spec, device, dtype)
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for m in experts_of(model) for p in m.parameters())
     ctx = Context(args=args, device=device, dtype=dtype, spec=spec, model=model,
                   branches=spec.inputs(model, device, dtype),
                   timesteps=timestep_values(max(TIMED_STEPS, WARMUP_STEPS), spec.timestep_dtype))
@@ -577,7 +713,12 @@ def run_model(spec: ModelSpec, args, device, dtype, payload, all_checks, start: 
                    "text_tokens": spec.text_tokens, "layers": spec.layers_label,
                    "full_layers": spec.full_layers, "batch": spec.batch,
                    "calls_per_step": spec.calls_per_step, "params": params, "notes": spec.notes,
-                   "search_steps_timed": list(BENCH_SEARCH_STEPS)},
+                   "search_steps_timed": list(BENCH_SEARCH_STEPS),
+                   **({"boundary_step_timed": TIMED_BOUNDARY_STEP,
+                       "boundary_step_50": wan22_boundary_step(50),
+                       "boundary_assumption": f"boundary_ratio {WAN22_BOUNDARY_RATIO}, "
+                                              f"FlowMatchEulerDiscreteScheduler(shift="
+                                              f"{WAN22_SHIFT})"} if spec.experts == 2 else {})},
         "methods": {},
         "run": {k: args.meta[k] for k in ("device", "time", "torch", "command")}}
     with contextlib.ExitStack() as adaspa_cache:
@@ -775,7 +916,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny widths and lengths (CPU smoke test)")
     ap.add_argument("--models", default="hunyuan_video,wan,cogvideox",
-                    help="comma list of hunyuan_video, wan, cogvideox")
+                    help="comma list of hunyuan_video, wan, wan22 (Wan 2.2 A14B: two experts "
+                         "of Wan2.1-14B's shape), cogvideox")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
     ap.add_argument("--hunyuan-layers", default=None,
                     help="DUAL,SINGLE blocks (default 2,4; 1,1 with --quick)")
@@ -798,7 +940,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in args.models:
-        if m not in ("hunyuan_video", "wan", "cogvideox"):
+        if m not in ("hunyuan_video", "wan", "wan22", "cogvideox"):
             ap.error(f"--models: unknown model {m!r}")
     for m in args.methods:
         if m not in METHODS:
@@ -873,6 +1015,7 @@ def main(argv=None) -> int:
     log(f"e2e benchmark: {meta}")
     specs = {"hunyuan_video": lambda: hunyuan_spec(args.quick, *args.hunyuan_layers),
              "wan": lambda: wan_spec(args.quick, args.wan_layers),
+             "wan22": lambda: wan22_spec(args.quick, args.wan_layers),
              "cogvideox": lambda: cogvideox_spec(args.quick, args.cogvideox_layers)}
     payload: Dict[str, Any] = {"meta": meta, "models": {}}
     all_checks: List[Dict[str, Any]] = []
