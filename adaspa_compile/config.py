@@ -68,7 +68,11 @@ class AdaSpaConfig:
     share_cfg_mask: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "search_steps", tuple(self.search_steps))
+        steps = self.search_steps
+        if isinstance(steps, (str, bytes)) or not hasattr(steps, "__iter__"):
+            _fail("search_steps", steps, "a non-empty, strictly increasing tuple of step "
+                  f"indexes >= 0, e.g. ({steps!r},) for one search step")
+        object.__setattr__(self, "search_steps", tuple(steps))
         for key in ("text_tokens", "video_grid"):
             if isinstance(getattr(self, key), list):
                 object.__setattr__(self, key, tuple(getattr(self, key)))

@@ -196,8 +196,10 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention that visits only the kept key blocks of each query block.
 
-    ``block_mask`` is a bool ``[B, H, nq, nk]`` tensor (True = keep) or a :class:`BlockMask`.
-    A query row whose kept keys are all padded gets output 0.
+    ``block_mask`` is a bool ``[B, H, nq, nk]`` tensor (True = keep) or a :class:`BlockMask`;
+    ``q, k, v`` are ``[B, H, L, D]`` (diffusers' ``[B, L, H, D]`` tensors: ``.transpose(1, 2)``).
+    ``block_size`` takes the values the backend takes: a power of two from 16 to 256.
+    A query row that keeps no block, or whose kept keys are all padded, gets output 0.
     """
     _check_qkv(q, k, v)
     _check_block_size(block_size)
@@ -205,9 +207,13 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     nb = -(-L // block_size)
     if isinstance(block_mask, torch.Tensor):
         if block_mask.dtype != torch.bool or tuple(block_mask.shape) != (B, H, nb, nb):
+            hint = ""
+            if q.shape[1] > q.shape[2]:  # more "heads" than tokens: a [B, L, H, D] tensor
+                hint = (" q looks like [B, L, H, D] (BSHD, diffusers' layout); pass "
+                        "q.transpose(1, 2) and the same for k and v (BHSD)")
             raise ValueError(f"block_mask must be bool [B, H, nq, nk] = {(B, H, nb, nb)} for "
-                             f"L={L}, block_size={block_size}; got {block_mask.dtype} "
-                             f"{tuple(block_mask.shape)}")
+                             f"q [B, H, L, D] = {tuple(q.shape)}, block_size={block_size}; got "
+                             f"{block_mask.dtype} {tuple(block_mask.shape)}.{hint}")
         block_mask = BlockMask.from_dense(block_mask, block_size=block_size, seq_len=L)
     elif block_mask.shape != (B, H, nb, nb) or block_mask.block_size != block_size:
         raise ValueError(f"BlockMask {block_mask!r} does not fit q {tuple(q.shape)} with "
@@ -217,5 +223,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def _check_block_size(block_size: int) -> None:
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    """The block sizes the backend takes (``AdaSpaConfig.block_size``)."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 \
+            or block_size > 256 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two from 16 to 256 (as the backend's "
+                         f"option), got {block_size!r}")

@@ -73,6 +73,10 @@ class Site:
         """Run the phase planned for this call; the output keeps ``q``'s strides."""
         if q.shape[2] < self.cfg.min_seq_len:
             self._stay_dense(f"sequence length {q.shape[2]} < min_seq_len={self.cfg.min_seq_len}")
+        if self.info.text.source == "override" and self.info.text.text_len > q.shape[2]:
+            raise ValueError(f"adaspa option text_tokens={self.cfg.text_tokens!r} asks for "
+                             f"{self.info.text.text_len} text tokens, but {self.name} attends "
+                             f"over {q.shape[2]}: give the text length of this model")
         cache = self._cache_for(branch, q)
         lead = self._lead_mask(branch, q)
         phase = self._plan(step, branch, cache, lead, attn_mask)

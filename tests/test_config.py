@@ -48,3 +48,8 @@ def test_unknown_key_lists_valid_keys():
 def test_options_must_be_a_mapping():
     with pytest.raises(ValueError, match="dict"):
         AdaSpaConfig.from_options([("sparsity", 0.9)])
+
+
+def test_search_steps_given_as_one_int_names_the_key():
+    with pytest.raises(ValueError, match=r"'search_steps' got 9.*\(9,\) for one search step"):
+        AdaSpaConfig.from_options({"search_steps": 9})

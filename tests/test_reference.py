@@ -132,7 +132,22 @@ def test_additive_mask_reads_as_padding():
     (lambda q: block_sparse_attention(q, q, q, torch.ones(1, 2, 2, 3, dtype=torch.bool), block_size=16), r"\[B, H, nq, nk\]"),
     (lambda q: block_mass(q, q, torch.zeros(1, 2, 7), block_size=16), "lse"),
     (lambda q: block_mass(q, q, torch.zeros(1, 2, 40), block_size=0), "block_size"),
+    (lambda q: block_sparse_attention(q, q, q, torch.ones(1, 2, 14, 14, dtype=torch.bool),
+                                      block_size=3), "power of two from 16 to 256"),
+    (lambda q: block_sparse_attention(*(q.transpose(1, 2),) * 3,
+                                      torch.ones(1, 2, 3, 3, dtype=torch.bool), block_size=16),
+     r"\[B, L, H, D\].*transpose\(1, 2\)"),
 ])
 def test_bad_input_raises_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call(torch.randn(1, 2, 40, 8))
+
+
+def test_an_all_false_row_gives_zeros():
+    """A query block that keeps no key block attends to nothing: its rows are 0."""
+    q = torch.randn(1, 1, 32, 8)
+    mask = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    mask[0, 0, 1] = False
+    out = block_sparse_attention(q, q, q, mask, block_size=16)
+    assert torch.equal(out[0, 0, 16:], torch.zeros(16, 8))
+    assert out[0, 0, :16].abs().sum() > 0

@@ -230,3 +230,11 @@ def test_graph_break_after_temb_is_not_taken_for_a_single_block():
     assert all(s.phases == {0: "DD"} for s in report.rewritten)
     # The resume graph is a piece of a timestep-driven model: no "no timestep" note for it.
     assert not any("takes no timestep" in n for n in report.notes), report.notes
+
+
+def test_text_tokens_longer_than_the_sequence_is_an_error():
+    m = model()
+    compiled = torch.compile(m, backend="adaspa", fullgraph=True,
+                             options=dict(OPTIONS, text_tokens=("last", 100000)))
+    with pytest.raises(Exception, match=r"text_tokens=\('last', 100000\).*attends over 552"):
+        run_steps(compiled, tiny_dit_inputs(), TIMESTEPS[:1])
