@@ -79,7 +79,7 @@ class Site:
                              f"over {q.shape[2]}: give the text length of this model")
         cache = self._cache_for(branch, q)
         lead = self._lead_mask(branch, q)
-        phase = self._plan(step, branch, cache, lead, attn_mask)
+        phase = self._plan(step, branch, cache, lead, q, k, attn_mask)
         self.phases.setdefault(branch, []).append(phase)
         if phase is Phase.DENSE:
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
@@ -100,12 +100,18 @@ class Site:
         return _with_strides_of(ops.sparse_forward(q, k, v, mask, s, key_valid), q)
 
     def _plan(self, step: int, branch: int, cache: _BranchCache, lead: Optional[BlockMask],
-              attn_mask: Optional[torch.Tensor]) -> Phase:
-        """``plan_phase`` on this call's facts; the padding check (a host sync) runs once per
-        site, the first time a search or sparse step is planned."""
+              q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> Phase:
+        """``plan_phase`` on this call's facts. Two checks sync with the host: the padding check,
+        once per site, the first time a search or sparse step is planned; q and k finite, at
+        each search."""
         facts = SiteFacts(searched_at=cache.searched_at, has_lse=cache.lse is not None,
                           lead_mask=lead is not None, dense_reason=self.dense_reason)
         phase = plan_phase(step, branch, facts, self.cfg)
+        if phase in (Phase.FUSED_SEARCH, Phase.CACHED_SEARCH) and not _all_finite(q, k):
+            self._stay_dense(f"q or k holds NaN or Inf at step {step}: the site runs the "
+                             "model's own SDPA from here on, so the values show as they would "
+                             "without adaspa instead of hiding in skipped blocks")
+            return Phase.DENSE
         if phase is Phase.DENSE or self.padding_checked:
             return phase
         self.padding_checked = True
@@ -166,6 +172,11 @@ def _as_4d(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     if mask is None or mask.dim() == 4:
         return mask
     return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+
+
+def _all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every value is finite (one host sync; run at search steps only)."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def _is_padding_mask(mask: Optional[torch.Tensor]) -> bool:

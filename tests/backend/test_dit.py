@@ -238,3 +238,22 @@ def test_text_tokens_longer_than_the_sequence_is_an_error():
                              options=dict(OPTIONS, text_tokens=("last", 100000)))
     with pytest.raises(Exception, match=r"text_tokens=\('last', 100000\).*attends over 552"):
         run_steps(compiled, tiny_dit_inputs(), TIMESTEPS[:1])
+
+
+def test_nan_at_a_search_step_keeps_the_site_dense_and_says_so():
+    """A NaN in the inputs at a search step: the site runs the model's own SDPA from then on
+    (the NaN shows as it would without adaspa), logged once and reported."""
+    m = model()
+    inputs = tiny_dit_inputs()
+    compiled = torch.compile(m, backend="adaspa", fullgraph=True,
+                             options=dict(OPTIONS, inner_backend="aot_eager"))
+    bad = dict(inputs, hidden_states=inputs["hidden_states"].clone())
+    bad["hidden_states"][0, 3, 0] = float("nan")
+    with torch.no_grad():
+        for i, t in enumerate(TIMESTEPS[:4]):
+            args = dict(bad if i == 2 else inputs, timestep=torch.tensor([t]))
+            out, want = compiled(**args), m(**args)
+            assert torch.equal(out.isnan(), want.isnan())
+    report = adaspa_compile.report(m)
+    for site in report.rewritten:
+        assert site.phases == {0: "DDDD"} and "NaN or Inf at step 2" in site.reason, str(report)
