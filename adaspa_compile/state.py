@@ -92,20 +92,16 @@ class ModelState:
 
     # ------------------------------------------------------------------ graphs and sites
     def bind(self, graph: "CompiledGraph", args: Sequence) -> None:
-        """Register a graph that serves this model: its skipped sites and remarks."""
+        """Register a graph that serves this model, and the calls it left dense under their
+        layer names for ``args`` (a graph serving several layers is bound once per layer)."""
+        for info in graph.skipped:
+            self.skipped.setdefault(self._layer_name(info, args), info)
         if graph in self._graphs:
             return
         self._graphs.add(graph)
-        for info in graph.sites:
-            if not info.eligible:
-                log_once(logger, f"adaspa: {info.name} left dense: {info.reason}", logging.INFO)
-        self.notes += [n for n in graph.notes if n not in self.notes]
-
-    def _record_skipped(self, graph: "CompiledGraph", args: Sequence) -> None:
-        """The calls a graph left dense, under their layer names (one graph may serve several
-        layers, so per call)."""
         for info in graph.skipped:
-            self.skipped.setdefault(self._layer_name(info, args), info)
+            log_once(logger, f"adaspa: {info.name} left dense: {info.reason}", logging.INFO)
+        self.notes += [n for n in graph.notes if n not in self.notes]
 
     def site_for(self, graph: "CompiledGraph", index: int, args: Sequence) -> Site:
         """The site of the ``index``-th SDPA call of ``graph`` for this model."""
@@ -134,7 +130,7 @@ class ModelState:
         if name is None:
             self._param_names = {id(p): n for n, p in
                                  self.owner.named_parameters(remove_duplicate=False)}
-            name = self._param_names.get(id(param))
+            name = self._param_names.setdefault(id(param), "")  # "" : not the model's
         parts = name.split(".") if name else []
         return ".".join(parts[:-2]) if len(parts) > 2 else info.name
 
@@ -152,7 +148,6 @@ class ModelState:
         that pass it on again do not count as branches), else the first graph of a model
         without one, else nothing where a forward pre-hook on the model drives it.
         """
-        self._record_skipped(graph, args)
         if self._hook is not None:
             return
         timestep = graph.inputs.timestep(args)
@@ -199,11 +194,12 @@ class ModelState:
         if call is None:
             return False
         arguments = _bound_arguments(model, call.f_locals["args"], call.f_locals["kwargs"])
-        if _timestep_of(arguments) is None:
+        timestep = _timestep_of(arguments)
+        if timestep is None:
             return False
         self._hook = model.register_forward_pre_hook(_ClockHook(self), with_kwargs=True)
         weakref.finalize(self, self._hook.remove)  # the hook goes with the state
-        self.observe(_timestep_of(arguments), _signature_of(arguments))
+        self.observe(timestep, _signature_of(arguments))
         return True
 
     def reset(self) -> None:

@@ -437,7 +437,7 @@ CHECK_STEPS = {"dense": 0, "fused_search": BENCH_SEARCH_STEPS[0],
 
 
 def report_of(model) -> adaspa_compile.Report:
-    """The adaspa report of the model (of the expert that ran last, with ``last_expert``)."""
+    """The adaspa report of the model (of both experts: every live model)."""
     if isinstance(model, ExpertPair):
         return adaspa_compile.report()
     return adaspa_compile.report(model)
@@ -559,7 +559,6 @@ def _run_inductor(ctx: Context) -> Dict[str, Any]:
 
 def run_adaspa(ctx: Context, method: str, cache: contextlib.ExitStack,
                first_adaspa: bool) -> Dict[str, Any]:
-    spec = ctx.spec
     options = dict(ADASPA_OPTIONS[method], search_steps=BENCH_SEARCH_STEPS)
     if ctx.args.quick:
         options["min_seq_len"] = 256

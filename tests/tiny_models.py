@@ -76,6 +76,18 @@ def _timestep(t, dtype, batch_size: int) -> torch.Tensor:
     return torch.tensor(t, dtype=dtype).expand(batch_size)
 
 
+def timestep_like(t: torch.Tensor, value: float) -> torch.Tensor:
+    """``t`` (a model's timestep input) filled with ``value``; int timesteps take it rounded
+    down, as the schedulers that use them do."""
+    return torch.full_like(t, value if t.dtype.is_floating_point else int(value))
+
+
+def inputs_on_cuda(kwargs: dict) -> dict:
+    """A model's keyword inputs on the GPU, floating ones in bf16 but the timestep."""
+    return {k: v.to("cuda", torch.bfloat16 if v.is_floating_point() and k != "timestep" else None)
+            if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
 def _padding_mask(batch_size: int, seq_len: int, valid_lens, dtype) -> torch.Tensor:
     """Right-padded key mask [B, L]: the first ``valid_lens[b]`` tokens are 1/True."""
     valid = torch.tensor([valid_lens[b % len(valid_lens)] for b in range(batch_size)])

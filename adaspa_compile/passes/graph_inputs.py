@@ -103,7 +103,6 @@ class GraphInputs:
     timestep_name: Optional[str]
     user_indices: Tuple[int, ...]
     text_len: Optional[int]
-    names: Tuple[Optional[str], ...]
     parameter_indices: Tuple[int, ...] = ()
 
     @classmethod
@@ -121,12 +120,9 @@ class GraphInputs:
                 text_len = example.shape[1]
         return cls(timestep_index=timestep_index,
                    timestep_name=None if timestep_index is None else names[timestep_index],
-                   user_indices=user, text_len=text_len, names=names,
+                   user_indices=user, text_len=text_len,
                    parameter_indices=tuple(i for i, n in enumerate(placeholders)
                                            if is_parameter(n)))
-
-    def has_input(self, name: str) -> bool:
-        return name in self.names
 
     def timestep(self, args: Sequence) -> Optional[float]:
         """The timestep of this call as a float (one host sync when it lives on the GPU)."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import adaspa_compile
-from tests.tiny_models import ALL_TINY_MODELS, tiny_hunyuan_video
+from tests.tiny_models import ALL_TINY_MODELS, tiny_hunyuan_video, timestep_like
 
 pytestmark = pytest.mark.usefixtures("fresh_compile")
 
@@ -24,8 +24,7 @@ def steps(model, kwargs, compiled, n, t0=900.0):
     with torch.no_grad():
         for i in range(n):
             t = kwargs["timestep"]
-            args = dict(kwargs, timestep=torch.full_like(t, t0 - 100 * i) if t.dtype.is_floating_point
-                        else torch.full_like(t, int(t0) - 100 * i))
+            args = dict(kwargs, timestep=timestep_like(t, t0 - 100 * i))
             pairs.append((model(**args)[0], compiled(**args)[0]))
     return pairs
 

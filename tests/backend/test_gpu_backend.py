@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import adaspa_compile
-from tests.tiny_models import tiny_hunyuan_video, tiny_wan
+from tests.tiny_models import inputs_on_cuda, tiny_hunyuan_video, tiny_wan
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("fresh_compile"),
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -14,10 +14,7 @@ OPTIONS = {"min_seq_len": 128, "search_steps": (1, 3), "sparsity": 0.5}
 
 def on_cuda(factory):
     model, kwargs = factory()
-    model = model.to("cuda", torch.bfloat16)
-    kwargs = {k: v.to("cuda", torch.bfloat16 if v.is_floating_point() and k != "timestep" else None)
-              if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-    return model, kwargs
+    return model.to("cuda", torch.bfloat16), inputs_on_cuda(kwargs)
 
 
 def run(model, kwargs, compiled, n):

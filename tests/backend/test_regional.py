@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.tiny_models import timestep_like
+
 ROOT = Path(__file__).resolve().parents[2]
 OPTIONS = {"min_seq_len": 128, "search_steps": (1, 3), "sparsity": 0.5}
 STEPS = 6
@@ -21,9 +23,7 @@ def generate(model, kwargs, steps=STEPS, t0=900.0):
     outs = []
     with torch.no_grad():
         for i in range(steps):
-            t = kwargs["timestep"]
-            value = t0 - 100 * i
-            timestep = torch.full_like(t, value if t.dtype.is_floating_point else int(value))
+            timestep = timestep_like(kwargs["timestep"], t0 - 100 * i)
             outs.append(model(**dict(kwargs, timestep=timestep))[0])
     return outs
 

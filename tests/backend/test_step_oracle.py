@@ -14,7 +14,7 @@ from adaspa_compile import ops
 from adaspa_compile.runtime import Site, _as_4d
 from adaspa_compile.selection import BlockLayout, select_blocks
 from tests.dit import TinyDiT, tiny_dit_inputs
-from tests.tiny_models import tiny_hunyuan_video, tiny_wan
+from tests.tiny_models import inputs_on_cuda, timestep_like, tiny_hunyuan_video, tiny_wan
 
 pytestmark = pytest.mark.usefixtures("fresh_compile")
 
@@ -146,13 +146,11 @@ def assert_same_up_to_ties(chosen: torch.Tensor, expected: torch.Tensor, mass: t
 
 
 # ----------------------------------------------------------------------------- models
-def run(compiled, kwargs_per_branch, t_dtype, t0=900.0):
+def run(compiled, kwargs_per_branch, t0=900.0):
     with torch.no_grad():
         for i in range(STEPS):
             for kwargs in kwargs_per_branch:
-                t = torch.full_like(kwargs["timestep"], t0 - 100 * i) if t_dtype.is_floating_point \
-                    else torch.full_like(kwargs["timestep"], int(t0) - 100 * i)
-                compiled(**dict(kwargs, timestep=t))
+                compiled(**dict(kwargs, timestep=timestep_like(kwargs["timestep"], t0 - 100 * i)))
 
 
 def tiny_dit_case():
@@ -178,14 +176,7 @@ CASES = {"tinydit": tiny_dit_case, "wan": wan_case, "hunyuan_video": hunyuan_cas
 
 def on_cuda(model, branches):
     """The model in bf16 on the GPU, its inputs too (the timestep keeps its dtype)."""
-    def move(v, key):
-        if not isinstance(v, torch.Tensor):
-            return v
-        return v.to("cuda", torch.bfloat16 if v.is_floating_point() and key != "timestep"
-                    else None)
-
-    return (model.to("cuda", torch.bfloat16),
-            [{k: move(v, k) for k, v in b.items()} for b in branches])
+    return model.to("cuda", torch.bfloat16), [inputs_on_cuda(b) for b in branches]
 
 
 MATRIX = [("tinydit", False), ("tinydit", True), ("wan", False), ("wan", True),
@@ -207,7 +198,7 @@ def test_every_step_matches_the_oracle(name, share_cfg_mask, device, monkeypatch
         tolerances = {"atol": 2e-2, "rtol": 2e-2, "tie": 1e-3}
     calls = record_calls(monkeypatch)
     compiled = torch.compile(model, backend="adaspa", options=options)
-    run(compiled, branches, branches[0]["timestep"].dtype)
+    run(compiled, branches)
     letters = check_calls(calls, **tolerances)
     assert letters, "no attention call was rewritten"
     own = "DDFSCSS"
