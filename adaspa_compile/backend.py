@@ -39,6 +39,8 @@ def adaspa_backend(gm: torch.fx.GraphModule, example_inputs: List[Any], *,
     inputs = GraphInputs.from_graph(gm)
     notes = _graph_notes(gm)
     gm, sites = run_passes(gm, cfg, inputs)
+    if sites:
+        _check_block_size_has_a_kernel(example_inputs, cfg)
     sites = _with_ulysses_groups(gm, sites, cfg)
     inner = _compile_inner(gm, example_inputs, cfg, mode)
     return CompiledGraph(inner, inputs, cfg, sites, notes, frame=_frame_id())
@@ -64,6 +66,21 @@ def _with_ulysses_groups(gm: torch.fx.GraphModule, sites: List[SiteInfo],
     distributed.check_ranks(groups.values(), repr(cfg))
     return [dataclasses.replace(s, head_group=groups[i]) if i in groups else s
             for i, s in enumerate(sites)]
+
+
+def _check_block_size_has_a_kernel(example_inputs: List[Any], cfg: AdaSpaConfig) -> None:
+    """On CUDA, refuse a ``block_size`` that no kernel runs (it would run the slow reference)."""
+    from .kernels import dispatch
+
+    device = next((t.device for t in example_inputs
+                   if isinstance(t, torch.Tensor) and t.is_cuda), None)
+    if device is None:
+        return
+    supported = dispatch.supported_block_sizes(torch.cuda.get_device_capability(device))
+    if supported and cfg.block_size not in supported:  # older GPUs run the reference (logged)
+        raise ValueError(f"options block_size={cfg.block_size} has no CUDA kernel: the kernels "
+                         f"run block sizes {supported}; other sizes run only on the PyTorch "
+                         "reference path (CPU)")
 
 
 def _check_mode(mode: Optional[str], cfg: AdaSpaConfig) -> None:

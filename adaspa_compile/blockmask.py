@@ -7,24 +7,9 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["BlockMask", "pack_bits", "pair_rows", "pair_union"]
+__all__ = ["BlockMask", "pack_bits"]
 
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-def pair_rows(rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Query-block rows ``2p`` and ``2p + 1`` of a ``[B, H, nq, ...]`` mask (bool, or packed
-    ``uint8`` bits), each ``[B, H, ceil(nq / 2), ...]``; an odd last row's partner is empty."""
-    if rows.shape[2] % 2:
-        rows = torch.nn.functional.pad(rows, (0, 0, 0, 1))
-    return rows[:, :, 0::2], rows[:, :, 1::2]
-
-
-def pair_union(rows: torch.Tensor) -> torch.Tensor:
-    """OR of query-block rows ``2p`` and ``2p + 1`` (:func:`pair_rows`): ``[B, H, ceil(nq / 2),
-    ...]``; an odd last row stands alone."""
-    lo, hi = pair_rows(rows)
-    return lo | hi
 
 
 def pack_bits(dense: torch.Tensor) -> torch.Tensor:
@@ -44,11 +29,7 @@ class BlockMask:
     (little-endian bit order). Blocks are squares of side ``block_size`` over a sequence of
     ``seq_len`` tokens; the last block may be ragged. ``max_kept`` is the largest number of kept
     blocks in any row; it sizes the index lists that kernels read (see :meth:`to_indices`).
-    ``pair_overhead`` is the union of the lists of query blocks ``2p`` and ``2p + 1`` relative
-    to the kept blocks (1.0 when adjacent rows keep the same blocks, up to 2.0): ``2 -
-    pair_overhead`` of the kept blocks are shared by both rows of a pair, and ``ops`` runs pair
-    programs (``kernels/shared_pairs.py``) when it is low. ``kept_blocks`` is the number of kept
-    blocks over all rows, where known (None otherwise).
+    ``kept_blocks`` is the number of kept blocks over all rows, where known (None otherwise).
 
     For HunyuanVideo 720p (1861 blocks, 24 heads) one layer's mask is 10 MB, against 100 MB for
     int32 index lists at density 0.3.
@@ -59,7 +40,6 @@ class BlockMask:
     block_size: int
     seq_len: int
     max_kept: int
-    pair_overhead: float = 2.0
     kept_blocks: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -81,23 +61,19 @@ class BlockMask:
             raise ValueError(f"dense block mask must be bool [B, H, nq, nk], got {dense.dtype} "
                              f"{tuple(dense.shape)}")
         return cls.from_bits(pack_bits(dense), dense.sum(-1, dtype=torch.int32),
-                             pair_union(dense).sum(-1, dtype=torch.int32),
                              num_kv_blocks=dense.shape[-1], block_size=block_size, seq_len=seq_len)
 
     @classmethod
-    def from_bits(cls, bits: torch.Tensor, counts: torch.Tensor, pair_counts: torch.Tensor, *,
-                  num_kv_blocks: int, block_size: int, seq_len: int) -> "BlockMask":
-        """A mask from packed ``bits``, its kept blocks per row ``counts`` ``[B, H, nq]`` and per
-        row pair ``pair_counts`` ``[B, H, ceil(nq / 2)]`` (sizes of :func:`pair_union`'s rows).
-        Reads ``max_kept`` and the pair overhead back to the host once."""
+    def from_bits(cls, bits: torch.Tensor, counts: torch.Tensor, *, num_kv_blocks: int,
+                  block_size: int, seq_len: int) -> "BlockMask":
+        """A mask from packed ``bits`` and its kept blocks per row ``counts`` ``[B, H, nq]``.
+        Reads ``max_kept`` and the kept total back to the host once."""
         if not counts.numel():
             return cls(bits=bits, num_kv_blocks=num_kv_blocks, block_size=block_size,
                        seq_len=seq_len, max_kept=0, kept_blocks=0)
-        max_kept, kept, pairs = torch.stack([counts.max(), counts.sum(),
-                                             pair_counts.sum()]).tolist()
+        max_kept, kept = torch.stack([counts.max(), counts.sum()]).tolist()
         return cls(bits=bits, num_kv_blocks=num_kv_blocks, block_size=block_size, seq_len=seq_len,
-                   max_kept=max_kept, pair_overhead=2.0 * pairs / kept if kept else 2.0,
-                   kept_blocks=kept)
+                   max_kept=max_kept, kept_blocks=kept)
 
     @property
     def shape(self) -> Tuple[int, int, int, int]:
@@ -118,7 +94,7 @@ class BlockMask:
         entries past the count are 0. Runs on the mask's device without a host sync.
 
         This is the pure-PyTorch reference (it unpacks the dense mask); with the Triton kernels,
-        ``adaspa_compile.kernels.mask_indices`` gives the same tensors from the packed bits in
+        ``adaspa_compile.kernels.mask_to_indices`` gives the same tensors from the packed bits in
         one launch, and the sparse path uses it.
         """
         dense = self.to_dense()

@@ -73,48 +73,49 @@ def _kernels_for(q: torch.Tensor, block_size: int, scale: float):
 
 def fused_search(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, block_size: int,
                  key_valid: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dense output, LSE and block mass.
+    """Dense output, LSE and block mass: the exact search.
 
-    On CUDA this runs dense attention with LSE (FlashAttention-4 where it is installed and takes
-    the call, else see :func:`dense_pass_uses_cudnn`), then the cached-search kernel: on the
-    H100 the two launches are faster than the one-kernel fused search
-    (``kernels.fused_search(..., with_mass=True)``, benchmarks/RESULTS.md).
+    On CUDA the dense pass runs the first of FlashAttention-4, cuDNN and our kernel that takes
+    the call (``kernels.dispatch.dense_pass_order``), then the block-mass kernel reads its LSE.
     """
     kernels = _kernels_for(q, block_size, scale)
-    if kernels is not None:
-        from .kernels.cudnn_attention import cudnn_attention_with_lse
-        from .kernels.fa4_attention import fa4_attention_with_lse
+    if kernels is None:
+        out, lse = reference.attention_with_lse_ref(q, k, v, scale, key_valid, block_size)
+        return out, lse, reference.block_mass_ref(q, k, lse, scale, block_size, key_valid)
+    call = kernels.dispatch.Call.of(q, block_size, key_valid, tensors=(k,))
+    out, lse = _dense_pass(kernels, q, k, v, scale, key_valid, call)
+    return out, lse, kernels.mass_from_lse(q, k, lse, scale, block_size, key_valid,
+                                           kernels.dispatch.block_mass_options(call))
 
-        dense = fa4_attention_with_lse(q, k, v, scale, key_valid)
-        if dense is None and dense_pass_uses_cudnn(q.shape[-1], key_valid):
+
+def _dense_pass(kernels, q, k, v, scale: float, key_valid: Optional[torch.Tensor],
+                call) -> Tuple[torch.Tensor, torch.Tensor]:
+    from .kernels.cudnn_attention import cudnn_attention_with_lse
+    from .kernels.fa4_attention import fa4_attention_with_lse
+
+    dispatch = kernels.dispatch
+    for executor in dispatch.dense_pass_order(call):
+        if executor == "fa4":
+            dense = fa4_attention_with_lse(q, k, v, scale, key_valid)
+        elif executor == "cudnn":
             dense = cudnn_attention_with_lse(q, k, v, scale, key_valid)
-        if dense is None:
-            dense = kernels.fused_search(q, k, v, scale, block_size, key_valid, with_mass=False)
-        out, lse = dense[:2]
-        return out, lse, kernels.cached_search(q, k, lse, scale, block_size, key_valid)
-    out, lse = reference.attention_with_lse_ref(q, k, v, scale, key_valid, block_size)
-    return out, lse, reference.block_mass_ref(q, k, lse, scale, block_size, key_valid)
-
-
-def dense_pass_uses_cudnn(head_dim: int, key_valid: Optional[torch.Tensor]) -> bool:
-    """Whether the fused search's dense attention+LSE goes to cuDNN (where cuDNN can run it)
-    rather than our kernel.
-
-    Measured on the H100 (``benchmarks/kernel_speed.py``, bf16): cuDNN is faster at head dim 128
-    (HunyuanVideo shape 310 vs 355 ms), ours at head dim 64 (CogVideoX shape 57.1 / 58.5 vs
-    61.2 / 60.1 ms in two runs); other head dims were not compared and keep cuDNN, as do calls
-    with key padding (cuDNN then runs only the valid keys, ours masks them).
-    """
-    return head_dim != 64 or key_valid is not None
+        else:
+            dense = kernels.attention_with_lse(q, k, v, scale, key_valid,
+                                               dispatch.attention_lse_options(call))
+        if dense is not None:
+            return dense
+    raise AssertionError("the Triton kernel takes every call the kernels support")
 
 
 def cached_search(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float,
                   block_size: int, key_valid: Optional[torch.Tensor]) -> torch.Tensor:
     """Block mass from a cached LSE (no V, no output)."""
     kernels = _kernels_for(q, block_size, scale)
-    if kernels is not None:
-        return kernels.cached_search(q, k, lse, scale, block_size, key_valid)
-    return reference.block_mass_ref(q, k, lse, scale, block_size, key_valid)
+    if kernels is None:
+        return reference.block_mass_ref(q, k, lse, scale, block_size, key_valid)
+    call = kernels.dispatch.Call.of(q, block_size, key_valid, tensors=(k,))
+    return kernels.mass_from_lse(q, k, lse, scale, block_size, key_valid,
+                                 kernels.dispatch.block_mass_options(call))
 
 
 def sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask,
@@ -122,31 +123,24 @@ def sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bloc
     """Block-sparse attention over the kept blocks of ``mask``.
 
     With the kernels, the index lists come from the mask-to-index kernel (one launch, no host
-    sync, no dense ``[B, H, nq, nk]`` intermediate). Where the Gluon kernel runs (Hopper, head dim
-    128: :func:`kernels.uses_hopper_kernel`) it takes every mask, walking lists rotated unless
-    the mask keeps every block; elsewhere programs own pairs of query blocks, reading the key
-    blocks both keep once, when adjacent rows share most of their blocks
-    (``mask.pair_overhead``, :func:`kernels.prefer_pairs`). Without kernels the lists come from
-    the reference ``BlockMask.to_indices()``.
-
-    Measured on the H100 (benchmarks/RESULTS.md, eighth run): against the pair programs, the
-    Gluon kernel took 3-4% less time on full masks unrotated (13% with key padding), 4-9% less
-    on random 0.9 masks rotated; rotated on full masks it was 2-6% slower than the pairs.
+    sync, no dense ``[B, H, nq, nk]`` intermediate) and ``kernels.dispatch.block_sparse_plan``
+    picks the executor and its options. Without kernels the lists come from the reference
+    ``BlockMask.to_indices()``.
     """
     kernels = _kernels_for(q, mask.block_size, scale)
     if kernels is None:
         counts, indices = mask.to_indices()
         return reference.block_sparse_attention_ref(q, k, v, counts, indices, scale,
                                                     mask.block_size, key_valid)
-    hopper = kernels.uses_hopper_kernel(q, k, v, mask.block_size)
-    if not hopper and kernels.prefer_pairs(mask.pair_overhead, q.shape[-1], mask.block_size,
-                                           q.dtype):
-        counts, indices = kernels.shared_pair_lists(mask.bits, mask.num_kv_blocks, mask.max_kept)
-        return kernels.shared_pair_attention(q, k, v, counts, indices, scale, key_valid)
-    counts, indices = kernels.mask_indices(mask.bits, mask.num_kv_blocks, mask.max_kept)
-    return kernels.block_sparse_attention(q, k, v, counts, indices, scale, mask.block_size,
-                                          key_valid,
-                                          rotate_period=0 if hopper and mask.is_full else None)
+    counts, indices = kernels.mask_to_indices(mask.bits, mask.num_kv_blocks, mask.max_kept)
+    call = kernels.dispatch.Call.of(q, mask.block_size, key_valid, full_mask=mask.is_full,
+                                    tensors=(q, k, v))
+    plan = kernels.dispatch.block_sparse_plan(call, kernels.GLUON_AVAILABLE)
+    if plan.executor == "gluon":
+        return kernels.block_sparse_gluon(q, k, v, counts, indices, scale, key_valid,
+                                          plan.options)
+    return kernels.block_sparse_triton(q, k, v, counts, indices, scale, mask.block_size,
+                                       key_valid, plan.options)
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -169,8 +163,8 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     valid = key_valid_from_mask(key_padding_mask, q.shape[0], q.shape[2])
     kernels = _kernels_for(q, 64, s)
     if kernels is not None:
-        out, lse, _ = kernels.fused_search(q, k, v, s, 64, valid, with_mass=False)
-        return out, lse
+        options = kernels.dispatch.attention_lse_options(kernels.dispatch.Call.of(q, 64, valid))
+        return kernels.attention_with_lse(q, k, v, s, valid, options)
     return reference.attention_with_lse_ref(q, k, v, s, valid)
 
 

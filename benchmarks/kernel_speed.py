@@ -1,10 +1,11 @@
 """Kernel speed: one run, one table (the benchmark shapes of docs, B=1, bf16).
 
-For each shape, in one process on one GPU: cuDNN and flash dense SDPA, our block-sparse kernel
+For each shape, in one process on one GPU: cuDNN and flash dense SDPA, our block-sparse kernels
 and FlexAttention on the identical block masks (densities 1.0, 0.5, head-adaptive 0.2 = heads at
-0.1 / 0.2 / 0.3, and 0.1), our fused search and LSE-cached search, plus the mask-to-index
-conversion (the PyTorch reference ``BlockMask.to_indices`` and the Triton ``mask_indices`` kernel
-that the sparse path runs at every call, checked equal), a top-k over the mass map and the whole
+0.1 / 0.2 / 0.3, and 0.1), the exact search (dense attention+LSE, then the mass) and the
+LSE-cached search (the mass alone), plus the mask-to-index conversion (the PyTorch reference
+``BlockMask.to_indices`` and the Triton ``mask_to_indices`` kernel that the sparse path runs at
+every call, checked equal), a top-k over the mass map and the whole
 block selection (``select_blocks``, once per search step and layer). Median times from
 ``triton.testing.do_bench``; every kernel's output is checked against a reference in the same
 run. Inputs are random, in the diffusers layout (BSHD memory viewed as BHSD).
@@ -19,7 +20,6 @@ Writes JSON to ``benchmarks/results/kernels.json`` and, when set, ``$OUT/kernels
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -30,18 +30,12 @@ import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from adaspa_compile import ops
+from adaspa_compile import kernels, ops
 from adaspa_compile.blockmask import BlockMask
 from adaspa_compile.config import AdaSpaConfig
+from adaspa_compile.kernels import dispatch
+from adaspa_compile.kernels.cudnn_attention import cudnn_attention_with_lse
 from adaspa_compile.selection import BlockLayout, select_blocks
-
-# The modules, not the package's same-named functions.
-block_sparse = importlib.import_module("adaspa_compile.kernels.block_sparse")
-cached_search = importlib.import_module("adaspa_compile.kernels.cached_search")
-fused_search = importlib.import_module("adaspa_compile.kernels.fused_search")
-mask_indices = importlib.import_module("adaspa_compile.kernels.mask_indices")
-cudnn_attention = importlib.import_module("adaspa_compile.kernels.cudnn_attention")
-shared_pairs = importlib.import_module("adaspa_compile.kernels.shared_pairs")
 
 SHAPES = {
     # name: (heads, head_dim, tokens, text tokens, text position)
@@ -105,7 +99,8 @@ def text_blocks(L: int, bs: int, text: int, where: str, device) -> torch.Tensor:
 
 
 def make_mask(H: int, L: int, bs: int, densities, text_blk: torch.Tensor, seed: int) -> BlockMask:
-    """Row-wise top-k of random scores; diagonal and text blocks always kept (ADASPA.md 4.1-4.2)."""
+    """Row-wise top-k of random scores; diagonal and text blocks always kept (docs/method.md,
+    Selection)."""
     nb = text_blk.numel()
     device = text_blk.device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -164,43 +159,41 @@ def run_shape(name, args, flex_fn, rows, checks):
         add("dense flash", bench(lambda: torch.nn.functional.scaled_dot_product_attention(
             q, k, v, scale=scale), args.rep), dense_flops)
 
-    # Fused search and plain attention-with-LSE.
-    out, lse, mass = fused_search.fused_search(q, k, v, scale, bs, None)
-    checks.append((name, "fused out vs cuDNN", rel_err(out, ref)))
-    valid_rows = torch.full((nb,), float(bs), device=dev)
-    valid_rows[-1] = L - (nb - 1) * bs
-    checks.append((name, "fused mass row sums", rel_err(mass.sum(-1), valid_rows.expand(1, H, nb))))
-    add("ours fused search (O+LSE+mass)", bench(
-        lambda: fused_search.fused_search(q, k, v, scale, bs, None), args.rep), dense_flops * 1.5)
-    out2, _, _ = fused_search.fused_search(q, k, v, scale, bs, None, with_mass=False)
+    # The exact search's two halves, and the cached search (the mass alone).
+    call = dispatch.Call.of(q, bs, tensors=(q, k, v))
+    attn_opts, mass_opts = dispatch.attention_lse_options(call), dispatch.block_mass_options(call)
+    out2, lse = kernels.attention_with_lse(q, k, v, scale, None, attn_opts)
     checks.append((name, "attention+LSE vs cuDNN", rel_err(out2, ref)))
     add("ours dense attention+LSE", bench(
-        lambda: fused_search.fused_search(q, k, v, scale, bs, None, with_mass=False), args.rep),
+        lambda: kernels.attention_with_lse(q, k, v, scale, None, attn_opts), args.rep),
         dense_flops)
-    dense_lse = cudnn_attention.cudnn_attention_with_lse(q, k, v, scale, None)
+    dense_lse = cudnn_attention_with_lse(q, k, v, scale, None)
     if dense_lse is not None:
         checks.append((name, "cuDNN LSE vs ours", rel_err(dense_lse[1], lse)))
         add("cuDNN dense attention+LSE", bench(
-            lambda: cudnn_attention.cudnn_attention_with_lse(q, k, v, scale, None), args.rep),
-            dense_flops)
+            lambda: cudnn_attention_with_lse(q, k, v, scale, None), args.rep), dense_flops)
         # The text tail padded (HunyuanVideo passes a key-padding mask): the bias path.
         key_valid = torch.ones(1, L, dtype=torch.bool, device=dev)
         key_valid[:, L - text // 2:] = False
-        padded = (cudnn_attention.cudnn_attention_with_lse(q, k, v, scale, key_valid)
-                  if text else None)
+        padded = cudnn_attention_with_lse(q, k, v, scale, key_valid) if text else None
         if padded is not None:
-            _, lse_p, _ = fused_search.fused_search(q, k, v, scale, bs, key_valid, with_mass=False)
+            _, lse_p = kernels.attention_with_lse(q, k, v, scale, key_valid, attn_opts)
             checks.append((name, "cuDNN padded LSE vs ours", rel_err(padded[1], lse_p)))
             add("cuDNN dense attention+LSE, key padding", bench(
-                lambda: cudnn_attention.cudnn_attention_with_lse(q, k, v, scale, key_valid),
-                args.rep), dense_flops)
-    add("fused search as the backend runs it (ops)", bench(
+                lambda: cudnn_attention_with_lse(q, k, v, scale, key_valid), args.rep),
+                dense_flops)
+    out, _, mass = ops.fused_search(q, k, v, scale, bs, None)
+    checks.append((name, "exact search out vs cuDNN", rel_err(out, ref)))
+    valid_rows = torch.full((nb,), float(bs), device=dev)
+    valid_rows[-1] = L - (nb - 1) * bs
+    checks.append((name, "mass row sums", rel_err(mass.sum(-1), valid_rows.expand(1, H, nb))))
+    add("exact search as the backend runs it (ops)", bench(
         lambda: ops.fused_search(q, k, v, scale, bs, None), args.rep), dense_flops * 1.5)
     del dense_lse
-    mass2 = cached_search.cached_search(q, k, lse, scale, bs, None)
-    checks.append((name, "cached mass vs fused mass", rel_err(mass2, mass)))
+    mass2 = kernels.mass_from_lse(q, k, lse, scale, bs, None, mass_opts)
+    checks.append((name, "mass from our LSE vs the exact search's", rel_err(mass2, mass)))
     add("ours cached search (mass)", bench(
-        lambda: cached_search.cached_search(q, k, lse, scale, bs, None), args.rep),
+        lambda: kernels.mass_from_lse(q, k, lse, scale, bs, None, mass_opts), args.rep),
         dense_flops * 0.5)
     kk = max(1, round(0.2 * nb))
     add(f"topk(k={kk}) over mass map", bench(lambda: torch.topk(mass, kk, dim=-1), args.rep))
@@ -224,30 +217,34 @@ def run_shape(name, args, flex_fn, rows, checks):
         counts, indices = bm.to_indices()
         kept = float(counts.sum()) / (H * nb * nb)
         add(f"BlockMask.to_indices d={dname}", bench(bm.to_indices, args.rep))
-        kc, ki = mask_indices.mask_indices(bm.bits, bm.num_kv_blocks, bm.max_kept)
-        checks.append((name, f"mask_indices d={dname} mismatches", float(
+        kc, ki = kernels.mask_to_indices(bm.bits, bm.num_kv_blocks, bm.max_kept)
+        checks.append((name, f"mask_to_indices d={dname} mismatches", float(
             (kc != counts).sum() + (ki != indices).sum())))
-        add(f"mask_indices kernel d={dname}", bench(
-            lambda: mask_indices.mask_indices(bm.bits, bm.num_kv_blocks, bm.max_kept), args.rep),
+        add(f"mask_to_indices kernel d={dname}", bench(
+            lambda: kernels.mask_to_indices(bm.bits, bm.num_kv_blocks, bm.max_kept), args.rep),
             None, {"max_kept": bm.max_kept, "index_mb": ki.numel() * 4 / 1e6})
         del kc, ki
         sp_flops = dense_flops * kept
-        o = block_sparse.block_sparse_attention(q, k, v, counts, indices, scale, bs, None)
+        # The Triton kernel with the options the dispatch gives it, whichever executor it picks.
+        plan = dispatch.block_sparse_plan(
+            dispatch.Call.of(q, bs, full_mask=bm.is_full, tensors=(q, k, v)), False)
+        o = kernels.block_sparse_triton(q, k, v, counts, indices, scale, bs, None, plan.options)
         if dname == "1.0":
             checks.append((name, "sparse d=1.0 vs cuDNN", rel_err(o, ref)))
-        add(f"ours block-sparse d={dname} ({kept:.3f})", bench(
-            lambda: block_sparse.block_sparse_attention(q, k, v, counts, indices, scale, bs, None),
+        add(f"ours block-sparse Triton d={dname} ({kept:.3f})", bench(
+            lambda: kernels.block_sparse_triton(q, k, v, counts, indices, scale, bs, None,
+                                                plan.options),
             args.rep), sp_flops, {"density": kept})
-        # As the backend runs it: index lists from the bits on the GPU; the Gluon kernel where it
-        # runs (Hopper, head dim 128), else pair programs sharing key blocks where
-        # kernels.prefer_pairs says so (dense-ish masks at head dim 128).
-        pairs = (shared_pairs.prefer_pairs(bm.pair_overhead, D, bs, q.dtype)
-                 and not block_sparse.uses_hopper_kernel(q, k, v, bs))
-        checks.append((name, f"sparse (ops) d={dname} vs ours", rel_err(
+        # As the backend runs it: index lists from the bits on the GPU, then the executor the
+        # dispatch picks (the Gluon kernel on Hopper at head dim 128).
+        executor = dispatch.block_sparse_plan(
+            dispatch.Call.of(q, bs, full_mask=bm.is_full, tensors=(q, k, v)),
+            kernels.GLUON_AVAILABLE).executor
+        checks.append((name, f"sparse (ops) d={dname} vs Triton", rel_err(
             ops.sparse_forward(q, k, v, bm, scale, None), o)))
-        add(f"ours block-sparse as the backend runs it (ops{', pairs' if pairs else ''}) "
-            f"d={dname}", bench(lambda: ops.sparse_forward(q, k, v, bm, scale, None), args.rep),
-            sp_flops, {"density": kept, "pairs": pairs, "pair_overhead": bm.pair_overhead})
+        add(f"ours block-sparse as the backend runs it (ops, {executor}) d={dname}",
+            bench(lambda: ops.sparse_forward(q, k, v, bm, scale, None), args.rep),
+            sp_flops, {"density": kept, "executor": executor})
         if flex_fn is not None:
             try:
                 fbm = flex_block_mask(counts, indices, L, bs, nb)
@@ -267,7 +264,7 @@ def run_shape(name, args, flex_fn, rows, checks):
 
 
 def tune(args):
-    """Sweep num_warps / num_stages (and the forward tile) at a quarter of each shape."""
+    """Sweep num_warps / num_stages of the Triton kernels at a quarter of each shape."""
     results = []
     for name in args.shapes:
         H, D, L, _, _ = SHAPES[name]
@@ -275,22 +272,23 @@ def tune(args):
         bs = args.block_size
         q, k, v = random_qkv(H, L, D)
         scale = D ** -0.5
-        _, lse, _ = fused_search.fused_search(q, k, v, scale, bs, None)
+        call = dispatch.Call.of(q, bs, tensors=(q, k, v))
+        _, lse = kernels.attention_with_lse(q, k, v, scale, None,
+                                            dispatch.attention_lse_options(call))
         bm = make_mask(H, L, bs, head_densities("0.2-tiers", H),
                        text_blocks(L, bs, 0, "last", "cuda"), seed=1)
         counts, indices = bm.to_indices()
-        cands = [(4, 2), (4, 3), (8, 2), (8, 3)]
-        for w, s in cands:
+        sparse = dispatch.block_sparse_plan(call, False).options
+        mass, attn = dispatch.block_mass_options(call), dispatch.attention_lse_options(call)
+        for w, s in [(4, 2), (4, 3), (8, 2), (8, 3)]:
             for kern, fn in [
-                ("sparse", lambda: block_sparse._launch(q, k, v, counts, indices, scale, bs, None,
-                                                        None, num_warps=w, num_stages=s)),
-                ("cached", lambda: cached_search._launch(q, k, lse, scale, bs, None, None, w, s)),
-                ("fused", lambda: fused_search._launch(q, k, v, scale, bs, None, True, None, None,
-                                                       None, None, w, s)),
-                ("attn-bn64", lambda: fused_search._launch(q, k, v, scale, bs, None, False, None,
-                                                           None, None, 64, w, s)),
-                ("attn-bn128", lambda: fused_search._launch(q, k, v, scale, bs, None, False, None,
-                                                            None, None, 128, w, s)),
+                ("sparse", lambda: kernels.block_sparse_triton(
+                    q, k, v, counts, indices, scale, bs, None,
+                    sparse.replace(num_warps=w, num_stages=s))),
+                ("mass", lambda: kernels.mass_from_lse(
+                    q, k, lse, scale, bs, None, mass.replace(num_warps=w, num_stages=s))),
+                ("attn", lambda: kernels.attention_with_lse(
+                    q, k, v, scale, None, attn.replace(num_warps=w, num_stages=s))),
             ]:
                 try:
                     ms = bench(fn, 200)

@@ -21,23 +21,7 @@ def test_bits_round_trip_and_indices(B, H, nb, density, seed):
                 want = dense[b, h, i].nonzero().flatten().int()
                 assert torch.equal(indices[b, h, i, : counts[b, h, i]], want)
     assert torch.allclose(mask.density(), dense.float().mean((-2, -1)))
-    # Union of rows 2p, 2p+1 relative to the kept blocks (a lone last row counts twice).
-    even = torch.cat([dense, torch.zeros_like(dense[:, :, :nb % 2])], 2)
-    union = (even[:, :, 0::2] | even[:, :, 1::2]).sum()
-    kept = dense.sum()
-    expected = 2.0 * float(union) / float(kept) if kept else 2.0
-    assert mask.pair_overhead == pytest.approx(expected)
-
-
-@pytest.mark.parametrize("rows, overhead", [
-    ([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 0]], 1.0),  # pairs keep the same
-    ([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], 2.0),  # pairs share nothing
-    ([[1, 1, 1, 1], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]], 8 / 6),
-])
-def test_pair_overhead_examples(rows, overhead):
-    dense = torch.tensor(rows, dtype=torch.bool)[None, None]
-    mask = BlockMask.from_dense(dense, block_size=16, seq_len=60)
-    assert mask.pair_overhead == pytest.approx(overhead)
+    assert mask.kept_blocks == int(dense.sum())
 
 
 def test_rejects_wrong_shapes():

@@ -1,14 +1,16 @@
-"""Triton kernels of AdaSpa: fused search, LSE-cached search, block-sparse attention, the
-mask-to-index expansion that feeds the block-sparse kernel, and the two passes of the block
-selection (sorting each mass row's candidates; packing each row's best blocks into mask bits);
-block-sparse attention also by pairs of query blocks that share key blocks (``shared_pairs``)
-and, on Hopper at head dim 128, by a Gluon kernel (``block_sparse_hopper``).
+"""Triton kernels of AdaSpa, one per job, each in its own file with its launcher:
 
-Each kernel lives in its own file with its launcher; their meaning is fixed by the pure-PyTorch
-references in :mod:`adaspa_compile.reference` (attention, mass, index lists) and
-:mod:`adaspa_compile.selection` (the selection passes). ``cudnn_attention`` and
-``fa4_attention`` launch other libraries' dense attention for the fused search. Importing this
-package never fails: without Triton the launchers are absent and :func:`kernel_support` says why.
+- ``attention_lse``: dense attention with the row LSE (the exact search's dense pass, where
+  FlashAttention-4 (``fa4_attention``) or cuDNN (``cudnn_attention``) is not faster);
+- ``block_mass``: the block attention mass from an LSE (the exact and the cached search);
+- ``block_sparse``: block-sparse attention, and on Hopper ``block_sparse_hopper`` (Gluon);
+- ``mask_indices``: packed mask bits to the index lists the block-sparse kernels walk;
+- ``candidate_sort`` and ``keep_blocks``: the two passes of the block selection.
+
+:mod:`.dispatch` decides which executor runs a call and with which launch options. Their meaning
+is fixed by the pure-PyTorch references in :mod:`adaspa_compile.reference` (attention, mass,
+index lists) and :mod:`adaspa_compile.selection` (the selection passes). Importing this package
+never fails: without Triton the launchers are absent and :func:`kernel_support` says why.
 
 Supported: CUDA tensors (or any device under ``TRITON_INTERPRET=1``), fp16 / bf16 / fp32, head
 dims 1..128 (64 and 128 tuned), block sizes 64 and 128.
@@ -20,24 +22,24 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _common
+from . import _common, dispatch
 
-__all__ = ["kernel_support", "fused_search", "cached_search", "block_sparse_attention",
-           "uses_hopper_kernel", "prefer_pairs", "shared_pair_attention", "shared_pair_lists",
-           "mask_indices", "sorted_candidate_mass", "keep_blocks",
-           "SELECTION_MAX_BLOCKS", "TRITON_IMPORT_ERROR"]
+__all__ = ["kernel_support", "attention_with_lse", "mass_from_lse", "block_sparse_triton",
+           "block_sparse_gluon", "GLUON_AVAILABLE", "mask_to_indices", "sorted_candidate_mass",
+           "kept_block_bits", "SELECTION_MAX_BLOCKS", "TRITON_IMPORT_ERROR"]
 
 try:
     import triton  # noqa: F401
 
-    from .block_sparse import block_sparse_attention, uses_hopper_kernel
-    from .cached_search import cached_search
+    from .attention_lse import attention_with_lse
+    from .block_mass import mass_from_lse
+    from .block_sparse import block_sparse_triton
+    from .block_sparse_hopper import AVAILABLE as GLUON_AVAILABLE
+    from .block_sparse_hopper import block_sparse_gluon
     from .candidate_sort import MAX_BLOCKS as SELECTION_MAX_BLOCKS
     from .candidate_sort import sorted_candidate_mass
-    from .fused_search import fused_search
-    from .keep_blocks import keep_blocks
-    from .mask_indices import mask_indices
-    from .shared_pairs import prefer_pairs, shared_pair_attention, shared_pair_lists
+    from .keep_blocks import kept_block_bits
+    from .mask_indices import mask_to_indices
 
     TRITON_IMPORT_ERROR = None
 except ImportError as exc:  # CPU installs without Triton
@@ -46,10 +48,9 @@ except ImportError as exc:  # CPU installs without Triton
     def _missing(*_args, **_kwargs):
         raise RuntimeError(f"adaspa_compile.kernels: {TRITON_IMPORT_ERROR}")
 
-    fused_search = cached_search = block_sparse_attention = mask_indices = _missing
-    uses_hopper_kernel = _missing
-    prefer_pairs = sorted_candidate_mass = keep_blocks = _missing
-    shared_pair_attention = shared_pair_lists = _missing
+    attention_with_lse = mass_from_lse = block_sparse_triton = block_sparse_gluon = _missing
+    mask_to_indices = sorted_candidate_mass = kept_block_bits = _missing
+    GLUON_AVAILABLE = False
     SELECTION_MAX_BLOCKS = 0
 
 

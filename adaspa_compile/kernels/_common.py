@@ -1,4 +1,4 @@
-"""Launcher helpers shared by the three kernels: input checks, tile choice, key-padding tables.
+"""Launcher helpers shared by the attention kernels: input checks, key-padding tables, TMA.
 
 Nothing here is a Triton kernel; each kernel lives in its own file beside its launcher.
 """
@@ -28,9 +28,10 @@ def padded_head_dim(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())
 
 
-def check_qk(q: torch.Tensor, k: torch.Tensor, block_size: int,
+def check_qk(q: torch.Tensor, k: torch.Tensor, block_size: Optional[int],
              v: Optional[torch.Tensor] = None) -> None:
-    """Raise ``ValueError`` for inputs the kernels cannot take (before any launch)."""
+    """Raise ``ValueError`` for inputs the kernels cannot take (before any launch); a
+    ``block_size`` of None is not checked."""
     tensors = (q, k) if v is None else (q, k, v)
     names = "q, k" if v is None else "q, k, v"
     if any(t.dim() != 4 for t in tensors):
@@ -47,7 +48,7 @@ def check_qk(q: torch.Tensor, k: torch.Tensor, block_size: int,
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head dim {d} is not supported by the Triton kernels (1..{MAX_HEAD_DIM}); "
                          "use the reference in adaspa_compile.reference")
-    if block_size not in SUPPORTED_BLOCK_SIZES:
+    if block_size is not None and block_size not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES} for the Triton "
                          f"kernels, got {block_size!r}")
 
@@ -123,47 +124,6 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-# (num_warps, num_stages) per kernel and (padded head dim, block size). Chosen on an H100 by
-# ``benchmarks/kernel_speed.py --tune``; the block-sparse ones ("sparse": 64-row programs,
-# "sparse_shared": pairs of query blocks, block size 64 only) by
-# ``research/block_sparse_variants.py`` and the
-# cached search at block size 64 by ``research/cached_search_variants.py`` (bf16; the
-# block_size 128 rows of those are untuned guesses); anything missing falls back to
-# ``_DEFAULT_LAUNCH``.
-LAUNCH_CONFIGS = {
-    ("fused", 128, 64): (8, 3), ("fused", 128, 128): (8, 3),
-    ("fused", 64, 64): (4, 3), ("fused", 64, 128): (4, 3),
-    ("attn", 128, 64): (8, 3), ("attn", 128, 128): (8, 3),
-    ("attn", 64, 64): (8, 3), ("attn", 64, 128): (8, 3),
-    ("cached", 128, 64): (8, 3), ("cached", 128, 128): (8, 2),
-    ("cached", 64, 64): (4, 3), ("cached", 64, 128): (4, 3),
-    ("sparse", 128, 64): (4, 2), ("sparse", 128, 128): (8, 2),
-    ("sparse", 64, 64): (4, 2), ("sparse", 64, 128): (8, 2),
-    ("sparse_shared", 128, 64): (4, 2),
-}
-_DEFAULT_LAUNCH = (4, 2)
-# Registers per thread, capped where a cap lets one more program share an SM and was faster
-# (cached search at head dim 64: 5 programs of 4 warps instead of 4, -3% on the H100,
-# benchmarks/RESULTS.md, sixth run).
-MAX_REGISTERS = {("cached", 64, 64): 96}
-
-
-def _config_key(kernel: str, head_dim_pad: int, block_size: int) -> Tuple[str, int, int]:
-    """Key of the tables above; small head dims take the 64 entry."""
-    return kernel, max(64, head_dim_pad), block_size
-
-
-def launch_config(kernel: str, head_dim_pad: int, block_size: int) -> Tuple[int, int]:
-    """``(num_warps, num_stages)`` for one kernel."""
-    return LAUNCH_CONFIGS.get(_config_key(kernel, head_dim_pad, block_size), _DEFAULT_LAUNCH)
-
-
-def register_cap(kernel: str, head_dim_pad: int, block_size: int) -> dict:
-    """Launch options capping registers per thread (``{"maxnreg": n}``), or ``{}``."""
-    cap = MAX_REGISTERS.get(_config_key(kernel, head_dim_pad, block_size))
-    return {} if cap is None or interpreting() else {"maxnreg": cap}
-
-
 def tma_compatible(t: torch.Tensor) -> bool:
     """Whether ``t``'s strides and base suit a tensor descriptor (last dim contiguous, the other
     strides and the base 16-byte aligned)."""
@@ -172,30 +132,15 @@ def tma_compatible(t: torch.Tensor) -> bool:
         (s * item) % 16 == 0 for s in t.stride()[:-1])
 
 
-def tma_descriptors(tensors: Sequence[torch.Tensor], block_size: int, head_dim_pad: int,
-                    use_tma: Optional[bool]) -> Optional[List]:
-    """Tensor descriptors over ``[B, H, L, D]`` tensors (K, V), one block per load; or None for
-    pointer loads.
-
-    ``use_tma``: None = on sm90+ GPUs for the measured cases (16-bit inputs, head dim 64 or
-    128); True = wherever the strides allow (any dtype and head dim, the interpreter too, for
-    tests); False = never. TMA needs a 16-byte aligned base and strides.
-    """
-    if use_tma is False:
-        return None
-    k = tensors[0]
-    if use_tma is None and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9
-                                and k.dtype in (torch.float16, torch.bfloat16)
-                                and k.shape[-1] in (64, 128)):
-        return None
+def tma_descriptors(tensors: Sequence[torch.Tensor], block_size: int,
+                    head_dim_pad: int) -> Optional[List]:
+    """Tensor descriptors over ``[B, H, L, D]`` tensors (K, V), one block per load; None where a
+    tensor's strides do not allow it (a 16-byte aligned base and strides) or Triton has none."""
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:
         return None
-    descs = []
-    for t in tensors:
-        if not tma_compatible(t):
-            return None
-        descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()),
-                                      [1, 1, block_size, head_dim_pad]))
-    return descs
+    if not all(tma_compatible(t) for t in tensors):
+        return None
+    return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_size, head_dim_pad])
+            for t in tensors]

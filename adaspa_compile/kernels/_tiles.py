@@ -1,4 +1,4 @@
-"""Triton device helpers shared by the three kernels: tile loads and the per-tile updates.
+"""Triton device helpers shared by the attention kernels: tile loads and the per-tile updates.
 
 Conventions: scores are kept in base 2, ``qk * QK_SCALE`` with ``QK_SCALE = scale * log2(e)``.
 Key masking is an additive ``0 / -inf`` bias row (:func:`_common.key_bias`), applied only where
@@ -67,29 +67,6 @@ def kv_bases(Q, K, V, off_z, off_h, stride_kz, stride_kh, stride_vz, stride_vh,
         k_base = K + off_z * stride_kz + off_h * stride_kh
         v_base = V + off_z * stride_vz + off_h * stride_vh
     return k_base, v_base
-
-
-@triton.jit
-def store_state(State, M, Lsum, acc, m_i, l_i, zh, rows, offs_d, seq_len,
-                HEAD_DIM_PAD: tl.constexpr):
-    """Write rows' unnormalized softmax state (fp32 ``acc`` ``[B, H, L, HEAD_DIM_PAD]``, running
-    max and sum ``[B, H, L]``) for a later launch to resume (:func:`load_state`)."""
-    row = zh.to(tl.int64) * seq_len + rows
-    live = rows < seq_len
-    tl.store(State + row[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc, mask=live[:, None])
-    tl.store(M + row, m_i, mask=live)
-    tl.store(Lsum + row, l_i, mask=live)
-
-
-@triton.jit
-def load_state(State, M, Lsum, zh, rows, offs_d, seq_len, HEAD_DIM_PAD: tl.constexpr):
-    """``(acc, l_i, m_i)`` as :func:`store_state` wrote them; rows past ``seq_len`` start empty."""
-    row = zh.to(tl.int64) * seq_len + rows
-    live = rows < seq_len
-    acc = tl.load(State + row[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=live[:, None],
-                  other=0.0)
-    return acc, tl.load(Lsum + row, mask=live, other=0.0), tl.load(M + row, mask=live,
-                                                                    other=-1.0e30)
 
 
 @triton.jit

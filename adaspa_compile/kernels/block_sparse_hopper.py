@@ -1,7 +1,7 @@
 """Block-sparse attention for Hopper in Gluon: the 64-row programs of :mod:`.block_sparse`, with
 the next block's scores computed while this block's softmax runs.
 
-Same semantics as :func:`.block_sparse.block_sparse_attention` (each query block of 64 rows
+Same semantics as :func:`.block_sparse.block_sparse_triton` (each query block of 64 rows
 attends its ascending list ``indices[b, h, i, :counts[b, h, i]]`` of 64-key blocks). Triton's
 compiler waits for a ``q @ k^T`` wgmma as soon as it is issued unless its result is a
 loop-carried accumulator, so the tensor cores idle while the exponentials run. Here each step
@@ -9,16 +9,16 @@ issues the scores of block ``t`` and the ``P @ V`` of block ``t - 1`` as asynchr
 waits only for the scores, and runs block ``t``'s softmax while ``P @ V`` is in flight
 (FlashAttention-3's intra-warpgroup overlap). K and V arrive by TMA into ``K_STAGES`` /
 ``V_STAGES`` buffers, each with its own mbarrier; one V buffer and a register cap let 3
-programs share an SM. On the H100 the third program per SM is what made it faster than the
-Triton kernel (5-9% at density 0.2); the overlap within a program alone changed nothing
-measurable (benchmarks/RESULTS.md, eighth run).
+programs share an SM (:data:`.dispatch.GLUON_OPTIONS`). On the H100 the third program per SM is
+what made it faster than the Triton kernel (5-9% at density 0.2); the overlap within a program
+alone changed nothing measurable (benchmarks/RESULTS.md).
 
 Supports: sm90 (Hopper; wgmma does not exist on later architectures), bf16 / fp16, head dim 64
 or 128, block size 64, ``[B, H, L, D]`` views whose last dim is contiguous and other strides
 16-byte aligned (the diffusers BSHD layout included),
 key padding and a ragged last block (the key bias, applied only to blocks inside the per-batch
 range of blocks that need it), the rotated list walk. Anything else raises ``ValueError``;
-:func:`supports` says beforehand. GPU only (Gluon has no interpreter); the CPU path and the
+:func:`.dispatch.gluon_takes` says beforehand. GPU only (Gluon has no interpreter); the CPU path and the
 specification are :func:`adaspa_compile.reference.block_sparse_attention_ref`.
 """
 
@@ -29,8 +29,8 @@ from typing import Optional
 import torch
 
 from . import _common
-from .block_sparse import (bias_block_range, check_inputs, default_rotate_period, launch_lists,
-                           work_order)
+from .dispatch import Call, LaunchOptions, gluon_takes
+from .lists import bias_block_range, check_sparse_inputs, launch_lists, work_order
 
 try:
     from triton.experimental import gluon
@@ -39,20 +39,13 @@ try:
                                                                   tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-except ImportError:  # a Triton without Gluon: supports() is False everywhere
+except ImportError:  # a Triton without Gluon: AVAILABLE is False
     gluon = None
 
-__all__ = ["block_sparse_attention_hopper", "supports"]
+__all__ = ["block_sparse_gluon", "AVAILABLE"]
 
+AVAILABLE = gluon is not None
 BLOCK = 64
-# K and V buffers and the register cap. 2 / 2 / none gives 2 programs per SM at head dim 128
-# (80 KB of shared memory, 158-165 registers); 2 / 1 / 168 fits 3 (64 KB, <= 168 registers, no
-# spills), and 3 per SM ran 5-10% faster on the H100 at density 0.2 (benchmarks/RESULTS.md,
-# eighth run): a program waits on its own chain (scores, softmax, P @ V) most of the time, so
-# more of them per SM keep the tensor cores busier.
-K_STAGES = 2
-V_STAGES = 1
-MAX_REGISTERS = 168
 
 if gluon is not None:
     @gluon.jit
@@ -216,16 +209,6 @@ if gluon is not None:
         tma.store_wait(pendings=0)
 
 
-def supports(q: torch.Tensor, block_size: int) -> bool:
-    """Whether this kernel takes these inputs (Gluon present, an sm90 GPU, bf16 / fp16, head
-    dim 64 or 128, block size 64; strides: ``_common.tma_compatible``)."""
-    if gluon is None or _common.interpreting() or not q.is_cuda or block_size != BLOCK:
-        return False
-    if torch.cuda.get_device_capability(q.device)[0] != 9:  # wgmma is sm90 only
-        return False
-    return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128)
-
-
 def _descriptor(t: torch.Tensor):
     layout = gl.NVMMASharedLayout.get_default_for([1, 1, BLOCK, t.shape[-1]],
                                                   getattr(gl, str(t.dtype).split(".")[-1]))
@@ -233,45 +216,39 @@ def _descriptor(t: torch.Tensor):
                             layout)
 
 
-def block_sparse_attention_hopper(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                  counts: torch.Tensor, indices: torch.Tensor, scale: float,
-                                  key_valid: Optional[torch.Tensor] = None, *,
-                                  out: Optional[torch.Tensor] = None,
-                                  rotate_period: Optional[int] = None,
-                                  k_stages: int = K_STAGES, v_stages: int = V_STAGES,
-                                  max_registers: Optional[int] = MAX_REGISTERS) -> torch.Tensor:
+def block_sparse_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       counts: torch.Tensor, indices: torch.Tensor, scale: float,
+                       key_valid: Optional[torch.Tensor], options: LaunchOptions, *,
+                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of each 64-row query block over ``indices[b, h, i, :counts[b, h, i]]``, as
-    :func:`.block_sparse.block_sparse_attention` with ``block_size=64``, on Hopper.
+    :func:`.block_sparse.block_sparse_triton` with ``block_size=64``, on Hopper.
 
-    ``rotate_period``: as in ``block_sparse`` (None = its default, 0 = no rotation).
-    ``k_stages`` / ``v_stages``: K and V buffers (blocks loaded ahead); ``max_registers``: a
-    per-thread register cap (``maxnreg``), None for none. Defaults: ``K_STAGES`` etc.
+    ``options``: from :func:`.dispatch.block_sparse_plan` (or chosen by hand):
+    ``rotate_period``, ``k_stages`` / ``v_stages`` (K and V buffers: blocks loaded ahead),
+    ``max_registers`` (a per-thread cap), ``num_warps``.
     """
-    check_inputs(q, k, v, scale, BLOCK, key_valid, rotate_period)
-    if not supports(q, BLOCK):
-        raise ValueError("block_sparse_attention_hopper needs Gluon, an sm90 GPU, bf16/fp16 "
-                         f"and head dim 64 or 128; got {q.dtype}, head dim {q.shape[-1]} on "
-                         f"{q.device}")
+    check_sparse_inputs(q, k, v, scale, BLOCK, key_valid)
+    tensors = (q, k, v) if out is None else (q, k, v, out)
+    call = Call.of(q, BLOCK, key_valid, tensors=tensors)
+    if not AVAILABLE or not gluon_takes(call):
+        raise ValueError("block_sparse_gluon needs Gluon, an sm90 GPU, bf16/fp16, head dim 64 or "
+                         "128 and TMA-compatible strides (last dim contiguous, the others "
+                         f"16-byte aligned); got {q.dtype}, head dim {q.shape[-1]} on {q.device}")
     B, H, L, D = q.shape
     out, indices, nb = launch_lists(q, counts, indices, BLOCK, out)
     if L == 0 or B * H == 0:
         return out
-    if not all(_common.tma_compatible(t) for t in (q, k, v, out)):
-        raise ValueError("block_sparse_attention_hopper needs the last dim contiguous and the "
-                         "other strides 16-byte aligned (TMA)")
     bias = _common.key_bias(key_valid, B, L, BLOCK, q.device)
     has_bias = _common.mask_mode(key_valid, L, BLOCK) != _common.MASK_NONE
     block_range = bias_block_range(bias, BLOCK) if has_bias else bias  # read only with the bias
-    if rotate_period is None:
-        rotate_period = default_rotate_period(q)
     _hopper_kernel[(B * H * nb,)](
         _descriptor(q), _descriptor(k), _descriptor(v), _descriptor(out), counts, indices,
         work_order(counts), bias, block_range,
         counts.stride(0), counts.stride(1), counts.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2), indices.stride(3),
-        H, nb, nb, _common.log2_scale(scale), rotate_period or 1,
-        HEAD_DIM=D, BLOCK_SIZE=BLOCK, HAS_BIAS=has_bias, ROTATE=rotate_period != 0,
-        K_STAGES=k_stages, V_STAGES=v_stages, num_warps=4,
-        **({} if max_registers is None else {"maxnreg": max_registers}),
+        H, nb, nb, _common.log2_scale(scale), options.rotate_period or 1,
+        HEAD_DIM=D, BLOCK_SIZE=BLOCK, HAS_BIAS=has_bias, ROTATE=options.rotate_period != 0,
+        K_STAGES=options.k_stages, V_STAGES=options.v_stages, num_warps=options.num_warps,
+        **options.compiler_options(),
     )
     return out

@@ -1,9 +1,9 @@
 """Dense attention with its log-sum-exp through cuDNN's fused attention (not a Triton kernel).
 
 The exact search needs the dense output and the per-row LSE. cuDNN's forward computes both (it
-keeps the LSE for the backward pass), and on the H100 it is faster than our Triton
-attention+LSE kernel (benchmarks/RESULTS.md), so the fused search uses it where it can run and
-our kernel elsewhere. Semantics are those of :func:`adaspa_compile.reference.attention_with_lse_ref`.
+keeps the LSE for the backward pass), and on the H100 at head dim 128 it is faster than our
+Triton attention+LSE kernel (benchmarks/RESULTS.md), so :func:`.dispatch.dense_pass_order` puts
+it before ours there and wherever keys are padded. Semantics are those of :func:`adaspa_compile.reference.attention_with_lse_ref`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def cudnn_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
     Padded keys (``key_valid``, bool ``[B, L]``) are dropped by gathering each batch item's valid
     keys: attention is invariant to the order of keys, and cuDNN with a broadcast ``-inf`` bias
-    measured 1.43x slower than without one on the H100 (benchmarks/RESULTS.md).
+    measured 1.40x slower than without one on the H100 (benchmarks/RESULTS.md).
     """
     reason = cudnn_unsupported_reason(q, key_valid)
     if not reason:
@@ -56,7 +56,7 @@ def cudnn_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         except RuntimeError as exc:  # a configuration this cuDNN build rejects
             reason = f"cuDNN raised: {str(exc).splitlines()[0][:200]}"
-    log_once(logger, f"adaspa: fused search uses the Triton attention+LSE kernel: {reason}")
+    log_once(logger, f"adaspa: the exact search's dense pass does not use cuDNN: {reason}")
     return None
 
 

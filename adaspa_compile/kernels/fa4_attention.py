@@ -3,9 +3,9 @@
 The fused search's dense pass needs the output and the per-row LSE. Where the optional
 ``flash-attn-4`` package (with ``nvidia-cutlass-dsl``) is installed, its Hopper forward is the
 fastest dense attention measured on the H100 (0.74x cuDNN at the CogVideoX shape, 0.78x at
-HunyuanVideo's, benchmarks/RESULTS.md), so the fused search runs it first; without it, or for
-calls it does not take, cuDNN or our kernel (:mod:`.cudnn_attention`). Set ``ADASPA_FA4=0`` to
-turn it off. Semantics are those of :func:`adaspa_compile.reference.attention_with_lse_ref`.
+HunyuanVideo's, benchmarks/RESULTS.md), so the exact search runs it first where
+:func:`.dispatch.dense_pass_order` says so; without it, or for calls it does not take, cuDNN or
+our kernel. Set ``ADASPA_FA4=0`` to turn it off. Semantics are those of :func:`adaspa_compile.reference.attention_with_lse_ref`.
 """
 
 from __future__ import annotations
@@ -23,11 +23,6 @@ logger = logging.getLogger("adaspa_compile")
 
 __all__ = ["fa4_attention_with_lse", "fa4_unsupported_reason"]
 
-# Head dims measured on the H100 (bf16): 64 (CogVideoX) and 128 (HunyuanVideo, Wan).
-_HEAD_DIMS = (64, 128)
-_DTYPES = (torch.float16, torch.bfloat16)
-
-
 @functools.lru_cache(maxsize=None)
 def _fa4_forward():
     """FlashAttention-4's forward, or an import error message (tried once per process)."""
@@ -44,12 +39,6 @@ def fa4_unsupported_reason(q: torch.Tensor, key_valid: Optional[torch.Tensor]) -
         return "ADASPA_FA4=0"
     if not q.is_cuda:
         return "not a CUDA tensor"
-    if torch.cuda.get_device_capability(q.device) != (9, 0):
-        return "not an sm_90 GPU (measured on the H100 only)"
-    if q.dtype not in _DTYPES:
-        return f"dtype {q.dtype} (FlashAttention-4 takes fp16 / bf16)"
-    if q.shape[-1] not in _HEAD_DIMS:
-        return f"head dim {q.shape[-1]} (measured at {_HEAD_DIMS} only)"
     if key_valid is not None:
         return "key padding (not wired to FlashAttention-4's variable lengths)"
     forward = _fa4_forward()
@@ -71,6 +60,6 @@ def fa4_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
             return out.transpose(1, 2), lse.float()
         except Exception as exc:  # a layout or configuration this build rejects
             reason = f"FlashAttention-4 raised {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-    log_once(logger, f"adaspa: fused search's dense pass does not use FlashAttention-4: {reason}",
+    log_once(logger, f"adaspa: the exact search's dense pass does not use FlashAttention-4: {reason}",
              logging.INFO)
     return None

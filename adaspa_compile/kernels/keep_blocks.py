@@ -9,9 +9,7 @@ descending sort keeps), and the forced blocks. Outputs:
 
 - ``bits`` uint8 ``[B, H, nb, ceil(nb / 8)]`` (``BlockMask.bits``: bit ``j % 8`` of byte
   ``j // 8``);
-- ``counts`` int32 ``[B, H, nb]``, kept blocks per row;
-- ``pair_counts`` int32 ``[B, H, ceil(nb / 2)]``, blocks in the union of rows ``2p`` and
-  ``2p + 1`` (what a 128-row pair program visits).
+- ``counts`` int32 ``[B, H, nb]``, kept blocks per row.
 
 Semantics are those of :func:`adaspa_compile.selection.keep_best` (the PyTorch reference and CPU
 path), exactly.
@@ -27,7 +25,7 @@ import triton.language as tl
 
 from .candidate_sort import check_selection_inputs, launch_shape, row_scores
 
-__all__ = ["keep_blocks"]
+__all__ = ["kept_block_bits"]
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -59,8 +57,8 @@ def _store_bits(Bits, row, kept, n_bytes, NB_PAD: tl.constexpr):
 
 # ----------------------------------------------------------------------------- kernel
 @triton.jit
-def _keep_blocks_kernel(Mass, Text, Valid, Sorted, Keep, Bits, Counts, PairCounts, H, nb,
-                        n_pairs, n_bytes, NB_PAD: tl.constexpr):
+def _keep_blocks_kernel(Mass, Text, Valid, Sorted, Keep, Bits, Counts, H, nb, n_pairs, n_bytes,
+                        NB_PAD: tl.constexpr):
     pid = tl.program_id(0)
     bh = pid // n_pairs
     pair = pid % n_pairs
@@ -72,21 +70,18 @@ def _keep_blocks_kernel(Mass, Text, Valid, Sorted, Keep, Bits, Counts, PairCount
     kept0 = _kept(Mass, Text, Valid, Sorted, row0, i0, b, keep, cols, nb) & (cols < nb)
     _store_bits(Bits, row0, kept0, n_bytes, NB_PAD)
     tl.store(Counts + row0, tl.sum(kept0.to(tl.int32)))
-    union = kept0
     if i0 + 1 < nb:
         kept1 = _kept(Mass, Text, Valid, Sorted, row0 + 1, i0 + 1, b, keep, cols,
                       nb) & (cols < nb)
         _store_bits(Bits, row0 + 1, kept1, n_bytes, NB_PAD)
         tl.store(Counts + row0 + 1, tl.sum(kept1.to(tl.int32)))
-        union = union | kept1
-    tl.store(PairCounts + pid, tl.sum(union.to(tl.int32)))
 
 
 # ----------------------------------------------------------------------------- launcher
-def keep_blocks(mass: torch.Tensor, text_blocks: torch.Tensor, valid_blocks: torch.Tensor,
-                keep: torch.Tensor, sorted_mass: torch.Tensor
-                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(bits, counts, pair_counts)`` of the mask keeping ``keep[b, h]`` candidates per row.
+def kept_block_bits(mass: torch.Tensor, text_blocks: torch.Tensor, valid_blocks: torch.Tensor,
+                    keep: torch.Tensor, sorted_mass: torch.Tensor
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(bits, counts)`` of the mask keeping ``keep[b, h]`` candidates per row.
 
     Args:
         mass, text_blocks, valid_blocks: as :func:`candidate_sort.sorted_candidate_mass`.
@@ -108,13 +103,12 @@ def keep_blocks(mass: torch.Tensor, text_blocks: torch.Tensor, valid_blocks: tor
     dev = mass.device
     bits = torch.empty(B, H, nb, n_bytes, dtype=torch.uint8, device=dev)
     counts = torch.empty(B, H, nb, dtype=torch.int32, device=dev)
-    pair_counts = torch.empty(B, H, n_pairs, dtype=torch.int32, device=dev)
     if mass.numel() == 0:
-        return bits, counts, pair_counts
+        return bits, counts
     pad, warps = launch_shape(nb)
     _keep_blocks_kernel[(B * H * n_pairs,)](
         mass.contiguous(), text_blocks.to(torch.uint8), valid_blocks.to(torch.uint8).contiguous(),
-        sorted_mass.contiguous(), keep.to(torch.int32).contiguous(), bits, counts, pair_counts,
+        sorted_mass.contiguous(), keep.to(torch.int32).contiguous(), bits, counts,
         H, nb, n_pairs, n_bytes,
         NB_PAD=pad, num_warps=warps)
-    return bits, counts, pair_counts
+    return bits, counts

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from . import _common
 
-__all__ = ["mask_indices"]
+__all__ = ["mask_to_indices"]
 
 # Columns per chunk at most, and the tile (rows x columns) one program works on.
 MAX_BLOCK = 2048
@@ -95,7 +95,7 @@ def _tile(num_kv_blocks: int) -> Tuple[int, int, int]:
     return block, rows, 8 if block * rows >= 2048 else 4
 
 
-def mask_indices(bits: torch.Tensor, num_kv_blocks: int, max_kept: int, *,
+def mask_to_indices(bits: torch.Tensor, num_kv_blocks: int, max_kept: int, *,
                  counts: Optional[torch.Tensor] = None,
                  indices: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(counts, indices)`` of a packed block mask, as ``BlockMask.to_indices()`` gives them.

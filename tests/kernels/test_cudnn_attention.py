@@ -1,4 +1,4 @@
-"""cuDNN and FlashAttention-4 dense attention + LSE (the fused search's first half on CUDA)
+"""cuDNN and FlashAttention-4 dense attention + LSE (the exact search's first half on CUDA)
 against the reference, and the order in which ``ops.fused_search`` tries them."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 
 from adaspa_compile import kernels, ops, reference
-from adaspa_compile.kernels import fa4_attention
+from adaspa_compile.kernels import cudnn_attention, dispatch, fa4_attention
 from adaspa_compile.kernels.cudnn_attention import (cudnn_attention_with_lse,
                                                     cudnn_unsupported_reason)
 
@@ -30,35 +30,30 @@ def test_fa4_declines_with_a_reason(monkeypatch):
     assert fa4_attention.fa4_unsupported_reason(q, None) == "ADASPA_FA4=0"
 
 
-@pytest.mark.parametrize("fa4_takes_it", [True, False])
-def test_fused_search_tries_fa4_first(monkeypatch, fa4_takes_it):
-    """The dense pass goes to FlashAttention-4 when it returns a result, else on as before."""
+@pytest.mark.parametrize("takers", [{"fa4"}, {"cudnn"}, {"triton"}, {"fa4", "triton"}])
+def test_dense_pass_runs_the_first_executor_that_takes_the_call(monkeypatch, takers):
+    """``ops.fused_search`` tries the dispatch's order and stops at the first result; the mass
+    pass reads that result's LSE."""
     q = torch.randn(1, 2, 100, 64)
     calls = []
 
-    def fake_fa4(q_, k_, v_, scale, key_valid):
-        calls.append("fa4")
-        return (torch.zeros_like(q_), torch.zeros(q_.shape[:3])) if fa4_takes_it else None
-
-    def fake_ours(*args, **kwargs):
-        calls.append("ours")
-        return torch.ones_like(q), torch.ones(q.shape[:3]), None
+    def executor(name):
+        def run(*args):
+            calls.append(name)
+            return (torch.full_like(q, len(calls)), torch.zeros(q.shape[:3])) \
+                if name in takers else None
+        return run
 
     monkeypatch.setattr(ops, "_kernels_for", lambda q_, block_size, scale: kernels)
-    monkeypatch.setattr(fa4_attention, "fa4_attention_with_lse", fake_fa4)
-    monkeypatch.setattr(kernels, "fused_search", fake_ours)
-    monkeypatch.setattr(kernels, "cached_search", lambda *args: "mass")
+    monkeypatch.setattr(dispatch, "dense_pass_order", lambda call: ("fa4", "cudnn", "triton"))
+    monkeypatch.setattr(fa4_attention, "fa4_attention_with_lse", executor("fa4"))
+    monkeypatch.setattr(cudnn_attention, "cudnn_attention_with_lse", executor("cudnn"))
+    monkeypatch.setattr(kernels, "attention_with_lse", executor("triton"))
+    monkeypatch.setattr(kernels, "mass_from_lse", lambda *args: "mass")
     out, lse, mass = ops.fused_search(q, q, q, 0.125, 64, None)
-    assert calls == (["fa4"] if fa4_takes_it else ["fa4", "ours"])
-    assert float(out.sum()) == (0.0 if fa4_takes_it else float(q.numel())) and mass == "mass"
-
-
-def test_dense_pass_goes_to_our_kernel_only_where_it_measured_faster():
-    """ops.dense_pass_uses_cudnn: ours at head dim 64 without key padding, cuDNN elsewhere."""
-    valid = torch.ones(1, 10, dtype=torch.bool)
-    assert not ops.dense_pass_uses_cudnn(64, None)
-    assert ops.dense_pass_uses_cudnn(64, valid)
-    assert all(ops.dense_pass_uses_cudnn(d, None) for d in (40, 80, 96, 128))
+    first = next(name for name in ("fa4", "cudnn", "triton") if name in takers)
+    assert calls == ["fa4", "cudnn", "triton"][:["fa4", "cudnn", "triton"].index(first) + 1]
+    assert float(out[0, 0, 0, 0]) == len(calls) and mass == "mass"
 
 
 @settings(settings.get_profile("kernels-gpu"))

@@ -1,4 +1,4 @@
-"""Property tests of the three Triton kernels against the pure-PyTorch reference in float64.
+"""Property tests of the attention kernels against the pure-PyTorch reference in float64.
 
 Without CUDA they run under Triton's CPU interpreter in fp32 (relative error < 1e-4). The same
 properties, marked ``gpu``, run the compiled kernels on a CUDA device in bf16 (and fp32 with IEEE
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Optional
 
 import pytest
@@ -19,12 +18,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from adaspa_compile import kernels, ops, reference
-from adaspa_compile.blockmask import BlockMask, pack_bits
+from adaspa_compile.blockmask import BlockMask
+from adaspa_compile.kernels.dispatch import Call, LaunchOptions, block_sparse_plan
 
 pytest.importorskip("triton")
-
-from adaspa_compile.kernels import (block_sparse, block_sparse_hopper,  # noqa: E402
-                                    shared_pairs)
 
 HAS_CUDA = torch.cuda.is_available()
 interpreter_only = pytest.mark.skipif(
@@ -166,17 +163,18 @@ def mass_tolerance(dtype: torch.dtype) -> float:
 
 
 # ----------------------------------------------------------------------------- bodies
-def run_fused(case: Case, dtype: torch.dtype, device: str, with_mass: bool) -> None:
+def run_attention(case: Case, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Dense attention+LSE vs the reference; returns the kernel's LSE."""
     q, k, v = make_qkv(case, dtype, device)
     kv = make_key_valid(case, device)
     scale = case.head_dim ** -0.5
     B, H, L, _ = q.shape
-    nb = case.n_blocks
     out, lse = poisoned(q), torch.full((B, H, L), float("nan"), device=device)
-    mass = torch.full((B, H, nb, nb), float("nan"), device=device) if with_mass else None
-    got_out, got_lse, got_mass = kernels.fused_search(q, k, v, scale, case.block_size, kv,
-                                                      with_mass=with_mass, out=out, lse=lse,
-                                                      mass=mass)
+    options = LaunchOptions() if device == "cpu" else None
+    if options is None:
+        from adaspa_compile.kernels.dispatch import attention_lse_options
+        options = attention_lse_options(Call.of(q, case.block_size, kv))
+    got_out, got_lse = kernels.attention_with_lse(q, k, v, scale, kv, options, out=out, lse=lse)
     assert got_out is out and got_out.stride() == q.stride()
     kv_cpu = None if kv is None else kv.cpu()
     ref_out, ref_lse = reference.attention_with_lse_ref(f64(q), f64(k), f64(v), scale, kv_cpu,
@@ -188,70 +186,53 @@ def run_fused(case: Case, dtype: torch.dtype, device: str, with_mass: bool) -> N
     err = rel_err(got_out, ref_out)
     assert err < out_tolerance(dtype, torch_err), f"out rel err {err:.2e} (torch {torch_err:.2e})"
     check_lse(got_lse, ref_lse, 1e-4 if dtype == torch.float32 else 1e-3)
-    if with_mass:
-        ref_mass = reference.block_mass_ref(f64(q), f64(k), ref_lse.double(), scale,
-                                            case.block_size, kv_cpu)
-        err = rel_err(got_mass, ref_mass)
-        assert err < mass_tolerance(dtype), f"mass rel err {err:.2e}"
-    else:
-        assert got_mass is None
+    return got_lse
 
 
-def run_cached(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] = None) -> None:
-    """Cached-search mass vs the reference; ``tma`` as in ``run_sparse``."""
+def run_mass(case: Case, dtype: torch.dtype, device: str, tma: bool = False,
+             lse: Optional[torch.Tensor] = None) -> None:
+    """Block mass vs the reference, from ``lse`` (default: the float64 reference's LSE; any fp32
+    LSE is a valid input, as a cached one from an earlier step is)."""
     q, k, _ = make_qkv(case, dtype, device)
     kv = make_key_valid(case, device)
     scale = case.head_dim ** -0.5
     kv_cpu = None if kv is None else kv.cpu()
-    # The cached LSE comes from the same step here; any fp32 LSE is a valid input.
-    _, lse = reference.attention_with_lse_ref(f64(q), f64(k), f64(k), scale, kv_cpu)
+    if lse is None:
+        lse = reference.attention_with_lse_ref(f64(q), f64(k), f64(k), scale, kv_cpu)[1].float()
     nb = case.n_blocks
     mass = torch.full((case.batch, case.heads, nb, nb), float("nan"), device=device)
-    got = kernels.cached_search(q, k, lse.to(device), scale, case.block_size, kv, tma=tma,
-                                mass=mass)
-    ref = reference.block_mass_ref(f64(q), f64(k), lse.double(), scale, case.block_size, kv_cpu)
+    got = kernels.mass_from_lse(q, k, lse.to(device), scale, case.block_size, kv,
+                                LaunchOptions(tma=tma), mass=mass)
+    ref = reference.block_mass_ref(f64(q), f64(k), f64(lse), scale, case.block_size, kv_cpu)
     err = rel_err(got, ref)
     assert err < mass_tolerance(dtype), f"mass rel err {err:.2e}"
     # Rows of the mass map sum to the number of valid query rows of the block.
     if dtype == torch.float32:
-        rows_valid = torch.isfinite(lse).double()
+        rows_valid = torch.isfinite(lse.cpu()).double()
         per_block = torch.nn.functional.pad(rows_valid, (0, nb * case.block_size - case.seq_len))
         expected = per_block.view(case.batch, case.heads, nb, case.block_size).sum(-1)
         assert torch.allclose(f64(got).sum(-1), expected, rtol=1e-4, atol=1e-4)
 
 
-def run_sparse(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] = None,
-               rotate_period: Optional[int] = None, shared: bool = False,
-               bias_range: bool = False, split: bool = False,
-               hopper: Optional[dict] = None) -> None:
-    """Block-sparse output vs the reference; ``tma``: K/V through tensor descriptors (forced
-    under the interpreter when True); ``rotate_period``: the rotated walk; ``shared``: programs
-    over pairs of query blocks sharing their common key blocks (``shared_pairs``);
-    ``bias_range``: the key bias only inside the padded blocks' range; ``split``: shared pairs in
-    two launches (shared blocks, then each row's own blocks resuming the softmax state);
-    ``hopper``: run the Gluon kernel (``block_sparse_hopper``) with these options."""
+def run_sparse(case: Case, dtype: torch.dtype, device: str,
+               options: Optional[LaunchOptions] = None, gluon: bool = False) -> None:
+    """Block-sparse output vs the reference. ``options``: the launch options (None: what
+    ``dispatch.block_sparse_plan`` picks for the call); ``gluon``: run the Gluon kernel."""
     q, k, v = make_qkv(case, dtype, device)
     kv = make_key_valid(case, device)
     mask = make_mask(case, device)
     counts, indices = mask.to_indices()
     scale = case.head_dim ** -0.5
     out = poisoned(q)
-    if hopper is not None:
-        got = block_sparse_hopper.block_sparse_attention_hopper(q, k, v, counts, indices, scale,
-                                                                kv, out=out,
-                                                                rotate_period=rotate_period,
-                                                                **hopper)
-    elif shared:
-        lists = shared_pairs.shared_pair_lists(mask.bits, mask.num_kv_blocks, mask.max_kept)
-        got = shared_pairs.shared_pair_attention(q, k, v, *lists, scale, kv, tma=tma, out=out,
-                                                 rotate_period=rotate_period, split=split)
-    elif rotate_period is None and not bias_range:  # the public entry point
-        got = kernels.block_sparse_attention(q, k, v, counts, indices, scale, case.block_size, kv,
-                                             tma=tma, out=out)
+    if options is None:
+        plan = block_sparse_plan(Call.of(q, case.block_size, kv, full_mask=mask.is_full,
+                                         tensors=(q, k, v)), kernels.GLUON_AVAILABLE)
+        options, gluon = plan.options, plan.executor == "gluon"
+    if gluon:
+        got = kernels.block_sparse_gluon(q, k, v, counts, indices, scale, kv, options, out=out)
     else:
-        got = block_sparse._launch(q, k, v, counts, indices, scale, case.block_size, kv, out,
-                                   use_tma=tma, rotate_period=rotate_period,
-                                   bias_range=bias_range)
+        got = kernels.block_sparse_triton(q, k, v, counts, indices, scale, case.block_size, kv,
+                                          options, out=out)
     assert got is out
     kv_cpu = None if kv is None else kv.cpu()
     ref = reference.block_sparse_attention_ref(f64(q), f64(k), f64(v), counts.cpu(),
@@ -269,32 +250,24 @@ def run_sparse(case: Case, dtype: torch.dtype, device: str, tma: Optional[bool] 
 @interpreter_only
 @settings(settings.get_profile("kernels-ci"))
 @given(case=INTERP_CASES)
-def test_fused_search_interpreter(case):
-    run_fused(case, torch.float32, "cpu", with_mass=False)
-
-
-@pytest.mark.research
-@interpreter_only
-@settings(settings.get_profile("kernels-ci"))
-@given(case=INTERP_CASES)
-def test_fused_search_with_mass_interpreter(case):
-    """``with_mass=True``: a mode the backend does not run (it lost its measurement)."""
-    run_fused(case, torch.float32, "cpu", with_mass=True)
+def test_attention_with_lse_interpreter(case):
+    run_attention(case, torch.float32, "cpu")
 
 
 @interpreter_only
 @settings(settings.get_profile("kernels-ci"))
-@given(case=INTERP_CASES, tma=st.sampled_from([None, True]))
-def test_cached_search_interpreter(case, tma):
-    run_cached(case, torch.float32, "cpu", tma)
+@given(case=INTERP_CASES, tma=st.booleans())
+def test_block_mass_interpreter(case, tma):
+    run_mass(case, torch.float32, "cpu", tma)
 
 
 @interpreter_only
 @settings(settings.get_profile("kernels-ci"))
-@given(case=INTERP_CASES, tma=st.sampled_from([None, True]),
-       rotate_period=st.sampled_from([None, None, 1, 3]), bias_range=st.booleans())
+@given(case=INTERP_CASES, tma=st.booleans(), rotate_period=st.sampled_from([0, 0, 1, 3]),
+       bias_range=st.booleans())
 def test_block_sparse_interpreter(case, tma, rotate_period, bias_range):
-    run_sparse(case, torch.float32, "cpu", tma, rotate_period, bias_range=bias_range)
+    run_sparse(case, torch.float32, "cpu",
+               LaunchOptions(tma=tma, rotate_period=rotate_period, bias_range=bias_range))
 
 
 @interpreter_only
@@ -306,133 +279,69 @@ def test_block_sparse_rotated_walk_interpreter(period, seq_len, padding, bias_ra
     """``rotate_period``: lists long enough (6 blocks) that every program's walk wraps."""
     case = Case(batch=1, heads=3, seq_len=seq_len, head_dim=16, block_size=64, layout="bshd",
                 padding=padding, density=0.7, input_scale=1.0, seed=period)
-    run_sparse(case, torch.float32, "cpu", None, period, bias_range=bias_range)
-
-
-@interpreter_only
-@settings(settings.get_profile("kernels-ci"))
-@given(case=INTERP_CASES, tma=st.sampled_from([None, True]),
-       rotate_period=st.sampled_from([None, 0, 1, 3]))
-def test_shared_pairs_interpreter(case, tma, rotate_period):
-    assume(case.block_size == 64)  # pairs exist at block size 64 only
-    run_sparse(case, torch.float32, "cpu", tma=tma, rotate_period=rotate_period, shared=True)
-
-
-@pytest.mark.research
-@interpreter_only
-@settings(settings.get_profile("kernels-ci"))
-@given(case=INTERP_CASES, tma=st.sampled_from([None, True]),
-       rotate_period=st.sampled_from([None, 0, 1, 3]))
-def test_shared_pairs_split_interpreter(case, tma, rotate_period):
-    """Split pairs: a mode the backend does not run (it lost its measurement)."""
-    assume(case.block_size == 64)
-    run_sparse(case, torch.float32, "cpu", tma=tma, rotate_period=rotate_period, shared=True,
-               split=True)
-
-
-@interpreter_only
-@pytest.mark.parametrize("period", [2, 5])
-@pytest.mark.parametrize("split", [False, pytest.param(True, marks=pytest.mark.research)])
-@pytest.mark.parametrize("seq_len,padding", [(7 * 64, "none"), (7 * 64 - 30, "none"),
-                                             (7 * 64, "tail")])
-def test_shared_pairs_rotated_walk_interpreter(period, split, seq_len, padding):
-    """Dense enough (0.8) that every pair has long shared and own lists, and walks wrap."""
-    case = Case(batch=1, heads=2, seq_len=seq_len, head_dim=16, block_size=64, layout="bshd",
-                padding=padding, density=0.8, input_scale=1.0, seed=period)
-    run_sparse(case, torch.float32, "cpu", rotate_period=period, shared=True, split=split)
-
-
-@pytest.mark.research
-def test_shared_pair_lists_split_each_pair():
-    torch.manual_seed(0)
-    dense = torch.rand(2, 3, 11, 11) < 0.5  # odd nq: the last row stands alone
-    counts, indices = shared_pairs.shared_pair_lists(pack_bits(dense).to(DEVICE), 11, 11)
-    counts, indices = counts.cpu(), indices.cpu()
-    padded = torch.nn.functional.pad(dense, (0, 0, 0, 1))
-    lo, hi = padded[:, :, 0::2], padded[:, :, 1::2]
-    for part, want in enumerate((lo & hi, lo & ~hi, hi & ~lo)):
-        assert torch.equal(counts[..., part], want.sum(-1).int())
-        for b, h, p in zip(*torch.nonzero(want.any(-1), as_tuple=True)):
-            cols = torch.nonzero(want[b, h, p]).flatten().int()
-            assert torch.equal(indices[b, h, p, part, :cols.numel()], cols)
-
-
-def test_shared_pairs_reject_bad_lists():
-    q = torch.randn(1, 2, 200, 16, device=DEVICE)
-    counts = torch.zeros(1, 2, 2, dtype=torch.int32, device=DEVICE)  # union-pair shape
-    indices = torch.zeros(1, 2, 2, 1, dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match=r"n_pairs, 3"):
-        shared_pairs.shared_pair_attention(q, q, q, counts, indices, 0.25, None)
-    with pytest.raises(ValueError, match="rotate_period"):
-        shared_pairs.shared_pair_attention(q, q, q, counts, indices, 0.25, None, rotate_period=-1)
+    run_sparse(case, torch.float32, "cpu",
+               LaunchOptions(rotate_period=period, bias_range=bias_range))
 
 
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @settings(settings.get_profile("kernels-gpu"))
-@given(case=GPU_CASES, with_mass=st.booleans())
-def test_fused_search_gpu(dtype, case, with_mass):
+@given(case=GPU_CASES)
+def test_attention_with_lse_gpu(dtype, case):
     assume(dtype != torch.float32 or case.head_dim <= 64)  # fp32 FMA dots compile slowly
-    run_fused(case, dtype, "cuda", with_mass)
+    run_attention(case, dtype, "cuda")
 
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @settings(settings.get_profile("kernels-gpu"))
-@given(case=GPU_CASES, tma=st.sampled_from([None, False]))
-def test_cached_search_gpu(dtype, case, tma):
+@given(case=GPU_CASES, tma=st.booleans())
+def test_block_mass_gpu(dtype, case, tma):
     assume(dtype != torch.float32 or case.head_dim <= 64)  # fp32 FMA dots compile slowly
-    run_cached(case, dtype, "cuda", tma)
+    run_mass(case, dtype, "cuda", tma)
 
 
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @settings(settings.get_profile("kernels-gpu"))
-@given(case=GPU_CASES, tma=st.sampled_from([None, False]),
-       rotate_period=st.sampled_from([None, None, 7]), bias_range=st.booleans())
-def test_block_sparse_gpu(dtype, case, tma, rotate_period, bias_range):
+@given(case=GPU_CASES, options=st.sampled_from([None, None, LaunchOptions(),
+                                                 LaunchOptions(tma=True, rotate_period=7),
+                                                 LaunchOptions(bias_range=True, num_warps=8)]))
+def test_block_sparse_gpu(dtype, case, options):
+    """The dispatched options (None), and hand-picked ones on the Triton kernel."""
     assume(dtype != torch.float32 or case.head_dim <= 64)  # fp32 FMA dots compile slowly
-    run_sparse(case, dtype, "cuda", tma, rotate_period, bias_range=bias_range)
+    run_sparse(case, dtype, "cuda", options)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @settings(settings.get_profile("kernels-gpu"), max_examples=8)
-@given(case=GPU_LONG_CASES, kernel=st.sampled_from(["fused", "cached", "sparse"]))
+@given(case=GPU_LONG_CASES, kernel=st.sampled_from(["exact", "mass", "sparse"]))
 def test_long_sequences_gpu(case, kernel):
-    """Real models run many chunks and long lists: 64+ key blocks, with padding and ragged ends."""
-    if kernel == "fused":
-        run_fused(case, torch.bfloat16, "cuda", True)
-    elif kernel == "cached":
-        run_cached(case, torch.bfloat16, "cuda", None)
+    """Real models run many chunks and long lists: 64+ key blocks, with padding and ragged ends.
+    ``exact``: the mass from the attention kernel's own LSE, as the exact search runs them."""
+    if kernel == "exact":
+        run_mass(case, torch.bfloat16, "cuda", lse=run_attention(case, torch.bfloat16, "cuda"))
+    elif kernel == "mass":
+        run_mass(case, torch.bfloat16, "cuda", tma=True)
     else:
-        run_sparse(case, torch.bfloat16, "cuda", None, None)
+        run_sparse(case, torch.bfloat16, "cuda")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @settings(settings.get_profile("kernels-gpu"))
-@given(case=HOPPER_CASES, rotate_period=st.sampled_from([None, 0, 7]),
+@given(case=HOPPER_CASES, rotate_period=st.sampled_from([0, 7, 528]),
        buffers=st.sampled_from([(2, 2, None), (2, 1, 168), (3, 3, None), (1, 1, None)]))
-def test_block_sparse_hopper_gpu(dtype, case, rotate_period, buffers):
+def test_block_sparse_gluon_gpu(dtype, case, rotate_period, buffers):
     assume(case.block_size == 64)
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernel needs an sm90 GPU")
     k_stages, v_stages, max_registers = buffers
-    run_sparse(case, dtype, "cuda", rotate_period=rotate_period,
-               hopper=dict(k_stages=k_stages, v_stages=v_stages, max_registers=max_registers))
+    run_sparse(case, dtype, "cuda", LaunchOptions(
+        rotate_period=rotate_period, k_stages=k_stages, v_stages=v_stages,
+        max_registers=max_registers), gluon=True)
 
 
-@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
-@settings(settings.get_profile("kernels-gpu"))
-@given(case=GPU_CASES, tma=st.sampled_from([None, False]), rotate_period=st.sampled_from([None, 7]),
-       split=st.booleans())
-def test_shared_pairs_gpu(dtype, case, tma, rotate_period, split):
-    assume(dtype != torch.float32 or case.head_dim <= 64)  # fp32 FMA dots compile slowly
-    assume(case.block_size == 64)
-    run_sparse(case, dtype, "cuda", tma=tma, rotate_period=rotate_period, shared=True,
-               split=split)
-
-
-for _test in (test_fused_search_gpu, test_cached_search_gpu, test_block_sparse_gpu,
-              test_block_sparse_hopper_gpu, test_shared_pairs_gpu):
+for _test in (test_attention_with_lse_gpu, test_block_mass_gpu, test_block_sparse_gpu,
+              test_block_sparse_gluon_gpu):
     for _mark in gpu_only:
         _mark(_test)
 
@@ -445,7 +354,7 @@ def _qkv(shape=(1, 2, 100, 64), dtype=torch.float32):
     return [torch.randn(shape, device=DEVICE).to(dtype) for _ in range(3)]
 
 
-@pytest.mark.parametrize("fn", ["fused", "cached", "sparse", "hopper"])
+@pytest.mark.parametrize("fn", ["attention", "mass", "sparse", "gluon"])
 @pytest.mark.parametrize("problem", ["dtype", "head_dim", "block_size", "key_valid", "shape"])
 def test_bad_input_raises_value_error(fn, problem):
     dtype = torch.float64 if problem == "dtype" else torch.float32
@@ -454,41 +363,43 @@ def test_bad_input_raises_value_error(fn, problem):
     if problem == "shape":
         k = k[:, :, :50]
     bs = 32 if problem == "block_size" else 64
+    if fn == "attention" and problem == "block_size":
+        pytest.skip("dense attention has no block size")
     kv = torch.ones(1, 99, dtype=torch.bool, device=DEVICE) if problem == "key_valid" else None
     nb = -(-100 // 64)
+    options = LaunchOptions()
     with pytest.raises(ValueError):
-        if fn == "fused":
-            kernels.fused_search(q, k, v, 0.1, bs, kv)
-        elif fn == "cached":
-            kernels.cached_search(q, k, torch.zeros(1, 2, 100, device=DEVICE), 0.1, bs, kv)
+        if fn == "attention":
+            kernels.attention_with_lse(q, k, v, 0.1, kv, options)
+        elif fn == "mass":
+            kernels.mass_from_lse(q, k, torch.zeros(1, 2, 100, device=DEVICE), 0.1, bs, kv,
+                                  options)
         else:
             counts = torch.ones(1, 2, nb, dtype=torch.int32, device=DEVICE)
             indices = torch.zeros(1, 2, nb, 1, dtype=torch.int32, device=DEVICE)
             if fn == "sparse":
-                kernels.block_sparse_attention(q, k, v, counts, indices, 0.1, bs, kv)
+                kernels.block_sparse_triton(q, k, v, counts, indices, 0.1, bs, kv, options)
             else:
-                block_sparse_hopper.block_sparse_attention_hopper(q, k, v, counts, indices, 0.1,
-                                                                  kv)
+                kernels.block_sparse_gluon(q, k, v, counts, indices, 0.1, kv, options)
 
 
-def test_hopper_kernel_refuses_what_it_does_not_support():
+def test_gluon_kernel_refuses_what_it_does_not_support():
     """fp32 (and, without an sm90 GPU, anything): a ValueError naming the requirements, and the
-    public entry point keeps the Triton kernel."""
+    dispatch keeps the Triton kernel."""
     q, k, v = _qkv((1, 2, 100, 128))
     counts = torch.ones(1, 2, 2, dtype=torch.int32, device=DEVICE)
     indices = torch.zeros(1, 2, 2, 1, dtype=torch.int32, device=DEVICE)
-    assert not block_sparse.uses_hopper_kernel(q, k, v, 64)
+    plan = block_sparse_plan(Call.of(q, 64, tensors=(q, k, v)), kernels.GLUON_AVAILABLE)
+    assert plan.executor == "triton"
     with pytest.raises(ValueError, match="sm90"):
-        block_sparse_hopper.block_sparse_attention_hopper(q, k, v, counts, indices, 0.1)
+        kernels.block_sparse_gluon(q, k, v, counts, indices, 0.1, None, LaunchOptions())
 
 
-@pytest.mark.parametrize("period", [-1, -2, 2.5])
-def test_bad_rotate_period_raises(period):
-    q, k, v = _qkv()
-    counts = torch.ones(1, 2, 2, dtype=torch.int32, device=DEVICE)
-    indices = torch.zeros(1, 2, 2, 1, dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ValueError, match="rotate_period"):
-        block_sparse._launch(q, k, v, counts, indices, 0.1, 64, None, None, rotate_period=period)
+@pytest.mark.parametrize("field,value", [("rotate_period", -1), ("rotate_period", 2.5),
+                                         ("num_warps", 0), ("k_stages", True)])
+def test_bad_launch_options_raise(field, value):
+    with pytest.raises(ValueError, match=field):
+        LaunchOptions(**{field: value})
 
 
 def test_bad_mask_shape_raises():
@@ -496,7 +407,7 @@ def test_bad_mask_shape_raises():
     counts = torch.ones(1, 2, 3, dtype=torch.int32, device=DEVICE)  # nq is 2 for L=100, bs=64
     indices = torch.zeros(1, 2, 3, 1, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="counts"):
-        kernels.block_sparse_attention(q, k, v, counts, indices, 0.1, 64, None)
+        kernels.block_sparse_triton(q, k, v, counts, indices, 0.1, 64, None, LaunchOptions())
 
 
 @pytest.mark.parametrize("scale", [0.0, -0.1, float("inf"), float("nan")])
@@ -507,9 +418,9 @@ def test_attention_kernels_need_a_positive_scale(scale):
     counts = torch.ones(1, 2, nb, dtype=torch.int32, device=DEVICE)
     indices = torch.zeros(1, 2, nb, 1, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="positive finite softmax scale"):
-        kernels.block_sparse_attention(q, k, v, counts, indices, scale, 64, None)
+        kernels.block_sparse_triton(q, k, v, counts, indices, scale, 64, None, LaunchOptions())
     with pytest.raises(ValueError, match="positive finite softmax scale"):
-        kernels.fused_search(q, k, v, scale, 64, None)
+        kernels.attention_with_lse(q, k, v, scale, None, LaunchOptions())
     ok, reason = kernels.kernel_support(q, 64, scale)
     assert not ok and "scale" in reason
 
@@ -529,8 +440,8 @@ def test_ops_run_the_reference_for_a_negative_scale():
 def test_bad_lse_raises():
     q, k, _ = _qkv()
     with pytest.raises(ValueError, match="lse"):
-        kernels.cached_search(q, k, torch.zeros(1, 2, 100, dtype=torch.float16, device=DEVICE),
-                              0.1, 64, None)
+        kernels.mass_from_lse(q, k, torch.zeros(1, 2, 100, dtype=torch.float16, device=DEVICE),
+                              0.1, 64, None, LaunchOptions())
 
 
 def test_kernel_support_reasons(monkeypatch):
@@ -547,61 +458,45 @@ def test_kernel_support_reasons(monkeypatch):
     assert not ok and "not CUDA" in reason
 
 
-def test_register_cap_only_on_the_gpu_and_where_measured(monkeypatch):
-    from adaspa_compile.kernels import _common
-
+def test_register_caps_apply_only_on_the_gpu(monkeypatch):
+    options = LaunchOptions(max_registers=96)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert _common.register_cap("cached", 64, 64) == {"maxnreg": 96}
-    assert _common.register_cap("cached", 32, 64) == {"maxnreg": 96}  # small dims take 64's
-    assert _common.register_cap("cached", 128, 64) == {}
-    assert _common.register_cap("sparse", 64, 64) == {}
+    assert options.compiler_options() == {"maxnreg": 96}
+    assert LaunchOptions().compiler_options() == {}
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter has no registers to cap
-    assert _common.register_cap("cached", 64, 64) == {}
+    assert options.compiler_options() == {}
 
 
-def test_rotation_is_a_gpu_default(monkeypatch):
-    q = torch.empty(1, 1, 64, 64)
-    assert block_sparse.default_rotate_period(q) == 0  # not CUDA
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda device: SimpleNamespace(multi_processor_count=132))
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert block_sparse.default_rotate_period(q) == 4 * 132
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert block_sparse.default_rotate_period(q) == 0
-
-
-def test_prefer_pairs_only_for_head_dim_128_and_low_overhead():
-    bf16 = torch.bfloat16
-    assert kernels.prefer_pairs(1.0, 128, 64, bf16)
-    assert kernels.prefer_pairs(shared_pairs.PAIR_MAX_OVERHEAD, 128, 64, torch.float16)
-    assert not kernels.prefer_pairs(1.3, 128, 64, bf16)  # real AdaSpa masks: 1.44-1.72
-    assert not kernels.prefer_pairs(1.0, 64, 64, bf16)
-    assert not kernels.prefer_pairs(1.0, 128, 128, bf16)  # pairs exist at block size 64 only
-    assert not kernels.prefer_pairs(1.0, 128, 64, torch.float32)
-
-
-@pytest.mark.parametrize("hopper", [False, True])
+@pytest.mark.parametrize("gluon", [False, True])
 @pytest.mark.parametrize("density", [1.0, 0.3])
-def test_sparse_forward_dispatch(monkeypatch, hopper, density):
-    """``ops.sparse_forward``: where the Gluon kernel runs, it takes every mask (unrotated when
-    the mask keeps every block); elsewhere pair programs take dense masks (``prefer_pairs``,
-    forced here so that fp32 on the CPU reaches them) and 64-row programs the rest; every path
-    matches the reference. (The Gluon kernel itself runs only on an sm90 GPU; here its choice is
-    forced, and the launch underneath is whichever kernel the device has.)"""
-    from adaspa_compile import ops
+def test_sparse_forward_runs_the_planned_executor(monkeypatch, gluon, density):
+    """``ops.sparse_forward`` runs the executor and options ``block_sparse_plan`` gives for the
+    call (whether the mask is full included), and matches the reference. The Gluon plan is
+    forced here and its launch replaced by the Triton kernel with the same options, since Gluon
+    runs only on an sm90 GPU."""
+    plans, launches = [], []
+    real_plan = kernels.dispatch.block_sparse_plan
 
-    pair_calls, single_calls = [], []
-    real_pairs, real_single = kernels.shared_pair_lists, kernels.block_sparse_attention
+    def plan(call, available):
+        plans.append(call)
+        got = real_plan(call, available)
+        return kernels.dispatch.SparsePlan("gluon" if gluon else "triton", got.options)
+
+    def launch(executor):
+        def run(q, k, v, counts, indices, scale, *rest):
+            launches.append((executor, rest[-1]))
+            block_size = 64 if executor == "gluon" else rest[0]
+            key_valid = rest[0] if executor == "gluon" else rest[1]
+            return real_triton(q, k, v, counts, indices, scale, block_size, key_valid, rest[-1])
+        return run
+
+    real_triton = kernels.block_sparse_triton
     monkeypatch.setattr(ops, "_kernels_for", lambda *a: kernels)  # the interpreter on the CPU
-    monkeypatch.setattr(kernels, "uses_hopper_kernel", lambda *a, **kw: hopper)
-    monkeypatch.setattr(kernels, "prefer_pairs", lambda overhead, *a: overhead <= 1.15)
-    monkeypatch.setattr(kernels, "shared_pair_lists",
-                        lambda *a: pair_calls.append(a) or real_pairs(*a))
-    monkeypatch.setattr(kernels, "block_sparse_attention",
-                        lambda *a, **kw: single_calls.append(kw) or real_single(*a, **kw))
+    monkeypatch.setattr(kernels.dispatch, "block_sparse_plan", plan)
+    monkeypatch.setattr(kernels, "block_sparse_triton", launch("triton"))
+    monkeypatch.setattr(kernels, "block_sparse_gluon", launch("gluon"))
     dtype = torch.bfloat16 if HAS_CUDA else torch.float32
-    case = Case(batch=1, heads=2, seq_len=1000 if HAS_CUDA else 380, head_dim=128,  # even nq
+    case = Case(batch=1, heads=2, seq_len=1000 if HAS_CUDA else 380, head_dim=128,
                 block_size=64, layout="bshd", padding="tail", density=density, input_scale=1.0,
                 seed=3)
     q, k, v = make_qkv(case, dtype, DEVICE)
@@ -614,11 +509,8 @@ def test_sparse_forward_dispatch(monkeypatch, hopper, density):
     ref = reference.block_sparse_attention_ref(f64(q), f64(k), f64(v), counts.cpu(),
                                                indices.cpu(), 128 ** -0.5, 64, kv.cpu())
     assert rel_err(got, ref) < (1e-2 if HAS_CUDA else 1e-4)
-    assert mask.is_full == (density == 1.0)
-    assert bool(pair_calls) == (not hopper and density == 1.0)
-    if not pair_calls:
-        assert [kw["rotate_period"] for kw in single_calls] == [
-            0 if hopper and density == 1.0 else None]
+    assert [(c.full_mask, c.padded, c.head_dim) for c in plans] == [(density == 1.0, True, 128)]
+    assert [executor for executor, _ in launches] == ["gluon" if gluon else "triton"]
 
 
 def test_natural_log_lse_matches_logsumexp():
@@ -628,7 +520,7 @@ def test_natural_log_lse_matches_logsumexp():
     k = torch.zeros(1, 1, L, D, device=DEVICE)
     q[..., 0], k[..., 0] = 1.0, torch.linspace(-1, 1, L, device=DEVICE)
     v = torch.randn(1, 1, L, D, device=DEVICE)
-    _, lse, _ = kernels.fused_search(q, k, v, 1.0, 64, None, with_mass=False)
+    _, lse = kernels.attention_with_lse(q, k, v, 1.0, None, LaunchOptions())
     expected = torch.logsumexp(torch.linspace(-1, 1, L, dtype=torch.float64), 0)
     assert math.isclose(float(lse[0, 0, 0]), float(expected), rel_tol=1e-5)
 
@@ -641,9 +533,6 @@ def test_mass_pass_walks_every_chunk_interpreter(chunk, n_blocks, ragged, padded
     """The mass loop gathers ``chunk`` key blocks at a time; real models run many chunks
     (HunyuanVideo 720p: 1,861 key blocks over chunks of 16). A small chunk over up to 6 blocks,
     with a ragged last block and padded keys, runs several chunks and a partial last one."""
-    import importlib
-
-    cached_search = importlib.import_module("adaspa_compile.kernels.cached_search")  # the module
     block = 64
     L = n_blocks * block - ragged
     g = torch.Generator().manual_seed(seed)
@@ -652,6 +541,6 @@ def test_mass_pass_walks_every_chunk_interpreter(chunk, n_blocks, ragged, padded
     key_valid[:, L - min(padded, L - 1):] = False
     scale = 32 ** -0.5
     _, lse = reference.attention_with_lse_ref(q, k, k, scale, key_valid)
-    got = cached_search._launch(q, k, lse, scale, block, key_valid, None, chunk=chunk)
+    got = kernels.mass_from_lse(q, k, lse, scale, block, key_valid, LaunchOptions(), chunk=chunk)
     want = reference.block_mass_ref(f64(q), f64(k), lse.double(), scale, block, key_valid)
     assert rel_err(got, want) < 1e-5, f"mass rel err {rel_err(got, want):.2e}"

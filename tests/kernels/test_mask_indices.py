@@ -8,7 +8,6 @@ loop's running offset and the multi-chunk zero fill on rows short enough for the
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 import pytest
@@ -21,7 +20,7 @@ from adaspa_compile.blockmask import BlockMask
 
 pytest.importorskip("triton")
 
-mask_indices_mod = importlib.import_module("adaspa_compile.kernels.mask_indices")
+from adaspa_compile.kernels import mask_indices as mask_indices_mod  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 interpreter_only = pytest.mark.skipif(
@@ -76,7 +75,7 @@ def check_against_reference(mask: BlockMask) -> None:
     want_counts, want_indices = mask.to_indices()
     counts = torch.full_like(want_counts, POISON)
     indices = torch.full_like(want_indices, POISON)
-    got_counts, got_indices = kernels.mask_indices(mask.bits, mask.num_kv_blocks, mask.max_kept,
+    got_counts, got_indices = kernels.mask_to_indices(mask.bits, mask.num_kv_blocks, mask.max_kept,
                                                    counts=counts, indices=indices)
     assert got_counts is counts and got_indices is indices
     assert got_counts.dtype == got_indices.dtype == torch.int32
@@ -111,10 +110,10 @@ def test_mask_indices_default_tile_spans_several_rows_per_program():
 
 @interpreter_only
 def test_sparse_forward_uses_the_kernel(monkeypatch):
-    """With the kernels in use, ``ops.sparse_forward`` takes its indices from ``mask_indices``
+    """With the kernels in use, ``ops.sparse_forward`` takes its indices from ``mask_to_indices``
     (not ``to_indices``), and the output matches the reference."""
     calls = []
-    real = kernels.mask_indices
+    real = kernels.mask_to_indices
 
     def spy(*args, **kwargs):
         calls.append(args[1:])
@@ -123,7 +122,7 @@ def test_sparse_forward_uses_the_kernel(monkeypatch):
     def no_reference(self):
         raise AssertionError("to_indices() called on the kernel path")
 
-    monkeypatch.setattr(kernels, "mask_indices", spy)
+    monkeypatch.setattr(kernels, "mask_to_indices", spy)
     monkeypatch.setattr(ops, "_kernels_for", lambda q, block_size, scale: kernels)
     gen = torch.Generator().manual_seed(0)
     B, H, L, D, bs = 1, 2, 200, 16, 64
@@ -186,16 +185,16 @@ def test_bad_input_raises_value_error(problem):
         out["indices"] = torch.zeros(B, H, nb, 2 * max_kept, dtype=torch.int32,
                                      device=DEVICE)[..., ::2]
     with pytest.raises(ValueError):
-        kernels.mask_indices(bits, nk, max_kept, **out)
+        kernels.mask_to_indices(bits, nk, max_kept, **out)
 
 
 def test_cpu_tensor_without_interpreter_raises(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="CUDA"):
-        kernels.mask_indices(torch.zeros(1, 1, 3, 1, dtype=torch.uint8), 3, 1)
+        kernels.mask_to_indices(torch.zeros(1, 1, 3, 1, dtype=torch.uint8), 3, 1)
 
 
 def test_empty_shapes():
     bits = torch.zeros(1, 0, 5, 1, dtype=torch.uint8, device=DEVICE)
-    counts, indices = kernels.mask_indices(bits, 5, 0)
+    counts, indices = kernels.mask_to_indices(bits, 5, 0)
     assert counts.shape == (1, 0, 5) and indices.shape == (1, 0, 5, 0)

@@ -84,8 +84,8 @@ def check_sorted_rows(mass, text, valid) -> None:
 def check_keep(mass, text, valid, keep) -> None:
     sorted_mass = selection.sorted_candidate_rows(mass, text, valid)[0]
     want = selection.keep_best(mass, text, valid, keep, sorted_mass)
-    got = kernels.keep_blocks(mass, text, valid, keep, sorted_mass)
-    for g, w, what in zip(got, want, ("bits", "counts", "pair counts")):
+    got = kernels.kept_block_bits(mass, text, valid, keep, sorted_mass)
+    for g, w, what in zip(got, want, ("bits", "counts")):
         assert g.dtype == w.dtype and torch.equal(g.cpu(), w.cpu()), f"{what} differ"
 
 
@@ -132,8 +132,8 @@ def test_select_blocks_kernel_path_equals_pytorch_path(monkeypatch, cfg):
     got = selection.select_blocks(mass, layout, cfg)
     assert calls
     assert torch.equal(got.mask.bits, want.mask.bits)
-    assert (got.mask.max_kept, got.mask.pair_overhead) == (want.mask.max_kept,
-                                                           want.mask.pair_overhead)
+    assert (got.mask.max_kept, got.mask.kept_blocks) == (want.mask.max_kept,
+                                                         want.mask.kept_blocks)
     assert torch.equal(got.target_sparsity, want.target_sparsity)
     assert torch.allclose(got.density, want.density)
     assert torch.allclose(got.recall, want.recall, rtol=1e-5)
@@ -150,11 +150,11 @@ def test_selection_kernels_reject_bad_input():
         kernels.sorted_candidate_mass(mass, text[:4], valid)
     one = torch.ones(1, 2, dtype=torch.long)
     with pytest.raises(ValueError, match="valid_blocks"):
-        kernels.keep_blocks(mass, text, valid.float(), one, mass)
+        kernels.kept_block_bits(mass, text, valid.float(), one, mass)
     with pytest.raises(ValueError, match="keep"):
-        kernels.keep_blocks(mass, text, valid, one.T, mass)
+        kernels.kept_block_bits(mass, text, valid, one.T, mass)
     with pytest.raises(ValueError, match="sorted_mass"):
-        kernels.keep_blocks(mass, text, valid, one, mass[..., :1])
+        kernels.kept_block_bits(mass, text, valid, one, mass[..., :1])
     with pytest.raises(ValueError, match="contiguous"):
         kernels.sorted_candidate_mass(mass, text, valid, out=torch.empty(5, 5, 2, 1).permute(
             3, 2, 0, 1))

@@ -1,4 +1,5 @@
-"""LSE-cached search: the block attention mass from a cached LSE, no V and no output.
+"""The block attention mass from a row LSE, no V and no output: the second half of the exact
+search (with the fresh LSE) and the whole cached search (with the LSE of an earlier step).
 
 ``mass[b, h, i, j] = sum over rows r of query block i, keys c of key block j of
 exp(scale * q_r . k_c - lse_r)``, fp32 ``[B, H, nq, nk]``, reduced over rows inside the kernel
@@ -11,7 +12,7 @@ exp(scale * q_r . k_c - lse_r)``, fp32 ``[B, H, nq, nk]``, reduced over rows ins
   (``BLOCK_M = 128``) and writes two rows of the mass map.
 - rows whose cached LSE is ``-inf`` (no valid key) and padded keys contribute 0.
 - q and k are read through their strides (BSHD memory viewed as BHSD is fine); K through a
-  tensor descriptor (TMA) on sm90+ for bf16 / fp16 at head dim 64 or 128.
+  tensor descriptor (TMA) with ``tma=True`` where its strides allow it.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import triton.language as tl
 
 from . import _common
 from ._tiles import MASK_ALL, MASK_NONE, load_block, load_rows, scale_scores, unbiased_blocks
+from .dispatch import LaunchOptions
 
-__all__ = ["cached_search"]
+__all__ = ["mass_from_lse"]
 
 # Key blocks whose row sums are gathered before one cross-warp reduction (see ``_mass_loop``).
 CHUNK = 16
@@ -53,7 +55,7 @@ def _mass_loop(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, rows_left
     write mass rows ``mass_rows + s * n_k_blocks`` for ``s < rows_left``. The row sums of
     ``CHUNK`` consecutive key blocks are gathered in registers and reduced across rows (and so
     across warps) once per chunk: reducing at every block puts block-wide barriers in every
-    iteration (10% slower at head dim 128 on the H100, ``research/cached_search_variants.py``).
+    iteration (10% slower at head dim 128 on the H100, benchmarks/RESULTS.md).
     """
     splits = tl.arange(0, SPLIT)
     row_ptrs = mass_rows + splits * n_k_blocks
@@ -94,15 +96,15 @@ def _mass_all_blocks(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, row
 
 # ----------------------------------------------------------------------------- kernel
 @triton.jit
-def _cached_search_kernel(Q, K, LSE, Bias, Mass,
-                          stride_qz, stride_qh, stride_qm, stride_qd,
-                          stride_kz, stride_kh, stride_kn, stride_kd,
-                          stride_lz, stride_lh, stride_lm,
-                          H, seq_len, n_q_blocks, n_k_blocks, qk_scale,
-                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                          BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr,
-                          MASK_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
-                          USE_TMA: tl.constexpr, CHUNK: tl.constexpr):
+def _block_mass_kernel(Q, K, LSE, Bias, Mass,
+                        stride_qz, stride_qh, stride_qm, stride_qd,
+                        stride_kz, stride_kh, stride_kn, stride_kd,
+                        stride_lz, stride_lh, stride_lm,
+                        H, seq_len, n_q_blocks, n_k_blocks, qk_scale,
+                        HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                        BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr,
+                        MASK_MODE: tl.constexpr, DOT_PREC: tl.constexpr,
+                        USE_TMA: tl.constexpr, CHUNK: tl.constexpr):
     BLOCK_M: tl.constexpr = BLOCK_SIZE * SPLIT
     tl.static_assert(SPLIT == 1 or SPLIT == 2)
     pid_m = tl.program_id(0)
@@ -132,11 +134,24 @@ def _cached_search_kernel(Q, K, LSE, Bias, Mass,
 
 
 # ----------------------------------------------------------------------------- launcher
-def _launch(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, block_size: int,
-            key_valid: Optional[torch.Tensor], mass: Optional[torch.Tensor],
-            use_tma: Optional[bool] = None, chunk: int = CHUNK,
-            num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-            maxnreg: Optional[int] = None) -> torch.Tensor:
+def mass_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float,
+                  block_size: int, key_valid: Optional[torch.Tensor], options: LaunchOptions, *,
+                  mass: Optional[torch.Tensor] = None, chunk: int = CHUNK) -> torch.Tensor:
+    """Block attention mass fp32 ``[B, H, nq, nk]`` from the natural-log ``lse``.
+
+    Args:
+        q, k: ``[B, H, L, D]``, fp16 / bf16 / fp32, any strides (a unit head-dim stride is
+            fastest).
+        lse: fp32 ``[B, H, L]``, natural log, ``-inf`` for rows with no valid key.
+        scale: softmax scale.
+        block_size: 64 or 128.
+        key_valid: ``None`` or bool ``[B, L]`` (True = attend).
+        options: from :func:`.dispatch.block_mass_options` (warps, stages, register cap,
+            ``tma`` for K where its strides allow it).
+        mass: optional preallocated contiguous output (tests poison it).
+        chunk: key blocks gathered per cross-warp reduction (tests make it small to run many
+            chunks on short sequences).
+    """
     _common.check_qk(q, k, block_size)
     _common.check_key_valid(key_valid, q)
     B, H, L, D = q.shape
@@ -151,18 +166,12 @@ def _launch(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, b
         raise ValueError("mass must be contiguous")
     if L == 0 or B * H == 0:
         return mass
-
     split = 2 if block_size == 64 else 1
-    block_m = block_size * split
     head_dim_pad = _common.padded_head_dim(D)
-    bias = _common.key_bias(key_valid, B, L, block_size, q.device)
-    default_warps, default_stages = _common.launch_config("cached", head_dim_pad, block_size)
-    descs = _common.tma_descriptors((k,), block_size, head_dim_pad, use_tma)
-    grid = (triton.cdiv(L, block_m), B * H)
-    extra = (_common.register_cap("cached", head_dim_pad, block_size) if maxnreg is None
-             else {"maxnreg": maxnreg})
-    _cached_search_kernel[grid](
-        q, k if descs is None else descs[0], lse, bias, mass,
+    descs = _common.tma_descriptors((k,), block_size, head_dim_pad) if options.tma else None
+    _block_mass_kernel[(triton.cdiv(L, block_size * split), B * H)](
+        q, k if descs is None else descs[0], lse,
+        _common.key_bias(key_valid, B, L, block_size, q.device), mass,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         lse.stride(0), lse.stride(1), lse.stride(2),
@@ -170,28 +179,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, b
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, SPLIT=split,
         MASK_MODE=_common.mask_mode(key_valid, L, block_size),
         DOT_PREC=_common.dot_precision(q.dtype), USE_TMA=descs is not None, CHUNK=chunk,
-        num_warps=num_warps or default_warps,
-        num_stages=num_stages or default_stages, **extra,
+        num_warps=options.num_warps, num_stages=options.num_stages,
+        **options.compiler_options(),
     )
     return mass
-
-
-# ----------------------------------------------------------------------------- public
-def cached_search(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float,
-                  block_size: int, key_valid: Optional[torch.Tensor], *,
-                  tma: Optional[bool] = None, mass: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Block attention mass fp32 ``[B, H, nq, nk]`` from the cached natural-log ``lse``.
-
-    Args:
-        q, k: ``[B, H, L, D]``, fp16 / bf16 / fp32, any strides with a unit head-dim stride
-            preferred.
-        lse: fp32 ``[B, H, L]``, natural log, ``-inf`` for rows with no valid key.
-        scale: softmax scale.
-        block_size: 64 or 128.
-        key_valid: ``None`` or bool ``[B, L]`` (True = attend).
-        tma: read K through a tensor descriptor: None = on sm90+ GPUs for bf16 / fp16 with head
-            dim 64 or 128, True = wherever its strides allow (also under the interpreter),
-            False = pointer loads.
-        mass: optional preallocated contiguous output (tests poison it).
-    """
-    return _launch(q, k, lse, scale, block_size, key_valid, mass, use_tma=tma)
