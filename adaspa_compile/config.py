@@ -29,7 +29,7 @@ class AdaSpaConfig:
         search_steps: zero-based denoising steps that search a mask; the first is the fused
             (exact) search, the later ones re-search from the cached LSE. Steps before the first
             run the model's own dense SDPA.
-        head_adaptive: spread the sparsity over heads in three tiers (ADASPA.md section 4.3).
+        head_adaptive: spread the sparsity over heads in three tiers (docs/method.md, Head tiers).
         text_sink: always keep the blocks that touch text tokens.
         mode: ``"sparsity"`` (fixed budget) or ``"recall"`` (fewest blocks reaching ``recall``).
         recall: the target attention recall in ``mode="recall"``, in ``(0, 1]``.
@@ -48,8 +48,8 @@ class AdaSpaConfig:
             branch, when the pipeline calls the transformer once per branch) reuse the first
             call's mask instead of searching their own. Cheaper search steps, and on the shipped
             fidelity model a higher PSNR (guidance amplifies the difference of two branches'
-            masks; ``benchmarks/RESULTS.md``). ``False`` (ADASPA.md) searches per branch.
-            Batched CFG (one call of batch 2) keeps per-item masks either way.
+            masks; ``benchmarks/RESULTS.md``). ``False`` (docs/method.md, CFG branches) searches
+            per branch. Batched CFG (one call of batch 2) keeps per-item masks either way.
     """
 
     sparsity: float = 0.8

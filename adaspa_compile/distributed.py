@@ -25,7 +25,7 @@ rank:
 
 Without it, diffusers' hooks break the graph and Dynamo compiles every block as a frame of its
 own, blocks 1..N-1 sharing one compiled graph: each block still has its own site, named by its
-layer (``state.py``). See notes/multigpu.md.
+layer (``state.py``). See docs/multigpu.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Block selection from the block mass (ADASPA.md section 4).
+"""Block selection from the block mass (docs/method.md, Selection and Head tiers).
 
 Per (batch, head) and query-block row:
 - text sink: every block whose query or key side touches a text token is kept, outside the budget;
@@ -27,7 +27,7 @@ __all__ = ["BlockLayout", "Selection", "keep_best", "select_blocks", "sorted_can
 
 logger = logging.getLogger(__name__)
 
-# A head whose recall at the layer's sparsity exceeds this is "easy" (ADASPA.md section 4.3).
+# A head whose recall at the layer's sparsity exceeds this is "easy" (docs/method.md, Head tiers).
 EASY_HEAD_RECALL = 0.8
 
 

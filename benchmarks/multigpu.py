@@ -5,7 +5,7 @@ width with random bf16 weights, truncated to ``--layers`` blocks, as in ``benchm
 CFG as two calls per step (cond, uncond). Wan, not HunyuanVideo: diffusers 0.42.1 ships a
 context-parallel plan (``_cp_plan``) for Wan, whose self-attention is video only (text enters
 through cross-attention, which stays local and dense). HunyuanVideo has no plan, and its joint
-attention concatenates the text inside the attention processor: see notes/multigpu.md.
+attention concatenates the text inside the attention processor: see docs/multigpu.md.
 
 Methods, each timed on the same model and inputs:
 

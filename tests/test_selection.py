@@ -1,4 +1,4 @@
-"""Properties of block selection (ADASPA.md section 4)."""
+"""Properties of block selection (docs/method.md, Selection and Head tiers)."""
 
 import torch
 from hypothesis import assume, given, strategies as st

@@ -18,7 +18,7 @@ once per prompt (B=1; Wan does CFG as two separate calls), CogVideoX / LTX / Moc
 batch the CFG pair into one call (B=2, negative first).
 
 All six compile with ``torch.compile(model, backend=..., fullgraph=True)`` and match eager
-exactly (backend="eager").  Mochi caveat (see notes/diffusers_sdpa.md):
+exactly (backend="eager").  Mochi caveat (see docs/diffusers_models.md):
 ``MochiAttnProcessor2_0`` calls ``torch.nonzero`` on the text mask
 (diffusers/models/attention_processor.py:1068).  With ``fullgraph=True`` torch 2.13 captures it
 anyway (unbacked SymInt sequence length; torch/_dynamo/output_graph.py:735-737 turns on
