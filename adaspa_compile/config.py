@@ -8,15 +8,31 @@ from typing import Any, Mapping, Optional, Tuple, Union
 
 from .schedule import DEFAULT_SEARCH_STEPS
 
-__all__ = ["AdaSpaConfig", "TextTokens"]
+__all__ = ["AdaSpaConfig", "PRESETS", "TextTokens"]
 
 MODES = ("sparsity", "recall")
+CFG_MASKS = ("per_branch", "cond", "sum")
+HEAD_BUDGETS = ("tiers", "uniform", "layer")
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 SELECTORS = ("adaspa", "window", "pooled")
 TEXT_POSITIONS = ("first", "last")
 
 # ``text_tokens`` override: ``0`` (no text in self-attention) or ``("first" | "last", count)``.
 TextTokens = Union[int, Tuple[str, int]]
+
+# ``options={"preset": name}``: a named set of options; keys given beside it override it.
+PRESETS: Mapping[str, Mapping[str, Any]] = {
+    "paper": {"sparsity": 0.8, "block_size": 64, "search_steps": DEFAULT_SEARCH_STEPS,
+              "head_budget": "tiers", "cfg_mask": "per_branch", "text_sink": True,
+              "mode": "sparsity", "selector": "adaspa", "lse_cache": True},
+}
+
+# Older option names, still accepted in ``options=``: each maps True / False to a value of the
+# key that replaced it.
+ALIASES: Mapping[str, Tuple[str, Mapping[bool, str]]] = {
+    "head_adaptive": ("head_budget", {True: "tiers", False: "uniform"}),
+    "share_cfg_mask": ("cfg_mask", {True: "cond", False: "per_branch"}),
+}
 
 
 @dataclass(frozen=True)
@@ -29,7 +45,14 @@ class AdaSpaConfig:
         search_steps: zero-based denoising steps that search a mask; the first is the fused
             (exact) search, the later ones re-search from the cached LSE. Steps before the first
             run the model's own dense SDPA.
-        head_adaptive: spread the sparsity over heads in three tiers (docs/method.md, Head tiers).
+        head_budget: how a layer's budget (``mode="sparsity"``) is split over its heads:
+            ``"tiers"`` (the paper's three tiers: heads ranked by their recall at ``sparsity``
+            get ``sparsity`` plus or minus ``(1 - sparsity) / 2``, or ``sparsity``),
+            ``"uniform"`` (every head keeps the same count per row) or ``"layer"`` (each
+            query-block row keeps the count of ``"uniform"`` summed over the heads, spent on
+            the blocks of any head that add the most to the layer's summed recall; every head
+            keeps its diagonal block). All three keep the layer's mean density. Older name:
+            ``head_adaptive`` (True: ``"tiers"``, False: ``"uniform"``).
         text_sink: always keep the blocks that touch text tokens.
         mode: ``"sparsity"`` (fixed budget) or ``"recall"`` (fewest blocks reaching ``recall``).
         recall: the target attention recall in ``mode="recall"``, in ``(0, 1]``.
@@ -44,18 +67,24 @@ class AdaSpaConfig:
             ``selector="window"``; without it the window is 1D along the sequence.
         lse_cache: re-search from the LSE cached at the first search step; ``False`` runs a
             fused search at every search step (an ablation).
-        share_cfg_mask: the later calls of a step (classifier-free guidance's unconditional
-            branch, when the pipeline calls the transformer once per branch) reuse the first
-            call's mask instead of searching their own. Cheaper search steps, and on the shipped
-            fidelity model a higher PSNR (guidance amplifies the difference of two branches'
-            masks; ``benchmarks/RESULTS.md``). ``False`` (docs/method.md, CFG branches) searches
-            per branch. Batched CFG (one call of batch 2) keeps per-item masks either way.
+        cfg_mask: where the masks of the calls of one step (classifier-free guidance's
+            branches, when the pipeline calls the transformer once per branch) come from:
+            ``"per_branch"`` (the paper: each branch searches its own), ``"cond"`` (the later
+            branches run on the first call's mask and never search: cheaper search steps) or
+            ``"sum"`` (every branch searches; the selection of a later branch runs on the sum of
+            the block masses of the step's branches so far, and that one mask replaces theirs.
+            The first branch's mass is held until its next call: one fp32 ``[B, H, nb, nb]``
+            per site). Batched CFG (one call of batch 2) keeps per-item masks either way. Older
+            name: ``share_cfg_mask`` (True: ``"cond"``, False: ``"per_branch"``).
+
+    ``options={"preset": "paper"}`` sets the paper's settings (:data:`PRESETS`); keys given
+    beside it override them.
     """
 
     sparsity: float = 0.8
     block_size: int = 64
     search_steps: Tuple[int, ...] = DEFAULT_SEARCH_STEPS
-    head_adaptive: bool = True
+    head_budget: str = "tiers"
     text_sink: bool = True
     mode: str = "sparsity"
     recall: float = 0.95
@@ -65,7 +94,7 @@ class AdaSpaConfig:
     selector: str = "adaspa"
     video_grid: Optional[Tuple[int, int, int]] = None
     lse_cache: bool = True
-    share_cfg_mask: bool = False
+    cfg_mask: str = "per_branch"
 
     def __post_init__(self) -> None:
         steps = self.search_steps
@@ -80,7 +109,8 @@ class AdaSpaConfig:
 
     @classmethod
     def from_options(cls, options: Optional[Mapping[str, Any]]) -> "AdaSpaConfig":
-        """Build a config from ``torch.compile(..., options=...)``; unknown keys raise."""
+        """Build a config from ``torch.compile(..., options=...)``: a ``"preset"`` first, the
+        other keys over it (older names as their replacements); unknown keys raise."""
         if options is None:
             return cls()
         if isinstance(options, AdaSpaConfig):
@@ -88,14 +118,42 @@ class AdaSpaConfig:
         if not isinstance(options, Mapping):
             raise ValueError(f"adaspa options must be a dict, got {type(options).__name__}")
         known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(options) - set(known))
+        unknown = sorted(set(options) - set(known) - set(ALIASES) - {"preset"})
         if unknown:
-            raise ValueError(f"unknown adaspa option(s) {unknown}; valid keys are {known}")
-        return cls(**options)
+            raise ValueError(f"unknown adaspa option(s) {unknown}; valid keys are "
+                             f"{known + ['preset'] + list(ALIASES)}")
+        given = dict(options)
+        preset = _preset(given.pop("preset", None))
+        return cls(**{**preset, **_renamed(given)})
 
     def replace(self, **changes: Any) -> "AdaSpaConfig":
         """A copy with ``changes`` applied and validated."""
         return dataclasses.replace(self, **changes)
+
+
+def _preset(name: Any) -> Mapping[str, Any]:
+    """The options of preset ``name`` (none for ``None``)."""
+    if name is None:
+        return {}
+    if not isinstance(name, str) or name not in PRESETS:
+        _fail("preset", name, " | ".join(PRESETS))
+    return PRESETS[name]
+
+
+def _renamed(options: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``options`` with every older key replaced by its new key and value."""
+    out = dict(options)
+    for old, (new, values) in ALIASES.items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        if new in out:
+            raise ValueError(f"adaspa options {old!r} and {new!r} are both given; {old!r} is the "
+                             f"older name of {new!r}: give {new!r} only")
+        if not isinstance(value, bool):
+            _fail(old, value, f"True or False (or give {new!r}: {' | '.join(values.values())})")
+        out[new] = values[value]
+    return out
 
 
 def _fail(key: str, value: Any, valid: str) -> None:
@@ -123,11 +181,12 @@ def _validate(cfg: AdaSpaConfig) -> None:
         or list(steps) != sorted(set(steps))
     ):
         _fail("search_steps", steps, "a non-empty, strictly increasing tuple of step indexes >= 0")
-    for key in ("head_adaptive", "text_sink", "lse_cache", "share_cfg_mask"):
+    for key in ("text_sink", "lse_cache"):
         if not isinstance(getattr(cfg, key), bool):
             _fail(key, getattr(cfg, key), "True or False")
-    if cfg.mode not in MODES:
-        _fail("mode", cfg.mode, " | ".join(MODES))
+    for key, valid in (("mode", MODES), ("head_budget", HEAD_BUDGETS), ("cfg_mask", CFG_MASKS)):
+        if getattr(cfg, key) not in valid:
+            _fail(key, getattr(cfg, key), " | ".join(valid))
     if not _is_number(cfg.recall) or not 0.0 < cfg.recall <= 1.0:
         _fail("recall", cfg.recall, "a float in (0, 1]")
     if not _is_int(cfg.min_seq_len) or cfg.min_seq_len < 1:

@@ -18,9 +18,9 @@ from .config import AdaSpaConfig
 from .logs import log_once
 from .passes.sites import SiteInfo
 from .report import SiteReport
-from .schedule import Phase, SiteFacts, plan_phase
+from .schedule import Phase, Plan, SiteFacts, plan_phase
 from .selection import BlockLayout
-from .selectors import make_selector
+from .selectors import Scored, make_selector
 
 __all__ = ["Site", "SearchTimer"]
 
@@ -33,6 +33,7 @@ class _BranchCache:
     lse: Optional[torch.Tensor] = None
     mask: Optional[BlockMask] = None
     searched_at: Optional[int] = None
+    scored: Optional[Scored] = None  # ``cfg_mask="sum"``: this step's mass, for later branches
 
 
 @dataclass
@@ -65,7 +66,9 @@ class Site:
 
     def cache_bytes(self) -> int:
         return sum((c.lse.numel() * 4 if c.lse is not None else 0)
-                   + (c.mask.nbytes() if c.mask is not None else 0) for c in self.caches.values())
+                   + (c.mask.nbytes() if c.mask is not None else 0)
+                   + (c.scored.nbytes() if c.scored is not None else 0)
+                   for c in self.caches.values())
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 attn_mask: Optional[torch.Tensor], scale: Optional[float], step: int,
@@ -77,9 +80,9 @@ class Site:
             raise ValueError(f"adaspa option text_tokens={self.cfg.text_tokens!r} asks for "
                              f"{self.info.text.text_len} text tokens, but {self.name} attends "
                              f"over {q.shape[2]}: give the text length of this model")
-        cache = self._cache_for(branch, q)
-        lead = self._lead_mask(branch, q)
-        phase = self._plan(step, branch, cache, lead, q, k, attn_mask)
+        cache = self._cache_for(branch, q, step)
+        plan = self._plan(step, branch, cache, q, k, attn_mask)
+        phase = plan.phase
         self.phases.setdefault(branch, []).append(phase)
         if phase is Phase.DENSE:
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
@@ -90,49 +93,50 @@ class Site:
         if phase is Phase.FUSED_SEARCH:
             timer = SearchTimer(q.device)
             out, cache.lse, mass = ops.fused_search(q, k, v, s, self.cfg.block_size, key_valid)
-            self._select(mass, key_valid, cache, q, k, s, timer, step)
+            self._select(mass, key_valid, plan, branch, q, k, s, timer, step)
             return _with_strides_of(out, q)
         if phase is Phase.CACHED_SEARCH:
             timer = SearchTimer(q.device)
             mass = ops.cached_search(q, k, cache.lse, s, self.cfg.block_size, key_valid)
-            self._select(mass, key_valid, cache, q, k, s, timer, step)
-        mask = lead if lead is not None and phase is Phase.SPARSE else cache.mask
+            self._select(mass, key_valid, plan, branch, q, k, s, timer, step)
+        mask = self.caches[plan.mask_of].mask
         return _with_strides_of(ops.sparse_forward(q, k, v, mask, s, key_valid), q)
 
-    def _plan(self, step: int, branch: int, cache: _BranchCache, lead: Optional[BlockMask],
-              q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> Phase:
+    def _plan(self, step: int, branch: int, cache: _BranchCache, q: torch.Tensor,
+              k: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> Plan:
         """``plan_phase`` on this call's facts. Two checks sync with the host: the padding check,
         once per site, the first time a search or sparse step is planned; q and k finite, at
         each search."""
+        lead = self.caches.get(0) if branch > 0 else None
+        if lead is not None and lead.shape != cache.shape:
+            lead = None
         facts = SiteFacts(searched_at=cache.searched_at, has_lse=cache.lse is not None,
-                          lead_mask=lead is not None, dense_reason=self.dense_reason)
-        phase = plan_phase(step, branch, facts, self.cfg)
-        if phase in (Phase.FUSED_SEARCH, Phase.CACHED_SEARCH) and not _all_finite(q, k):
+                          lead_mask=lead is not None and lead.mask is not None,
+                          lead_mass=lead is not None and lead.scored is not None
+                          and lead.searched_at == step, dense_reason=self.dense_reason)
+        plan = plan_phase(step, branch, facts, self.cfg)
+        if plan.phase in (Phase.FUSED_SEARCH, Phase.CACHED_SEARCH) and not _all_finite(q, k):
             self._stay_dense(f"q or k holds NaN or Inf at step {step}: the site runs the "
                              "model's own SDPA from here on, so the values show as they would "
                              "without adaspa instead of hiding in skipped blocks")
-            return Phase.DENSE
-        if phase is Phase.DENSE or self.padding_checked:
-            return phase
+            return Plan(Phase.DENSE)
+        if plan.phase is Phase.DENSE or self.padding_checked:
+            return plan
         self.padding_checked = True
         if _is_padding_mask(attn_mask):
-            return phase
+            return plan
         self._stay_dense("the additive attn_mask holds values other than 0 and padding "
                          f"(<= {ops.PADDING_BIAS:g}): not a key-padding mask")
         return plan_phase(step, branch, SiteFacts(padding_mask=False), self.cfg)
 
-    def _lead_mask(self, branch: int, q: torch.Tensor) -> Optional[BlockMask]:
-        """With ``share_cfg_mask``, the mask of branch 0 (this step's first call) for a later
-        branch of the same shape; ``None`` otherwise (the branch searches its own)."""
-        if not self.cfg.share_cfg_mask or branch == 0:
-            return None
-        lead = self.caches.get(0)
-        return lead.mask if lead is not None and lead.shape == tuple(q.shape) else None
-
-    def _cache_for(self, branch: int, q: torch.Tensor) -> _BranchCache:
+    def _cache_for(self, branch: int, q: torch.Tensor, step: int) -> _BranchCache:
+        """This branch's cache (a new one for a new shape); a mass kept for the later branches
+        of an earlier step is dropped here."""
         cache = self.caches.get(branch)
         if cache is None or cache.shape != tuple(q.shape):
             cache = self.caches[branch] = _BranchCache(shape=tuple(q.shape))
+        if cache.searched_at != step:
+            cache.scored = None
         return cache
 
     def _stay_dense(self, reason: str) -> None:
@@ -140,14 +144,28 @@ class Site:
             self.dense_reason = reason
             log_once(logger, f"adaspa: {self.name} stays dense: {reason}")
 
-    def _select(self, mass: torch.Tensor, key_valid: Optional[torch.Tensor], cache: _BranchCache,
-                q: torch.Tensor, k: torch.Tensor, scale: float, timer: "SearchTimer",
-                step: int) -> None:
-        """Choose this branch's mask from the exact ``mass`` and the configured selector."""
+    def _select(self, mass: torch.Tensor, key_valid: Optional[torch.Tensor], plan: Plan,
+                branch: int, q: torch.Tensor, k: torch.Tensor, scale: float,
+                timer: "SearchTimer", step: int) -> None:
+        """Choose this branch's mask from the exact ``mass`` and the configured selector; with
+        ``plan.sum_with``, from the sum of this mass and that branch's, for every branch that
+        searched at this step."""
         layout = BlockLayout(seq_len=q.shape[2], block_size=self.cfg.block_size,
                              text_span=self.info.text.tokens(q.shape[2]), key_valid=key_valid)
-        chosen = make_selector(self.cfg).select(mass, q, k, scale, layout, self.head_group)
-        cache.mask, cache.searched_at = chosen.mask, step
+        selector = make_selector(self.cfg)
+        scored = selector.score(mass, q, k, scale, layout)
+        cache = self.caches[branch]
+        if plan.sum_with is not None:
+            lead = self.caches[plan.sum_with]
+            scored = lead.scored = lead.scored + scored
+        chosen = selector.choose(scored, layout, self.head_group)
+        cache.searched_at = step
+        if plan.keep_mass:
+            cache.scored = scored
+        targets = [cache] if plan.sum_with is None else [
+            c for c in self.caches.values() if c.shape == cache.shape and c.searched_at == step]
+        for target in targets:
+            target.mask = chosen.mask
         timer.stop()
         self.density, self.recall = chosen.density, chosen.recall  # read when reported: no sync
         self.search_ms.append(timer)

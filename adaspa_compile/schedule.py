@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Optional, Tuple
 if TYPE_CHECKING:
     from .config import AdaSpaConfig
 
-__all__ = ["Phase", "SiteFacts", "plan_phase", "scaled_search_steps", "StepClock"]
+__all__ = ["Phase", "Plan", "SiteFacts", "plan_phase", "scaled_search_steps", "StepClock"]
 
 
 class Phase(str, enum.Enum):
@@ -31,29 +31,55 @@ class SiteFacts:
 
     searched_at: Optional[int] = None  # the step of this branch's last search, this generation
     has_lse: bool = False  # an LSE cached by a fused search of this branch
-    lead_mask: bool = False  # ``share_cfg_mask``: branch 0 holds a mask of this call's shape
+    lead_mask: bool = False  # branch 0 holds a mask of this call's shape
+    lead_mass: bool = False  # branch 0 holds the block mass of its search at this step
     padding_mask: bool = True  # the attn_mask is none, bool, or 0 / padding only
     dense_reason: str = ""  # why the site runs dense for good ("" when it does not)
 
 
-def plan_phase(step: int, branch: int, facts: SiteFacts, cfg: "AdaSpaConfig") -> Phase:
-    """The phase of one attention call: every schedule rule and override in one place.
+@dataclass(frozen=True)
+class Plan:
+    """What one attention call does: its phase, and where its mask comes from."""
+
+    phase: Phase
+    mask_of: int = 0  # the branch whose mask a sparse call runs on
+    sum_with: Optional[int] = None  # a search selects on its mass plus this branch's, for both
+    keep_mass: bool = False  # a search keeps its mass for the later branches of the step
+
+    @property
+    def letter(self) -> str:
+        return self.phase.letter
+
+
+def plan_phase(step: int, branch: int, facts: SiteFacts, cfg: "AdaSpaConfig") -> Plan:
+    """The plan of one attention call: every schedule rule and override in one place.
 
     Dense before the first search step (the warmup) and at sites that stay dense. From then on a
     branch searches whenever a search step has passed since its last search: at the search step
     itself, or at its first call after it (a model that joins the generation late, or a layer a
     step cache skipped). The first search of a generation is fused (exact); later ones re-search
     from the cached LSE (``lse_cache``), or fuse again without one. Between searches: sparse on
-    the latest mask. With ``share_cfg_mask`` the later branches of a step run sparse on branch
-    0's mask. A search or sparse step needs a key-padding mask at most.
+    the latest mask. A search or sparse step needs a key-padding mask at most.
+
+    ``cfg_mask``: with ``"cond"`` the later branches of a step run sparse on branch 0's mask;
+    with ``"sum"`` branch 0 keeps the mass of its searches, and a later branch's search selects
+    on the sum of its mass and branch 0's of the same step, one mask for both.
     """
+    phase = _phase(step, branch, facts, cfg)
+    if cfg.cfg_mask == "cond" and branch > 0 and facts.lead_mask and phase is not Phase.DENSE:
+        return Plan(Phase.SPARSE, mask_of=0)
+    if cfg.cfg_mask != "sum" or phase not in (Phase.FUSED_SEARCH, Phase.CACHED_SEARCH):
+        return Plan(phase, mask_of=branch)
+    if branch == 0:
+        return Plan(phase, mask_of=0, keep_mass=True)
+    return Plan(phase, mask_of=branch, sum_with=0 if facts.lead_mass else None)
+
+
+def _phase(step: int, branch: int, facts: SiteFacts, cfg: "AdaSpaConfig") -> Phase:
+    """The schedule of one branch on its own."""
     steps = cfg.search_steps
-    if facts.dense_reason or step < steps[0]:
+    if facts.dense_reason or step < steps[0] or not facts.padding_mask:
         return Phase.DENSE
-    if not facts.padding_mask:
-        return Phase.DENSE
-    if cfg.share_cfg_mask and branch > 0 and facts.lead_mask:
-        return Phase.SPARSE
     due = max(s for s in steps if s <= step)
     if facts.searched_at is not None and facts.searched_at >= due:
         return Phase.SPARSE

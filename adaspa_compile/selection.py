@@ -3,7 +3,9 @@
 Per (batch, head) and query-block row:
 - text sink: every block whose query or key side touches a text token is kept, outside the budget;
 - row-wise top-k: each row keeps the same number ``k_h`` of video key blocks, the diagonal first;
-- head-adaptive tiers: heads ranked by recall get sparsity ``s + d``, ``s`` or ``s - d``;
+- head budget: every head keeps the same count per row (``"uniform"``), heads ranked by recall
+  get sparsity ``s + d``, ``s`` or ``s - d`` (``"tiers"``), or each row's count summed over the
+  heads goes to the blocks of any head that add the most to the layer's recall (``"layer"``);
 - ``mode="recall"``: each head keeps the fewest blocks per row that reach the target recall;
 - blocks made only of padded keys are dropped.
 
@@ -18,12 +20,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from .blockmask import BlockMask, pack_bits, pair_union
+from .blockmask import BlockMask, pack_bits
 from .config import AdaSpaConfig
 from .logs import log_once
 
-__all__ = ["BlockLayout", "Selection", "keep_best", "select_blocks", "sorted_candidate_rows",
-           "tier_sparsities"]
+__all__ = ["BlockLayout", "Selection", "keep_best", "keep_best_of_layer", "select_blocks",
+           "sorted_candidate_rows", "tier_sparsities"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +112,10 @@ def select_blocks(mass: torch.Tensor, layout: BlockLayout, cfg: AdaSpaConfig,
 
     On CUDA the two passes over the mass map (:func:`sorted_candidate_rows`, :func:`keep_best`)
     run as Triton kernels; elsewhere, and for rows longer than the kernels sort, in PyTorch.
+    ``head_budget="layer"`` runs in PyTorch everywhere (:func:`keep_best_of_layer`).
 
-    ``head_group``: see :func:`tier_sparsities` (the heads are a slice of the layer's).
+    ``head_group``: see :func:`tier_sparsities` (the heads are a slice of the layer's; with
+    ``head_budget="layer"`` the budget is split over this slice).
     """
     B, H, nq, nk = mass.shape
     if nq != layout.num_blocks or nk != nq:
@@ -120,16 +124,15 @@ def select_blocks(mass: torch.Tensor, layout: BlockLayout, cfg: AdaSpaConfig,
     text = layout.text_blocks(mass.device) if cfg.text_sink else \
         torch.zeros(nk, dtype=torch.bool, device=mass.device)
     valid = layout.valid_key_blocks(B, mass.device)
+    n_cand = (valid & ~text).sum(-1).clamp(min=1)  # [B]: candidate key blocks per row
+    if cfg.mode == "sparsity" and cfg.head_budget == "layer":
+        uniform = torch.full((B, 1), float(cfg.sparsity), device=mass.device)
+        return _layer_selection(mass, layout, text, valid, _budget(uniform, n_cand)[:, 0])
     kernels = _selection_kernels(mass)
     rows = kernels.sorted_candidate_mass if kernels else sorted_candidate_rows
     sorted_mass, row_forced, row_total = rows(mass, text, valid)
     curve = row_forced.sum(-1)[..., None] + torch.cumsum(sorted_mass.sum(-2), dim=-1)
     total = row_total.sum(-1)
-    n_cand = (valid & ~text).sum(-1).clamp(min=1)  # [B]: candidate key blocks per row
-
-    def budget(sparsity: torch.Tensor) -> torch.Tensor:
-        return torch.round((1 - sparsity) * n_cand[:, None]).clamp(min=1).long()
-
     if cfg.mode == "recall":
         reached = curve >= cfg.recall * total[..., None]
         keep = (~reached).sum(-1) + 1
@@ -137,17 +140,63 @@ def select_blocks(mass: torch.Tensor, layout: BlockLayout, cfg: AdaSpaConfig,
         target = 1 - keep.float() / n_cand[:, None]
     else:
         target = torch.full((B, H), float(cfg.sparsity), device=mass.device)
-        if cfg.head_adaptive and (H > 1 or head_group is not None):
-            recall_at_s = _recall_at(curve, total, budget(target))
+        if cfg.head_budget == "tiers" and (H > 1 or head_group is not None):
+            recall_at_s = _recall_at(curve, total, _budget(target, n_cand))
             target = tier_sparsities(recall_at_s, cfg.sparsity, head_group)
-        keep = budget(target)
-    bits, counts, pair_counts = (kernels.keep_blocks if kernels else keep_best)(
+        keep = _budget(target, n_cand)
+    bits, counts = (kernels.kept_block_bits if kernels else keep_best)(
         mass, text, valid, keep, sorted_mass)
-    block_mask = BlockMask.from_bits(bits, counts, pair_counts, num_kv_blocks=nk,
+    block_mask = BlockMask.from_bits(bits, counts, num_kv_blocks=nk,
                                      block_size=layout.block_size, seq_len=layout.seq_len)
     return Selection(mask=block_mask, target_sparsity=target.float(),
                      density=counts.sum(-1).float() / (nq * nk),
                      recall=_recall_at(curve, total, keep))
+
+
+def _budget(sparsity: torch.Tensor, n_cand: torch.Tensor) -> torch.Tensor:
+    """Candidate blocks each row keeps at ``sparsity`` ``[B, H]``: at least one."""
+    return torch.round((1 - sparsity) * n_cand[:, None]).clamp(min=1).long()
+
+
+def _layer_selection(mass: torch.Tensor, layout: BlockLayout, text: torch.Tensor,
+                     valid: torch.Tensor, keep: torch.Tensor) -> Selection:
+    """``head_budget="layer"``: :func:`keep_best_of_layer`, with its density and recall."""
+    if mass.is_cuda:
+        log_once(logger, "adaspa: head_budget='layer' selects blocks in PyTorch: the selection "
+                 "kernels keep one count per head and row")
+    dense = keep_best_of_layer(mass, text, valid, keep)
+    candidate, _ = _candidates(text, valid)
+    counts = dense.sum(-1, dtype=torch.int32)
+    block_mask = BlockMask.from_bits(pack_bits(dense), counts,
+                                     num_kv_blocks=mass.shape[-1], block_size=layout.block_size,
+                                     seq_len=layout.seq_len)
+    kept = (dense & candidate).sum((-2, -1)).float()
+    total = mass.sum((-2, -1))
+    recall = (mass * dense).sum((-2, -1)) / total.clamp(min=1e-30)
+    return Selection(mask=block_mask,
+                     target_sparsity=1 - kept / candidate.sum((-2, -1)).clamp(min=1).float(),
+                     density=counts.sum(-1).float() / mass.shape[-1] ** 2,
+                     recall=torch.where(total > 0, recall, torch.ones_like(total)))
+
+
+def keep_best_of_layer(mass: torch.Tensor, text: torch.Tensor, valid: torch.Tensor,
+                       keep: torch.Tensor) -> torch.Tensor:
+    """The bool ``[B, H, nb, nb]`` mask of ``head_budget="layer"``: each query-block row keeps
+    ``H * keep[b]`` candidate blocks over all its heads (the count of every head keeping
+    ``keep[b]``), so the layer's density is that of the uniform split. Every head's candidate
+    diagonal comes first; the rest go to the best ``mass / total`` of any head, ``total`` being
+    the head's whole mass, which maximises the sum of the heads' recalls; equal values by head,
+    then column. Forced blocks (text) are kept outside the budget, as in :func:`keep_best`.
+    """
+    B, H, nq, nk = mass.shape
+    candidate, forced = _candidates(text, valid)
+    share = mass / mass.sum((-2, -1), keepdim=True).clamp(min=1e-30)
+    rows = _scores(share, candidate).transpose(1, 2).reshape(B, nq, H * nk)
+    order = torch.sort(rows, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(H * nk, device=mass.device).expand_as(order))
+    best = (rank < H * keep[:, None, None]).view(B, nq, H, nk).transpose(1, 2)
+    return (best & candidate) | forced
 
 
 def _selection_kernels(mass: torch.Tensor):
@@ -184,11 +233,11 @@ def sorted_candidate_rows(mass: torch.Tensor, text: torch.Tensor, valid: torch.T
 
 
 def keep_best(mass: torch.Tensor, text: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor,
-              sorted_mass: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              sorted_mass: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Second pass: the first ``keep[b, h]`` blocks of each row in the order of
     :func:`sorted_candidate_rows` (its ``sorted_mass``; equal masses by column, as a stable
-    sort) plus the row's forced blocks, as ``(bits, counts, pair_counts)`` for
-    :meth:`BlockMask.from_bits`. The PyTorch path and the reference of ``kernels.keep_blocks``.
+    sort) plus the row's forced blocks, as ``(bits, counts)`` for :meth:`BlockMask.from_bits`.
+    The PyTorch path and the reference of ``kernels.kept_block_bits``.
 
     The ``keep``-th best score is read off ``sorted_mass``; every candidate scoring above it is
     kept, and the first of those scoring equal to it, by column, until ``keep`` are.
@@ -207,8 +256,7 @@ def keep_best(mass: torch.Tensor, text: torch.Tensor, valid: torch.Tensor, keep:
     earlier_ties = torch.cumsum(tie, -1) - tie.long()
     room = k[..., None] - above.sum(-1, keepdim=True)
     dense = ((above | (tie & (earlier_ties < room))) & (k[..., None] > 0)) | forced
-    return (pack_bits(dense), dense.sum(-1, dtype=torch.int32),
-            pair_union(dense).sum(-1, dtype=torch.int32))
+    return pack_bits(dense), dense.sum(-1, dtype=torch.int32)
 
 
 def _candidates(text: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ All three share the schedule, the budget and the kernels, so only the choice of 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -20,8 +21,26 @@ import torch
 from .config import AdaSpaConfig
 from .selection import BlockLayout, Selection, select_blocks
 
-__all__ = ["Selector", "ExactMass", "PooledEstimate", "StaticWindow", "make_selector",
+__all__ = ["Scored", "Selector", "ExactMass", "PooledEstimate", "StaticWindow", "make_selector",
            "pooled_mass", "window_scores", "block_recall"]
+
+
+@dataclass(frozen=True)
+class Scored:
+    """The exact block ``mass`` of one search and a selector's ``scores`` of the same blocks
+    (the same tensor for :class:`ExactMass`). Adding two sums both: the block scores of two CFG
+    branches for one shared mask (``cfg_mask="sum"``)."""
+
+    mass: torch.Tensor
+    scores: torch.Tensor
+
+    def __add__(self, other: "Scored") -> "Scored":
+        mass = self.mass + other.mass
+        return Scored(mass, mass if self.scores is self.mass else self.scores + other.scores)
+
+    def nbytes(self) -> int:
+        extra = 0 if self.scores is self.mass else self.scores.nbytes
+        return self.mass.nbytes + extra
 
 
 class Selector:
@@ -39,12 +58,17 @@ class Selector:
         """``[B, H, nb, nb]`` scores: higher is kept first."""
         raise NotImplementedError
 
-    def select(self, mass: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float,
-               layout: BlockLayout, head_group: Optional[str] = None) -> Selection:
-        """The mask, its density, and the recall of the exact ``mass`` that it keeps."""
-        chosen = select_blocks(self.scores(mass, q, k, scale, layout), layout, self.cfg,
-                               head_group=head_group)
-        recall = block_recall(chosen.mask.to_dense(), mass)
+    def score(self, mass: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float,
+              layout: BlockLayout) -> Scored:
+        """The exact ``mass`` with this selector's scores."""
+        return Scored(mass, self.scores(mass, q, k, scale, layout))
+
+    def choose(self, scored: Scored, layout: BlockLayout,
+               head_group: Optional[str] = None) -> Selection:
+        """The mask of the best ``scored.scores``, its density, and the recall of the exact
+        ``scored.mass`` that it keeps."""
+        chosen = select_blocks(scored.scores, layout, self.cfg, head_group=head_group)
+        recall = block_recall(chosen.mask.to_dense(), scored.mass)
         return dataclasses.replace(chosen, recall=recall)
 
 
@@ -54,8 +78,8 @@ class ExactMass(Selector):
     def scores(self, mass, q, k, scale, layout):
         return mass
 
-    def select(self, mass, q, k, scale, layout, head_group=None):
-        return select_blocks(mass, layout, self.cfg, head_group=head_group)
+    def choose(self, scored, layout, head_group=None):
+        return select_blocks(scored.mass, layout, self.cfg, head_group=head_group)
 
 
 class PooledEstimate(Selector):
@@ -66,10 +90,11 @@ class PooledEstimate(Selector):
 
 
 class StaticWindow(Selector):
-    """The nearest key blocks in the video grid; no tiers (a window has no recall to rank by)."""
+    """The nearest key blocks in the video grid, the same count in every head (a window has no
+    recall to split a budget by)."""
 
     def __init__(self, cfg: AdaSpaConfig) -> None:
-        super().__init__(cfg.replace(head_adaptive=False))
+        super().__init__(cfg.replace(head_budget="uniform"))
 
     def scores(self, mass, q, k, scale, layout):
         return window_scores(layout, self.cfg.video_grid, mass.device).expand_as(mass)

@@ -255,7 +255,7 @@ def phase_sequence(steps: int, search_steps: Tuple[int, ...],
     phases = []
     for step in range(steps):
         model = 0 if boundary is None or step < boundary else 1
-        phase = plan_phase(step, 0, facts[model], cfg)
+        phase = plan_phase(step, 0, facts[model], cfg).phase
         if phase in (Phase.FUSED_SEARCH, Phase.CACHED_SEARCH):
             facts[model] = SiteFacts(searched_at=step, has_lse=facts[model].has_lse
                                      or phase is Phase.FUSED_SEARCH)

@@ -55,7 +55,7 @@ WEIGHTS_LIMIT_BYTES = 15_000_000
 EVAL_SEED = 10**12  # training clips use seeds below 10**10
 RECALL_SIGMAS = (0.8, 0.5, 0.2)
 VAL_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)
-RECALL_OPTIONS = {"search_steps": (0,), "sparsity": 0.8, "head_adaptive": False,
+RECALL_OPTIONS = {"search_steps": (0,), "sparsity": 0.8, "head_budget": "uniform",
                   "min_seq_len": 256, "inner_backend": "eager"}
 CALIBRATE = (10, 40)  # steps timed to plan the run: after warm-up, before the plan
 

@@ -456,7 +456,8 @@ class Analyzer:
                p: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         spec = CONFIGS[name]
         cfg = AdaSpaConfig(sparsity=round(1 - self.args.density, 6), block_size=self.bs,
-                           head_adaptive=spec["head_adaptive"], selector=spec["selector"],
+                           head_budget="tiers" if spec["head_adaptive"] else "uniform",
+                           selector=spec["selector"],
                            video_grid=self.grid if spec["selector"] == "window" else None,
                            min_seq_len=1)
         selector = make_selector(cfg)
@@ -524,7 +525,7 @@ class Analyzer:
         }
         curve = {}
         for d in sorted({0.05, 0.1, 0.2, 0.3, 0.5, self.args.density}):
-            cfg = AdaSpaConfig(sparsity=1 - d, block_size=self.bs, head_adaptive=False)
+            cfg = AdaSpaConfig(sparsity=1 - d, block_size=self.bs, head_budget="uniform")
             curve[str(d)] = select_blocks(exact, call.layout, cfg).recall[0]
         out["topk_recall"] = curve
         cfg = AdaSpaConfig(block_size=self.bs, mode="recall", recall=0.9)

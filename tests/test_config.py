@@ -6,7 +6,8 @@ from adaspa_compile import AdaSpaConfig
 def test_defaults_follow_the_paper():
     cfg = AdaSpaConfig()
     assert (cfg.sparsity, cfg.block_size, cfg.search_steps) == (0.8, 64, (9, 29))
-    assert cfg.head_adaptive and cfg.text_sink and cfg.mode == "sparsity"
+    assert cfg.head_budget == "tiers" and cfg.text_sink and cfg.mode == "sparsity"
+    assert cfg.cfg_mask == "per_branch"
 
 
 def test_options_build_a_config():
@@ -34,6 +35,13 @@ def test_options_build_a_config():
     ({"text_tokens": ("middle", 4)}, "text_tokens"),
     ({"text_tokens": 12}, "text_tokens"),
     ({"head_adaptive": 1}, "head_adaptive"),
+    ({"share_cfg_mask": "cond"}, "share_cfg_mask"),
+    ({"head_budget": "heads"}, "head_budget"),
+    ({"head_budget": True}, "head_budget"),
+    ({"cfg_mask": "uncond"}, "cfg_mask"),
+    ({"cfg_mask": False}, "cfg_mask"),
+    ({"preset": "fast"}, "preset.*paper"),
+    ({"preset": ["paper"]}, "preset"),
 ])
 def test_bad_values_name_the_key(options, key):
     with pytest.raises(ValueError, match=key):
@@ -53,3 +61,28 @@ def test_options_must_be_a_mapping():
 def test_search_steps_given_as_one_int_names_the_key():
     with pytest.raises(ValueError, match=r"'search_steps' got 9.*\(9,\) for one search step"):
         AdaSpaConfig.from_options({"search_steps": 9})
+
+
+def test_older_names_set_their_replacements():
+    def built(**options):
+        return AdaSpaConfig.from_options(options)
+
+    assert built(head_adaptive=False).head_budget == "uniform"
+    assert built(head_adaptive=True).head_budget == "tiers"
+    assert built(share_cfg_mask=True).cfg_mask == "cond"
+    assert built(share_cfg_mask=False).cfg_mask == "per_branch"
+    with pytest.raises(ValueError, match="'share_cfg_mask' and 'cfg_mask' are both given"):
+        built(share_cfg_mask=True, cfg_mask="sum")
+
+
+def test_the_paper_preset_and_keys_beside_it():
+    paper = AdaSpaConfig.from_options({"preset": "paper"})
+    assert (paper.sparsity, paper.block_size, paper.search_steps) == (0.8, 64, (9, 29))
+    assert (paper.head_budget, paper.cfg_mask, paper.selector, paper.mode) == (
+        "tiers", "per_branch", "adaspa", "sparsity")
+    assert paper.text_sink and paper.lse_cache
+    mine = AdaSpaConfig.from_options({"preset": "paper", "sparsity": 0.9, "share_cfg_mask": True,
+                                      "min_seq_len": 64})
+    assert mine == paper.replace(sparsity=0.9, cfg_mask="cond", min_seq_len=64)
+    with pytest.raises(ValueError, match="'preset' got 'fast'; valid values: paper"):
+        AdaSpaConfig.from_options({"preset": "fast"})

@@ -54,7 +54,7 @@ def test_png_shows_the_mask(tmp_path):
     for sparsity in (0.2, 0.8):
         torch._dynamo.reset()
         gc.collect()
-        model = run(options=dict(OPTIONS, sparsity=sparsity, head_adaptive=False))
+        model = run(options=dict(OPTIONS, sparsity=sparsity, head_budget="uniform"))
         path = adaspa_compile.plot_masks(module=model, site=0,
                                          path=tmp_path / f"m{sparsity}.png")
         pixels = torch.tensor(list(Image.open(path).convert("L").getdata()))

@@ -3,7 +3,7 @@
 from hypothesis import given, strategies as st
 
 from adaspa_compile import AdaSpaConfig
-from adaspa_compile.schedule import Phase, SiteFacts, StepClock, plan_phase
+from adaspa_compile.schedule import Phase, Plan, SiteFacts, StepClock, plan_phase
 
 CFG = AdaSpaConfig(search_steps=(2, 5))
 
@@ -13,7 +13,7 @@ def run_site(steps_run, cfg=CFG):
     records its step, a fused search caches an LSE. Returns the phase letters."""
     facts, letters = SiteFacts(), []
     for step in steps_run:
-        phase = plan_phase(step, 0, facts, cfg)
+        phase = plan_phase(step, 0, facts, cfg).phase
         letters.append(phase.letter)
         if phase in (Phase.FUSED_SEARCH, Phase.CACHED_SEARCH):
             facts = SiteFacts(searched_at=step,
@@ -45,13 +45,36 @@ def test_one_search_per_search_interval_it_runs_in(steps):
 
 def test_overrides():
     searched = SiteFacts(searched_at=2, has_lse=True)
-    assert plan_phase(3, 0, searched, CFG) is Phase.SPARSE
-    assert plan_phase(3, 0, SiteFacts(searched_at=2, dense_reason="x"), CFG) is Phase.DENSE
-    assert plan_phase(2, 0, SiteFacts(padding_mask=False), CFG) is Phase.DENSE
-    share = CFG.replace(share_cfg_mask=True)
-    assert plan_phase(2, 1, SiteFacts(lead_mask=True), share) is Phase.SPARSE
-    assert plan_phase(2, 1, SiteFacts(lead_mask=True), CFG) is Phase.FUSED_SEARCH
-    assert plan_phase(2, 1, SiteFacts(lead_mask=False), share) is Phase.FUSED_SEARCH
+    assert plan_phase(3, 0, searched, CFG) == Plan(Phase.SPARSE)
+    assert plan_phase(3, 1, searched, CFG) == Plan(Phase.SPARSE, mask_of=1)
+    assert plan_phase(3, 0, SiteFacts(searched_at=2, dense_reason="x"), CFG).phase is Phase.DENSE
+    assert plan_phase(2, 0, SiteFacts(padding_mask=False), CFG).phase is Phase.DENSE
+
+
+def test_cfg_mask_cond_runs_later_branches_on_branch_0s_mask():
+    cond = CFG.replace(cfg_mask="cond")
+    assert plan_phase(2, 1, SiteFacts(lead_mask=True), cond) == Plan(Phase.SPARSE, mask_of=0)
+    assert plan_phase(5, 1, SiteFacts(searched_at=2, has_lse=True, lead_mask=True),
+                      cond) == Plan(Phase.SPARSE, mask_of=0)
+    assert plan_phase(1, 1, SiteFacts(lead_mask=True), cond).phase is Phase.DENSE
+    assert plan_phase(2, 1, SiteFacts(lead_mask=True), CFG) == Plan(Phase.FUSED_SEARCH, mask_of=1)
+    assert plan_phase(2, 1, SiteFacts(), cond) == Plan(Phase.FUSED_SEARCH, mask_of=1)
+
+
+def test_cfg_mask_sum_selects_later_branches_on_the_summed_mass():
+    total = CFG.replace(cfg_mask="sum")
+    assert plan_phase(2, 0, SiteFacts(), total) == Plan(Phase.FUSED_SEARCH, keep_mass=True)
+    assert plan_phase(5, 0, SiteFacts(searched_at=2, has_lse=True), total) == Plan(
+        Phase.CACHED_SEARCH, keep_mass=True)
+    assert plan_phase(2, 1, SiteFacts(lead_mass=True), total) == Plan(
+        Phase.FUSED_SEARCH, mask_of=1, sum_with=0)
+    assert plan_phase(5, 1, SiteFacts(searched_at=2, has_lse=True, lead_mass=True),
+                      total) == Plan(Phase.CACHED_SEARCH, mask_of=1, sum_with=0)
+    # no mass of branch 0 at this step: the branch selects on its own
+    assert plan_phase(2, 1, SiteFacts(), total) == Plan(Phase.FUSED_SEARCH, mask_of=1)
+    # between searches each branch runs its own copy of the one mask
+    assert plan_phase(3, 1, SiteFacts(searched_at=2, lead_mass=True), total) == Plan(
+        Phase.SPARSE, mask_of=1)
 
 
 def test_clock_counts_steps_branches_and_generations():

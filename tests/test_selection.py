@@ -4,7 +4,7 @@ import torch
 from hypothesis import assume, given, strategies as st
 
 from adaspa_compile import AdaSpaConfig, BlockLayout, select_blocks, selection
-from adaspa_compile.blockmask import pack_bits, pair_union
+from adaspa_compile.blockmask import pack_bits
 from adaspa_compile.selection import tier_sparsities
 
 
@@ -41,7 +41,7 @@ def masks(layout, B, device="cpu"):
 def test_rows_uniform_diagonal_and_text_kept(case, sparsity):
     mass, layout = case
     B, H, nb, _ = mass.shape
-    cfg = AdaSpaConfig(sparsity=sparsity, head_adaptive=False)
+    cfg = AdaSpaConfig(sparsity=sparsity, head_budget="uniform")
     sel = select_blocks(mass, layout, cfg)
     dense = sel.mask.to_dense()
     text, valid, touches = masks(layout, B)
@@ -104,7 +104,7 @@ def test_recall_mode_keeps_the_fewest_blocks_reaching_the_target(case, target):
     per_row = (dense & cand).sum(-1)[..., ~text]
     assume(per_row.numel() > 0)
     k = per_row.amax(-1)
-    full = select_blocks(mass, layout, AdaSpaConfig(sparsity=0.0, head_adaptive=False))
+    full = select_blocks(mass, layout, AdaSpaConfig(sparsity=0.0, head_budget="uniform"))
     assert full.recall.min() > 0.999
     # one block fewer per row misses the target (unless k == 1)
     for b in range(B):
@@ -116,7 +116,7 @@ def test_recall_mode_keeps_the_fewest_blocks_reaching_the_target(case, target):
             fewer = select_blocks(mass[b:b + 1, h:h + 1], BlockLayout(
                 layout.seq_len, layout.block_size, layout.text_span,
                 None if layout.key_valid is None else layout.key_valid[b:b + 1]),
-                AdaSpaConfig(sparsity=min(s, 0.999), head_adaptive=False))
+                AdaSpaConfig(sparsity=min(s, 0.999), head_budget="uniform"))
             assert fewer.recall.item() < target + 1e-6
 
 
@@ -124,7 +124,7 @@ def test_no_text_sink_lets_text_compete():
     mass = torch.rand(1, 2, 8, 8)
     layout = BlockLayout(seq_len=128, block_size=16, text_span=(112, 128))
     sel = select_blocks(mass, layout, AdaSpaConfig(sparsity=0.9, text_sink=False,
-                                                    head_adaptive=False))
+                                                    head_budget="uniform"))
     per_row = sel.mask.to_dense().sum(-1)
     assert (per_row == 1).all()
 
@@ -150,7 +150,6 @@ def test_keep_best_is_the_stable_sort_prefix(nb, keep, levels, text_start, padde
         order.shape))
     want = (want & candidate) | forced
     sorted_mass = selection.sorted_candidate_rows(mass, text, valid)[0]
-    bits, counts, pairs = selection.keep_best(mass, text, valid, keep_t, sorted_mass)
+    bits, counts = selection.keep_best(mass, text, valid, keep_t, sorted_mass)
     assert torch.equal(bits, pack_bits(want))
     assert torch.equal(counts, want.sum(-1, dtype=torch.int32))
-    assert torch.equal(pairs, pair_union(want).sum(-1, dtype=torch.int32))

@@ -59,7 +59,7 @@ def oracle(mass: torch.Tensor, layout, cfg: AdaSpaConfig):
 
         recall_at_s = [head_keep(h, budget(cfg.sparsity))[1] for h in range(H)]
         sparsity = [cfg.sparsity] * H
-        if cfg.head_adaptive and H > 1:
+        if cfg.head_budget == "tiers" and H > 1:
             n = min(sum(r > EASY for r in recall_at_s), H // 2)
             d = min((1 - cfg.sparsity) / 2, cfg.sparsity)
             by_recall = sorted(range(H), key=lambda h: -recall_at_s[h])
@@ -74,11 +74,11 @@ def oracle(mass: torch.Tensor, layout, cfg: AdaSpaConfig):
     return kept, budgets, recalls
 
 
-@given(cases(), st.sampled_from([0.0, 0.3, 0.5, 0.8, 0.9]), st.booleans())
-def test_selection_equals_the_brute_force_oracle(case, sparsity, head_adaptive):
+@given(cases(), st.sampled_from([0.0, 0.3, 0.5, 0.8, 0.9]), st.sampled_from(["tiers", "uniform"]))
+def test_selection_equals_the_brute_force_oracle(case, sparsity, head_budget):
     mass, layout = case
     B, H, nb, _ = mass.shape
-    cfg = AdaSpaConfig(sparsity=sparsity, head_adaptive=head_adaptive)
+    cfg = AdaSpaConfig(sparsity=sparsity, head_budget=head_budget)
     dense = select_blocks(mass, layout, cfg).mask.to_dense()
     kept, budgets, recalls = oracle(mass, layout, cfg)
     text, valid = blocks_of(layout, B)

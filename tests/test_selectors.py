@@ -59,7 +59,7 @@ def test_block_recall_of_full_mask_is_one():
 def test_peer_selectors_share_schedule_and_budget(selector):
     m = model()
     inputs = tiny_dit_inputs()
-    options = dict(OPTIONS, head_adaptive=False, inner_backend="aot_eager")
+    options = dict(OPTIONS, head_budget="uniform", inner_backend="aot_eager")
     ours = torch.compile(m, backend="adaspa", fullgraph=True, options=options)
     run_steps(ours, inputs)
     adaspa_rows = adaspa_compile.report().rewritten
@@ -99,4 +99,4 @@ def test_every_configured_selector_is_an_object():
     for name in SELECTORS:
         selector = make_selector(AdaSpaConfig(selector=name))
         assert selector.cfg.selector == name
-    assert make_selector(AdaSpaConfig(selector="window")).cfg.head_adaptive is False
+    assert make_selector(AdaSpaConfig(selector="window")).cfg.head_budget == "uniform"

@@ -121,7 +121,7 @@ def check_calls(calls: List[Call], atol: float = ATOL, rtol: float = 1e-4,
             mask[key] = selected_mask(call, mass_of(call, lse[key], block))
             expected = masked_attention(call, mask[key])
         else:  # sparse: this branch's latest mask, or branch 0's where the branches share it
-            shared = call.site.cfg.share_cfg_mask and call.branch > 0
+            shared = call.site.cfg.cfg_mask == "cond" and call.branch > 0
             expected = masked_attention(call, mask[(key[0], 0) if shared else key])
         torch.testing.assert_close(call.out, expected, atol=atol, rtol=rtol, msg=where)
         if call.phase in "FC":
@@ -179,18 +179,18 @@ def on_cuda(model, branches):
     return model.to("cuda", torch.bfloat16), [inputs_on_cuda(b) for b in branches]
 
 
-MATRIX = [("tinydit", False), ("tinydit", True), ("wan", False), ("wan", True),
-          ("hunyuan_video", False)]
+MATRIX = [("tinydit", {}), ("tinydit", {"cfg_mask": "cond"}), ("wan", {}),
+          ("wan", {"cfg_mask": "cond"}), ("hunyuan_video", {}), ("tinydit", {"head_budget": "layer"})]
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
-@pytest.mark.parametrize("name, share_cfg_mask", MATRIX)
-def test_every_step_matches_the_oracle(name, share_cfg_mask, device, monkeypatch):
+@pytest.mark.parametrize("name, extra", MATRIX)
+def test_every_step_matches_the_oracle(name, extra, device, monkeypatch):
     """On the CPU the reference path, in fp32; on CUDA the Triton kernels, in bf16 (bf16
     tolerances: the oracle computes in float64 from the same bf16 inputs)."""
     model, branches = CASES[name]()
-    options = dict(OPTIONS, share_cfg_mask=share_cfg_mask)
+    options = dict(OPTIONS, **extra)
     tolerances = {}
     if device == "cuda":
         model, branches = on_cuda(model, branches)
@@ -203,5 +203,5 @@ def test_every_step_matches_the_oracle(name, share_cfg_mask, device, monkeypatch
     assert letters, "no attention call was rewritten"
     own = "DDFSCSS"
     for key, phases in letters.items():
-        shared = share_cfg_mask and key.endswith("/b1")
+        shared = extra.get("cfg_mask") == "cond" and key.endswith("/b1")
         assert phases == ("DDSSSSS" if shared else own), (key, phases)
