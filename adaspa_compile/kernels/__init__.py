@@ -7,13 +7,21 @@
 - ``mask_indices``: packed mask bits to the index lists the block-sparse kernels walk;
 - ``candidate_sort`` and ``keep_blocks``: the two passes of the block selection.
 
-:mod:`.dispatch` decides which executor runs a call and with which launch options. Their meaning
-is fixed by the pure-PyTorch references in :mod:`adaspa_compile.reference` (attention, mass,
-index lists) and :mod:`adaspa_compile.selection` (the selection passes). Importing this package
-never fails: without Triton the launchers are absent and :func:`kernel_support` says why.
+:mod:`.dispatch` decides which executor runs a call and with which launch options; each module
+names the pure-PyTorch reference that fixes its meaning. Importing this package never fails:
+without Triton the launchers are absent and :func:`kernel_support` says why.
 
-Supported: CUDA tensors (or any device under ``TRITON_INTERPRET=1``), fp16 / bf16 / fp32, head
-dims 1..128 (64 and 128 tuned), block sizes 64 and 128.
+Conventions of the attention kernels (attention+LSE, block mass, block-sparse), stated once here:
+
+- CUDA tensors (or any device under ``TRITON_INTERPRET=1``) ``[B, H, L, D]``, read through their
+  strides (the diffusers BSHD memory viewed as BHSD included); K (and V) through tensor
+  descriptors (TMA) where the launch options ask for it and the strides allow it;
+- fp16 / bf16 with fp32 accumulation (``p`` cast to the input dtype for ``p @ v``), or fp32
+  with IEEE fp32 dots (the interpreter path);
+- head dims 1..128: 64 and 128 are tuned, others padded to a power of two (>= 16) by masks;
+- block sizes 64 and 128, the key tiles of the mass and block-sparse kernels;
+- key padding as bool ``key_valid [B, L]`` (True = attend); padded keys add nothing, and a row
+  with no valid key gets output 0 (LSE ``-inf``).
 """
 
 from __future__ import annotations
@@ -26,11 +34,9 @@ from . import _common, dispatch
 
 __all__ = ["kernel_support", "attention_with_lse", "mass_from_lse", "block_sparse_triton",
            "block_sparse_gluon", "GLUON_AVAILABLE", "mask_to_indices", "sorted_candidate_mass",
-           "kept_block_bits", "SELECTION_MAX_BLOCKS", "TRITON_IMPORT_ERROR"]
+           "kept_block_bits", "SELECTION_MAX_BLOCKS", "TRITON_IMPORT_ERROR", "dispatch"]
 
-try:
-    import triton  # noqa: F401
-
+try:  # each kernel module imports triton
     from .attention_lse import attention_with_lse
     from .block_mass import mass_from_lse
     from .block_sparse import block_sparse_triton

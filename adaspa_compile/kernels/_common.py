@@ -1,6 +1,5 @@
-"""Launcher helpers shared by the attention kernels: input checks, key-padding tables, TMA.
-
-Nothing here is a Triton kernel; each kernel lives in its own file beside its launcher.
+"""Host-side helpers of the kernel launchers: input checks, key-padding tables, TMA descriptors,
+and the block-sparse kernels' index lists (checks, launch order, key-bias ranges).
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_BLOCK_SIZES = (64, 128)
 MAX_HEAD_DIM = 128
 
-_LOG2E = 1.4426950408889634
-
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
@@ -30,8 +27,7 @@ def padded_head_dim(d: int) -> int:
 
 def check_qk(q: torch.Tensor, k: torch.Tensor, block_size: Optional[int],
              v: Optional[torch.Tensor] = None) -> None:
-    """Raise ``ValueError`` for inputs the kernels cannot take (before any launch); a
-    ``block_size`` of None is not checked."""
+    """``ValueError`` for inputs the kernels cannot take (a ``block_size`` of None is skipped)."""
     tensors = (q, k) if v is None else (q, k, v)
     names = "q, k" if v is None else "q, k, v"
     if any(t.dim() != 4 for t in tensors):
@@ -56,12 +52,6 @@ def check_qk(q: torch.Tensor, k: torch.Tensor, block_size: Optional[int],
 def scale_supported(scale: float) -> bool:
     """The attention kernels take the row max on unscaled scores: the scale must be positive."""
     return math.isfinite(scale) and scale > 0
-
-
-def check_scale(scale: float) -> None:
-    if not scale_supported(scale):
-        raise ValueError(f"the Triton kernels need a positive finite softmax scale, got {scale!r}; "
-                         "use the reference in adaspa_compile.reference")
 
 
 def check_key_valid(key_valid: Optional[torch.Tensor], q: torch.Tensor) -> None:
@@ -91,6 +81,27 @@ def output_like(q: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
     return torch.empty_like(q) if out is None else out
 
 
+def contiguous_out(name: str, t: Optional[torch.Tensor], shape: Tuple[int, ...],
+                   dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``t`` checked as :func:`check_out` does and to be contiguous, or a new ``torch.empty``."""
+    check_out(name, t, shape, dtype, device)
+    if t is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    return t
+
+
+def check_attention_inputs(q, k, v, scale: float, block_size: Optional[int],
+                           key_valid: Optional[torch.Tensor]) -> None:
+    """``ValueError`` for anything the attention kernels cannot take (before any launch)."""
+    check_qk(q, k, block_size, v)
+    if not scale_supported(scale):
+        raise ValueError(f"the Triton kernels need a positive finite softmax scale, got {scale!r}; "
+                         "use the reference in adaspa_compile.reference")
+    check_key_valid(key_valid, q)
+
+
 def key_bias(key_valid: Optional[torch.Tensor], batch: int, seq_len: int, block_n: int,
              device: torch.device) -> torch.Tensor:
     """Additive key bias fp32 ``[B, nk * block_n]``: 0 for a valid key, ``-inf`` for a padded key
@@ -116,7 +127,7 @@ def mask_mode(key_valid: Optional[torch.Tensor], seq_len: int, block_n: int) -> 
 
 def log2_scale(scale: float) -> float:
     """Softmax scale with log2(e) folded in, so kernels use ``exp2``."""
-    return float(scale) * _LOG2E
+    return float(scale) * 1.4426950408889634
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -135,7 +146,7 @@ def tma_compatible(t: torch.Tensor) -> bool:
 def tma_descriptors(tensors: Sequence[torch.Tensor], block_size: int,
                     head_dim_pad: int) -> Optional[List]:
     """Tensor descriptors over ``[B, H, L, D]`` tensors (K, V), one block per load; None where a
-    tensor's strides do not allow it (a 16-byte aligned base and strides) or Triton has none."""
+    tensor is not :func:`tma_compatible` or Triton has none."""
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:
@@ -144,3 +155,43 @@ def tma_descriptors(tensors: Sequence[torch.Tensor], block_size: int,
         return None
     return [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_size, head_dim_pad])
             for t in tensors]
+
+
+def launch_lists(q, counts: torch.Tensor, indices: torch.Tensor, block_size: int, out):
+    """``(out, indices, nb)`` for a block-sparse launch of one program per query block: the lists
+    checked against ``q``, ``out`` as given (checked) or new, and ``indices`` given one slot where
+    no row keeps anything (every output row is then 0; the kernels still take a slot's address)."""
+    B, H, L = q.shape[:3]
+    nb = -(-L // block_size)
+    if counts.dtype not in (torch.int32, torch.int64) or tuple(counts.shape) != (B, H, nb):
+        raise ValueError(f"counts must be int32 [B, H, nq] = {(B, H, nb)}; got "
+                         f"{counts.dtype} {tuple(counts.shape)}")
+    if indices.dtype not in (torch.int32, torch.int64) or indices.dim() != 4 \
+            or tuple(indices.shape[:3]) != (B, H, nb) or indices.shape[3] > nb:
+        raise ValueError(f"indices must be int32 [B, H, nq, max_kept] with nq={nb}, "
+                         f"max_kept <= {nb}; got {indices.dtype} {tuple(indices.shape)}")
+    if counts.device != q.device or indices.device != q.device:
+        raise ValueError(f"counts and indices must be on {q.device}")
+    out = output_like(q, out)
+    if indices.shape[3] == 0:
+        indices = torch.zeros(B, H, nb, 1, dtype=torch.int32, device=q.device)
+    return out, indices, nb
+
+
+def work_order(counts: torch.Tensor) -> torch.Tensor:
+    """Flattened (b, h, list) items by their work ``counts``, heaviest first; ties keep their
+    order (a stable sort), which keeps a head's K/V hot in L2."""
+    _, order = torch.sort(counts.reshape(-1), descending=True, stable=True)
+    return order.to(torch.int32)
+
+
+def bias_block_range(bias: torch.Tensor, block_size: int) -> torch.Tensor:
+    """int32 ``[B, 2]``: per batch the range ``[lo, hi)`` of key blocks holding any key with a
+    non-zero bias (padded, or past the sequence end); ``[nb, nb)`` when none does."""
+    B = bias.shape[0]
+    need = (bias != 0).view(B, -1, block_size).any(-1)
+    nb = need.shape[1]
+    blocks = torch.arange(nb, device=bias.device)
+    lo = torch.where(need, blocks, nb).amin(-1)
+    hi = torch.maximum(torch.where(need, blocks + 1, 0).amax(-1), lo)
+    return torch.stack([lo, hi], dim=-1).to(torch.int32).contiguous()

@@ -55,42 +55,7 @@ def store_rows(base, tile, rows, offs_d, stride_row, stride_d, seq_len,
         tl.store(ptrs, tile, mask=(rows[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM))
 
 
-@triton.jit
-def kv_bases(Q, K, V, off_z, off_h, stride_kz, stride_kh, stride_vz, stride_vh,
-             USE_TMA: tl.constexpr):
-    """Base pointers of this (batch, head)'s K and V; with ``USE_TMA`` K and V are descriptors
-    that carry their addresses, and the bases (``Q``) are never read."""
-    if USE_TMA:
-        k_base = Q
-        v_base = Q
-    else:
-        k_base = K + off_z * stride_kz + off_h * stride_kh
-        v_base = V + off_z * stride_vz + off_h * stride_vh
-    return k_base, v_base
-
-
-@triton.jit
-def work_item(Order, n_items, H):
-    """``(item, batch, head)`` of this program: ``Order[program_id]`` is a flattened
-    ``(batch * H + head) * n_items + item`` (the launch order, heaviest first)."""
-    flat = tl.load(Order + tl.program_id(0))
-    zh = flat // n_items
-    return flat % n_items, zh // H, zh % H
-
-
-@triton.jit
-def store_normalized(base, acc, l_i, rows, offs_d, stride_row, stride_d, seq_len,
-                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
-    """``acc / l_i`` per row in the output dtype; rows that attended nothing (``l_i`` 0) get 0."""
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    store_rows(base, out.to(base.dtype.element_ty), rows, offs_d, stride_row, stride_d, seq_len,
-               HEAD_DIM, HEAD_DIM_PAD)
-
-
-MASK_NONE = tl.constexpr(0)
-MASK_LAST = tl.constexpr(1)
-MASK_ALL = tl.constexpr(2)
-MASK_RANGE = tl.constexpr(3)
+MASK_NONE, MASK_LAST, MASK_ALL, MASK_RANGE = (tl.constexpr(mode) for mode in range(4))
 
 
 @triton.jit
@@ -104,17 +69,6 @@ def unbiased_blocks(n, MASK_MODE: tl.constexpr):
     else:
         clean = 0
     return clean
-
-
-@triton.jit
-def rotated_slot(t, rot, t_end, ROTATE: tl.constexpr):
-    """Slot ``t`` of a list walked from slot ``rot`` onward and wrapped at ``t_end`` (with
-    ``ROTATE``; the walk starts at 0), else ``t``."""
-    slot = t
-    if ROTATE:
-        slot = t + rot
-        slot = tl.where(slot >= t_end, slot - t_end, slot)
-    return slot
 
 
 @triton.jit
@@ -141,17 +95,6 @@ def slots_below(idx_base, count, stride_ik, lo, hi, CHUNK: tl.constexpr):
         s0 += tl.sum((live & (e < lo)).to(tl.int32), 0)
         s1 += tl.sum((live & (e < hi)).to(tl.int32), 0)
     return s0, s1
-
-
-@triton.jit
-def scale_scores(qk, bias_ptr, cols, qk_scale, APPLY_BIAS: tl.constexpr):
-    """Raw scores ``qk`` times ``QK_SCALE`` (base 2), plus the key bias when ``APPLY_BIAS``."""
-    if APPLY_BIAS:
-        bias = tl.load(bias_ptr + cols)
-        qk = qk * qk_scale + bias[None, :]
-    else:
-        qk = qk * qk_scale
-    return qk
 
 
 @triton.jit

@@ -2,15 +2,10 @@
 
 A flash-attention forward: one program owns ``BLOCK_M`` query rows of one (batch, head) and walks
 every key tile with an online softmax in base 2 (``exp2``, log2(e) folded into the scale); it
-ends with the row LSE. Semantics are those of
-:func:`adaspa_compile.reference.attention_with_lse_ref`. Where cuDNN or FlashAttention-4 is
-faster, they run this pass instead (:func:`.dispatch.dense_pass_order`).
-
-- dtypes: fp16 / bf16 (fp32 accumulation, ``p`` cast to the input dtype for ``p @ v``) or fp32
-  (IEEE fp32 dots; the interpreter path).
-- head dims 1..128; 64 and 128 are tuned, others are padded to a power of two (>= 16) by masks.
-- outputs: ``out`` is ``torch.empty_like(q)`` (keeps q's strides); ``lse`` fp32 ``[B, H, L]``
-  natural log, ``-inf`` for rows with no valid key (their output is 0).
+ends with the row LSE (fp32 ``[B, H, L]``, natural log). Semantics are those of
+:func:`adaspa_compile.reference.attention_with_lse_ref`; the conventions are in
+:mod:`adaspa_compile.kernels`. Where cuDNN or FlashAttention-4 is faster, they run this pass
+instead (:func:`.dispatch.dense_pass_order`).
 """
 
 from __future__ import annotations
@@ -32,7 +27,6 @@ BLOCK_M = 128  # query rows per program
 BLOCK_N = 64  # keys per tile
 
 
-# ----------------------------------------------------------------------------- inner loop
 @triton.jit
 def _forward_loop(acc, l_i, m_i, q, k_base, v_base, bias_base, offs_n, offs_d, stride_kn,
                   stride_kd, stride_vn, stride_vd, seq_len, j_start, j_end, qk_scale,
@@ -47,7 +41,6 @@ def _forward_loop(acc, l_i, m_i, q, k_base, v_base, bias_base, offs_n, offs_d, s
     return acc, l_i, m_i
 
 
-# ----------------------------------------------------------------------------- kernel
 @triton.jit
 def _attention_lse_kernel(Q, K, V, Out, LSE, Bias,
                           stride_qz, stride_qh, stride_qm, stride_qd,
@@ -96,7 +89,6 @@ def _attention_lse_kernel(Q, K, V, Out, LSE, Bias,
     tl.store(LSE + pid_zh.to(tl.int64) * seq_len + offs_m, lse, mask=offs_m < seq_len)
 
 
-# ----------------------------------------------------------------------------- launcher
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                        key_valid: Optional[torch.Tensor], options: LaunchOptions, *,
                        out: Optional[torch.Tensor] = None, lse: Optional[torch.Tensor] = None
@@ -108,18 +100,13 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
         scale: softmax scale (positive).
         key_valid: ``None`` or bool ``[B, L]`` (True = attend).
         options: from :func:`.dispatch.attention_lse_options` (warps and stages).
-        out, lse: optional preallocated outputs (tests poison them); ``lse`` contiguous.
+        out, lse: optional preallocated outputs (tests poison them), ``lse`` contiguous; by
+            default ``torch.empty_like(q)`` (q's strides) and a new ``lse``.
     """
-    _common.check_qk(q, k, None, v)
-    _common.check_scale(scale)
-    _common.check_key_valid(key_valid, q)
+    _common.check_attention_inputs(q, k, v, scale, None, key_valid)
     B, H, L, D = q.shape
-    _common.check_out("lse", lse, (B, H, L), torch.float32, q.device)
+    lse = _common.contiguous_out("lse", lse, (B, H, L), torch.float32, q.device)
     out = _common.output_like(q, out)
-    if lse is None:
-        lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
-    elif not lse.is_contiguous():
-        raise ValueError("lse must be contiguous")
     if L == 0 or B * H == 0:
         return out, lse
     _attention_lse_kernel[(triton.cdiv(L, BLOCK_M), B * H)](
@@ -132,7 +119,6 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
         HEAD_DIM=D, HEAD_DIM_PAD=_common.padded_head_dim(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         MASK_MODE=_common.mask_mode(key_valid, L, BLOCK_N),
         DOT_PREC=_common.dot_precision(q.dtype),
-        num_warps=options.num_warps, num_stages=options.num_stages,
-        **options.compiler_options(),
+        num_warps=options.num_warps, num_stages=options.num_stages, **options.compiler_options(),
     )
     return out, lse

@@ -3,16 +3,10 @@ search (with the fresh LSE) and the whole cached search (with the LSE of an earl
 
 ``mass[b, h, i, j] = sum over rows r of query block i, keys c of key block j of
 exp(scale * q_r . k_c - lse_r)``, fp32 ``[B, H, nq, nk]``, reduced over rows inside the kernel
-(no row x block buffer). Semantics are those of :func:`adaspa_compile.reference.block_mass_ref`.
-
-- dtypes: q, k fp16 / bf16 (fp32 accumulation) or fp32 (IEEE fp32 dots; the interpreter path).
-- head dims 1..128; 64 and 128 are the tuned ones, others are padded to a power of two (>= 16)
-  inside the kernel by masked loads.
-- block sizes 64 and 128. With ``block_size=64`` one program covers two query blocks
-  (``BLOCK_M = 128``) and writes two rows of the mass map.
-- rows whose cached LSE is ``-inf`` (no valid key) and padded keys contribute 0.
-- q and k are read through their strides (BSHD memory viewed as BHSD is fine); K through a
-  tensor descriptor (TMA) with ``tma=True`` where its strides allow it.
+(no row x block buffer). Semantics are those of :func:`adaspa_compile.reference.block_mass_ref`;
+the conventions are in :mod:`adaspa_compile.kernels`. With ``block_size=64`` one program covers
+two query blocks (``BLOCK_M = 128``) and writes two rows of the mass map. Rows whose LSE is
+``-inf`` (no valid key) contribute 0.
 """
 
 from __future__ import annotations
@@ -24,7 +18,7 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import MASK_ALL, MASK_NONE, load_block, load_rows, scale_scores, unbiased_blocks
+from ._tiles import MASK_ALL, MASK_NONE, load_block, load_rows, unbiased_blocks
 from .dispatch import LaunchOptions
 
 __all__ = ["mass_from_lse"]
@@ -33,29 +27,20 @@ __all__ = ["mass_from_lse"]
 CHUNK = 16
 
 
-# ----------------------------------------------------------------------------- inner loop
-@triton.jit
-def _row_mass(qk, lse2, bias_base, j, offs_n, qk_scale, BLOCK_SIZE: tl.constexpr,
-              APPLY_BIAS: tl.constexpr):
-    """Row sums of ``exp2(qk * QK_SCALE (+ key bias) - lse2)`` over key block ``j``'s columns."""
-    s = scale_scores(qk, bias_base, j * BLOCK_SIZE + offs_n, qk_scale, APPLY_BIAS)
-    return tl.sum(tl.math.exp2(s - lse2[:, None]), 1)
-
-
 @triton.jit
 def _mass_loop(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, rows_left, offs_n, offs_d,
                stride_kn, stride_kd, seq_len, n_k_blocks, j_start, j_end, qk_scale,
                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                SPLIT: tl.constexpr, APPLY_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
                USE_TMA: tl.constexpr, CHUNK: tl.constexpr):
-    """Key blocks ``j_start .. j_end - 1``: sum ``exp2(qk - lse2)`` over each block's rows and columns.
+    """Key blocks ``j_start .. j_end - 1``: sum ``exp2(qk * QK_SCALE (+ key bias) - lse2)`` over
+    each block's rows and columns into mass rows ``mass_rows + s * n_k_blocks``, for the tile's
+    ``SPLIT`` query blocks ``s < rows_left``. ``lse2`` is the base-2 LSE in units of
+    ``qk * QK_SCALE``, ``+inf`` for rows that must add nothing (no valid key, or past the end).
 
-    ``lse2`` is the base-2 LSE in units of ``qk * QK_SCALE``; ``+inf`` for rows that must add
-    nothing (no valid key, or past the sequence end). The ``SPLIT`` query blocks of the tile
-    write mass rows ``mass_rows + s * n_k_blocks`` for ``s < rows_left``. The row sums of
-    ``CHUNK`` consecutive key blocks are gathered in registers and reduced across rows (and so
-    across warps) once per chunk: reducing at every block puts block-wide barriers in every
-    iteration (10% slower at head dim 128 on the H100, benchmarks/RESULTS.md).
+    The row sums of ``CHUNK`` consecutive key blocks are gathered in registers and reduced across
+    rows (and so across warps) once per chunk: reducing at every block puts block-wide barriers
+    in every iteration (10% slower at head dim 128 on the H100, benchmarks/RESULTS.md).
     """
     splits = tl.arange(0, SPLIT)
     row_ptrs = mass_rows + splits * n_k_blocks
@@ -67,7 +52,11 @@ def _mass_loop(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, rows_left
             k = load_block(K, k_base, off_z, off_h, j, offs_n, offs_d, stride_kn, stride_kd,
                            seq_len, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, USE_TMA)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-            row_sums = _row_mass(qk, lse2, bias_base, j, offs_n, qk_scale, BLOCK_SIZE, APPLY_BIAS)
+            if APPLY_BIAS:
+                scores = qk * qk_scale + tl.load(bias_base + j * BLOCK_SIZE + offs_n)[None, :]
+            else:
+                scores = qk * qk_scale
+            row_sums = tl.sum(tl.math.exp2(scores - lse2[:, None]), 1)
             acc = tl.where(slots[None, :] == j - j0, row_sums[:, None], acc)
         sums = tl.sum(tl.reshape(acc, [SPLIT, BLOCK_SIZE, CHUNK]), 1)
         blocks = j0 + slots
@@ -75,26 +64,6 @@ def _mass_loop(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, rows_left
                  mask=row_ok[:, None] & (blocks < j_end)[None, :])
 
 
-@triton.jit
-def _mass_all_blocks(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, rows_left, offs_n,
-                     offs_d, stride_kn, stride_kd, seq_len, n_k_blocks, qk_scale,
-                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-                     BLOCK_SIZE: tl.constexpr, SPLIT: tl.constexpr, MASK_MODE: tl.constexpr,
-                     DOT_PREC: tl.constexpr, USE_TMA: tl.constexpr, CHUNK: tl.constexpr):
-    """Every key block once; the bias only where ``MASK_MODE`` needs it (the last block peeled)."""
-    n_clean = unbiased_blocks(n_k_blocks, MASK_MODE)
-    if MASK_MODE != MASK_ALL:
-        _mass_loop(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, rows_left, offs_n,
-                   offs_d, stride_kn, stride_kd, seq_len, n_k_blocks, 0, n_clean, qk_scale,
-                   HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, False, DOT_PREC, USE_TMA, CHUNK)
-    if MASK_MODE != MASK_NONE:
-        _mass_loop(q, lse2, K, k_base, bias_base, off_z, off_h, mass_rows, rows_left, offs_n,
-                   offs_d, stride_kn, stride_kd, seq_len, n_k_blocks, n_clean, n_k_blocks,
-                   qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, True, DOT_PREC, USE_TMA,
-                   CHUNK)
-
-
-# ----------------------------------------------------------------------------- kernel
 @triton.jit
 def _block_mass_kernel(Q, K, LSE, Bias, Mass,
                         stride_qz, stride_qh, stride_qm, stride_qd,
@@ -126,22 +95,27 @@ def _block_mass_kernel(Q, K, LSE, Bias, Mass,
 
     q_block = pid_m * SPLIT
     mass_row0 = Mass + (pid_zh.to(tl.int64) * n_q_blocks + q_block) * n_k_blocks
+    rows_left = n_q_blocks - q_block
     k_base = Q if USE_TMA else K + off_z * stride_kz + off_h * stride_kh  # TMA: K is a descriptor
-    _mass_all_blocks(q, lse2, K, k_base, Bias + off_z * n_k_blocks * BLOCK_SIZE, z32, h32,
-                     mass_row0, n_q_blocks - q_block, offs_n, offs_d, stride_kn, stride_kd,
-                     seq_len, n_k_blocks, qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT,
-                     MASK_MODE, DOT_PREC, USE_TMA, CHUNK)
+    bias_base = Bias + off_z * n_k_blocks * BLOCK_SIZE
+    n_clean = unbiased_blocks(n_k_blocks, MASK_MODE)  # the ragged last block, if any, peeled
+    if MASK_MODE != MASK_ALL:
+        _mass_loop(q, lse2, K, k_base, bias_base, z32, h32, mass_row0, rows_left, offs_n, offs_d,
+                   stride_kn, stride_kd, seq_len, n_k_blocks, 0, n_clean, qk_scale, HEAD_DIM,
+                   HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, False, DOT_PREC, USE_TMA, CHUNK)
+    if MASK_MODE != MASK_NONE:
+        _mass_loop(q, lse2, K, k_base, bias_base, z32, h32, mass_row0, rows_left, offs_n, offs_d,
+                   stride_kn, stride_kd, seq_len, n_k_blocks, n_clean, n_k_blocks, qk_scale,
+                   HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, SPLIT, True, DOT_PREC, USE_TMA, CHUNK)
 
 
-# ----------------------------------------------------------------------------- launcher
 def mass_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float,
                   block_size: int, key_valid: Optional[torch.Tensor], options: LaunchOptions, *,
                   mass: Optional[torch.Tensor] = None, chunk: int = CHUNK) -> torch.Tensor:
     """Block attention mass fp32 ``[B, H, nq, nk]`` from the natural-log ``lse``.
 
     Args:
-        q, k: ``[B, H, L, D]``, fp16 / bf16 / fp32, any strides (a unit head-dim stride is
-            fastest).
+        q, k: ``[B, H, L, D]``, fp16 / bf16 / fp32, any strides (a unit last stride is fastest).
         lse: fp32 ``[B, H, L]``, natural log, ``-inf`` for rows with no valid key.
         scale: softmax scale.
         block_size: 64 or 128.
@@ -159,11 +133,7 @@ def mass_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: fl
         raise ValueError(f"lse must be fp32 [B, H, L] = {(B, H, L)} on {q.device}; got "
                          f"{lse.dtype} {tuple(lse.shape)} on {lse.device}")
     nb = -(-L // block_size)
-    _common.check_out("mass", mass, (B, H, nb, nb), torch.float32, q.device)
-    if mass is None:
-        mass = torch.empty(B, H, nb, nb, dtype=torch.float32, device=q.device)
-    elif not mass.is_contiguous():
-        raise ValueError("mass must be contiguous")
+    mass = _common.contiguous_out("mass", mass, (B, H, nb, nb), torch.float32, q.device)
     if L == 0 or B * H == 0:
         return mass
     split = 2 if block_size == 64 else 1
@@ -179,7 +149,6 @@ def mass_from_lse(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: fl
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size, SPLIT=split,
         MASK_MODE=_common.mask_mode(key_valid, L, block_size),
         DOT_PREC=_common.dot_precision(q.dtype), USE_TMA=descs is not None, CHUNK=chunk,
-        num_warps=options.num_warps, num_stages=options.num_stages,
-        **options.compiler_options(),
+        num_warps=options.num_warps, num_stages=options.num_stages, **options.compiler_options(),
     )
     return mass

@@ -2,24 +2,17 @@
 
 One program owns one query block of one (batch, head) and walks its ascending list of key
 blocks ``indices[b, h, i, :counts[b, h, i]]``. The output is exactly that of
-:func:`adaspa_compile.reference.block_sparse_attention_ref`.
+:func:`adaspa_compile.reference.block_sparse_attention_ref`; the conventions are in
+:mod:`adaspa_compile.kernels`.
 
-Programs are launched heaviest list first (a stable sort of the counts), so the long lists start
-early and the short ones fill the tail. With ``rotate_period`` P, program ``p`` starts at the
-fraction ``(p mod P) / P`` of its list and wraps around, so the programs resident together read
-the same stretch of K/V instead of all of it (on random masks a head's K/V exceed L2). Which
-options a call gets is decided in :mod:`.dispatch`; on Hopper at head dim 128 the Gluon kernel of
-:mod:`.block_sparse_hopper` runs instead.
+Programs are launched heaviest list first (:func:`._common.work_order`), so the long lists start
+early and the short ones fill the tail; with a ``rotate_period`` the programs resident together
+start their walks in phase (:func:`._tiles.walk_start`). Which options a call gets, and whether
+the Gluon kernel of :mod:`.block_sparse_hopper` runs instead, is decided in :mod:`.dispatch`.
 
-- dtypes: fp16 / bf16 (fp32 accumulation) or fp32 (IEEE fp32 dots; the interpreter path).
-- head dims 1..128; 64 and 128 are tuned, others are padded to a power of two (>= 16) by masks.
-- block sizes 64 and 128; key tiles are the mask's blocks.
-- K and V through tensor descriptors (TMA) with ``tma=True`` where their strides allow it.
-- a row whose kept keys are all padded (or that keeps no block) gets output 0.
-- caveat: index entries below the count must lie in ``[0, nk)`` and ascend (as
-  ``BlockMask.to_indices`` and ``mask_to_indices`` give them); they are not checked on the
-  device (that would need a host sync). Without key padding, a ragged last key block is masked
-  only in the last slot.
+Caveat: index entries below the count must lie in ``[0, nk)`` and ascend (as
+``BlockMask.to_indices`` and ``mask_to_indices`` give them); they are not checked on the device
+(that would need a host sync).
 """
 
 from __future__ import annotations
@@ -31,16 +24,13 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._tiles import (MASK_ALL, MASK_NONE, MASK_RANGE, biased_scores, kv_bases, load_block,
-                     load_rows, online_softmax_step, rotated_slot, slots_below,
-                     store_normalized, unbiased_blocks, walk_start, work_item)
+from ._tiles import (MASK_ALL, MASK_NONE, MASK_RANGE, biased_scores, load_block, load_rows,
+                     online_softmax_step, slots_below, store_rows, unbiased_blocks, walk_start)
 from .dispatch import LaunchOptions
-from .lists import bias_block_range, check_sparse_inputs, launch_lists, work_order
 
 __all__ = ["block_sparse_triton"]
 
 
-# ----------------------------------------------------------------------------- inner loop
 @triton.jit
 def sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base, off_z, off_h,
                 t_start, t_end, rot, gap_at, gap, offs_n, offs_d, stride_kn, stride_kd,
@@ -52,7 +42,10 @@ def sparse_loop(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base, off
     in the order ``rot, rot + 1, ..., t_end - 1, 0, ..., rot - 1``; with ``GAP``, slots from
     ``gap_at`` on are read ``gap`` further on (skipping the slots walked with the bias)."""
     for t in range(t_start, t_end):
-        slot = rotated_slot(t, rot, t_end, ROTATE)
+        slot = t
+        if ROTATE:
+            slot = t + rot
+            slot = tl.where(slot >= t_end, slot - t_end, slot)
         if GAP:
             slot = tl.where(slot >= gap_at, slot + gap, slot)
         j = tl.load(idx_base + slot * stride_ik)
@@ -108,7 +101,6 @@ def walk_list(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base, count
     return acc, l_i, m_i
 
 
-# ----------------------------------------------------------------------------- kernel
 @triton.jit(do_not_specialize=["rotate_period"])
 def _block_sparse_kernel(Q, K, V, Out, Counts, Indices, Order, Bias, BiasRange,
                          stride_qz, stride_qh, stride_qm, stride_qd,
@@ -121,7 +113,11 @@ def _block_sparse_kernel(Q, K, V, Out, Counts, Indices, Order, Bias, BiasRange,
                          HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
                          BLOCK_SIZE: tl.constexpr, MASK_MODE: tl.constexpr, USE_TMA: tl.constexpr,
                          DOT_PREC: tl.constexpr, ROTATE: tl.constexpr):
-    lst, z32, h32 = work_item(Order, n_lists, H)
+    flat = tl.load(Order + tl.program_id(0))  # (batch * H + head) * n_lists + list
+    zh = flat // n_lists
+    lst = flat % n_lists
+    z32 = zh // H
+    h32 = zh % H
     off_z = z32.to(tl.int64)
     off_h = h32.to(tl.int64)
     offs_n = tl.arange(0, BLOCK_SIZE)
@@ -135,20 +131,20 @@ def _block_sparse_kernel(Q, K, V, Out, Counts, Indices, Order, Bias, BiasRange,
     m_i = tl.full([BLOCK_SIZE], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
     acc = tl.zeros([BLOCK_SIZE, HEAD_DIM_PAD], dtype=tl.float32)
-    k_base, v_base = kv_bases(Q, K, V, off_z, off_h, stride_kz, stride_kh, stride_vz, stride_vh,
-                              USE_TMA)
+    # With TMA, K and V are descriptors that carry their addresses: the bases are never read.
+    k_base = Q if USE_TMA else K + off_z * stride_kz + off_h * stride_kh
+    v_base = Q if USE_TMA else V + off_z * stride_vz + off_h * stride_vh
     bias_base = Bias + off_z * n_k_blocks * BLOCK_SIZE
-    # Ascending lists put the ragged last key block, if kept, in the last slot.
     acc, l_i, m_i = walk_list(acc, l_i, m_i, q, K, V, k_base, v_base, bias_base, idx_base, count,
                               BiasRange + off_z * 2, z32, h32, rotate_period, offs_n, offs_d,
                               stride_kn, stride_kd, stride_vn, stride_vd, stride_ik, seq_len,
                               qk_scale, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, MASK_MODE, USE_TMA,
                               DOT_PREC, ROTATE)
-    store_normalized(Out + off_z * stride_oz + off_h * stride_oh, acc, l_i, offs_m, offs_d,
-                     stride_om, stride_od, seq_len, HEAD_DIM, HEAD_DIM_PAD)
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # rows that attended nothing get 0
+    store_rows(Out + off_z * stride_oz + off_h * stride_oh, out.to(Out.dtype.element_ty), offs_m,
+               offs_d, stride_om, stride_od, seq_len, HEAD_DIM, HEAD_DIM_PAD)
 
 
-# ----------------------------------------------------------------------------- launcher
 def block_sparse_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor,
                         indices: torch.Tensor, scale: float, block_size: int,
                         key_valid: Optional[torch.Tensor], options: LaunchOptions, *,
@@ -166,9 +162,9 @@ def block_sparse_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, count
             ``tma`` (where the strides allow it), ``rotate_period``, ``bias_range``.
         out: optional preallocated output (tests poison it); default ``torch.empty_like(q)``.
     """
-    check_sparse_inputs(q, k, v, scale, block_size, key_valid)
+    _common.check_attention_inputs(q, k, v, scale, block_size, key_valid)
     B, H, L, D = q.shape
-    out, indices, nb = launch_lists(q, counts, indices, block_size, out)
+    out, indices, nb = _common.launch_lists(q, counts, indices, block_size, out)
     if L == 0 or B * H == 0:
         return out
     head_dim_pad = _common.padded_head_dim(D)
@@ -178,9 +174,9 @@ def block_sparse_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, count
     mask_mode = _common.mask_mode(key_valid, L, block_size)
     block_range = bias  # never read unless MASK_RANGE
     if options.bias_range and key_valid is not None:
-        mask_mode, block_range = _common.MASK_RANGE, bias_block_range(bias, block_size)
+        mask_mode, block_range = _common.MASK_RANGE, _common.bias_block_range(bias, block_size)
     _block_sparse_kernel[(B * H * nb,)](
-        q, k_arg, v_arg, out, counts, indices, work_order(counts), bias, block_range,
+        q, k_arg, v_arg, out, counts, indices, _common.work_order(counts), bias, block_range,
         q.stride(0), q.stride(1), q.stride(2), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
@@ -191,7 +187,6 @@ def block_sparse_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, count
         HEAD_DIM=D, HEAD_DIM_PAD=head_dim_pad, BLOCK_SIZE=block_size,
         MASK_MODE=mask_mode, USE_TMA=descs is not None,
         DOT_PREC=_common.dot_precision(q.dtype), ROTATE=options.rotate_period != 0,
-        num_warps=options.num_warps, num_stages=options.num_stages,
-        **options.compiler_options(),
+        num_warps=options.num_warps, num_stages=options.num_stages, **options.compiler_options(),
     )
     return out

@@ -1,25 +1,18 @@
 """Block-sparse attention for Hopper in Gluon: the 64-row programs of :mod:`.block_sparse`, with
 the next block's scores computed while this block's softmax runs.
 
-Same semantics as :func:`.block_sparse.block_sparse_triton` (each query block of 64 rows
-attends its ascending list ``indices[b, h, i, :counts[b, h, i]]`` of 64-key blocks). Triton's
+Same semantics as :func:`.block_sparse.block_sparse_triton` with ``block_size=64``. Triton's
 compiler waits for a ``q @ k^T`` wgmma as soon as it is issued unless its result is a
 loop-carried accumulator, so the tensor cores idle while the exponentials run. Here each step
 issues the scores of block ``t`` and the ``P @ V`` of block ``t - 1`` as asynchronous wgmmas,
 waits only for the scores, and runs block ``t``'s softmax while ``P @ V`` is in flight
 (FlashAttention-3's intra-warpgroup overlap). K and V arrive by TMA into ``K_STAGES`` /
 ``V_STAGES`` buffers, each with its own mbarrier; one V buffer and a register cap let 3
-programs share an SM (:data:`.dispatch.GLUON_OPTIONS`). On the H100 the third program per SM is
-what made it faster than the Triton kernel (5-9% at density 0.2); the overlap within a program
-alone changed nothing measurable (benchmarks/RESULTS.md).
+programs share an SM (:data:`.dispatch.GLUON_OPTIONS`). That third program, not the overlap,
+is what made it faster than the Triton kernel (:data:`.dispatch.GLUON_HEAD_DIMS`).
 
-Supports: sm90 (Hopper; wgmma does not exist on later architectures), bf16 / fp16, head dim 64
-or 128, block size 64, ``[B, H, L, D]`` views whose last dim is contiguous and other strides
-16-byte aligned (the diffusers BSHD layout included),
-key padding and a ragged last block (the key bias, applied only to blocks inside the per-batch
-range of blocks that need it), the rotated list walk. Anything else raises ``ValueError``;
-:func:`.dispatch.gluon_takes` says beforehand. GPU only (Gluon has no interpreter); the CPU path and the
-specification are :func:`adaspa_compile.reference.block_sparse_attention_ref`.
+It runs the calls :func:`.dispatch.gluon_takes` accepts, key padding and the rotated list walk
+included, and raises ``ValueError`` on others. GPU only (Gluon has no interpreter).
 """
 
 from __future__ import annotations
@@ -30,14 +23,12 @@ import torch
 
 from . import _common
 from .dispatch import Call, LaunchOptions, gluon_takes
-from .lists import bias_block_range, check_sparse_inputs, launch_lists, work_order
 
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
-                                                                  tma, warpgroup_mma,
-                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except ImportError:  # a Triton without Gluon: AVAILABLE is False
     gluon = None
@@ -227,7 +218,7 @@ def block_sparse_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``rotate_period``, ``k_stages`` / ``v_stages`` (K and V buffers: blocks loaded ahead),
     ``max_registers`` (a per-thread cap), ``num_warps``.
     """
-    check_sparse_inputs(q, k, v, scale, BLOCK, key_valid)
+    _common.check_attention_inputs(q, k, v, scale, BLOCK, key_valid)
     tensors = (q, k, v) if out is None else (q, k, v, out)
     call = Call.of(q, BLOCK, key_valid, tensors=tensors)
     if not AVAILABLE or not gluon_takes(call):
@@ -235,15 +226,16 @@ def block_sparse_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          "128 and TMA-compatible strides (last dim contiguous, the others "
                          f"16-byte aligned); got {q.dtype}, head dim {q.shape[-1]} on {q.device}")
     B, H, L, D = q.shape
-    out, indices, nb = launch_lists(q, counts, indices, BLOCK, out)
+    out, indices, nb = _common.launch_lists(q, counts, indices, BLOCK, out)
     if L == 0 or B * H == 0:
         return out
     bias = _common.key_bias(key_valid, B, L, BLOCK, q.device)
     has_bias = _common.mask_mode(key_valid, L, BLOCK) != _common.MASK_NONE
-    block_range = bias_block_range(bias, BLOCK) if has_bias else bias  # read only with the bias
+    # The range is read only with the bias.
+    block_range = _common.bias_block_range(bias, BLOCK) if has_bias else bias
     _hopper_kernel[(B * H * nb,)](
         _descriptor(q), _descriptor(k), _descriptor(v), _descriptor(out), counts, indices,
-        work_order(counts), bias, block_range,
+        _common.work_order(counts), bias, block_range,
         counts.stride(0), counts.stride(1), counts.stride(2),
         indices.stride(0), indices.stride(1), indices.stride(2), indices.stride(3),
         H, nb, nb, _common.log2_scale(scale), options.rotate_period or 1,

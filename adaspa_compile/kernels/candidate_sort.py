@@ -31,7 +31,6 @@ __all__ = ["sorted_candidate_mass", "MAX_BLOCKS", "check_selection_inputs"]
 MAX_BLOCKS = 8192
 
 
-# ----------------------------------------------------------------------------- device helper
 @triton.jit
 def row_scores(Mass, Text, Valid, row, i, b, cols, nb):
     """Row ``i`` of batch ``b``: ``(mass, score, candidate, forced)`` over ``cols``.
@@ -52,7 +51,6 @@ def row_scores(Mass, Text, Valid, row, i, b, cols, nb):
     return mass, score, candidate, forced
 
 
-# ----------------------------------------------------------------------------- kernel
 @triton.jit
 def _candidate_sort_kernel(Mass, Text, Valid, Sorted, RowForced, RowTotal, H, nb,
                            NB_PAD: tl.constexpr):
@@ -70,7 +68,6 @@ def _candidate_sort_kernel(Mass, Text, Valid, Sorted, RowForced, RowTotal, H, nb
     tl.store(RowTotal + row, tl.sum(mass))
 
 
-# ----------------------------------------------------------------------------- launcher
 def check_selection_inputs(mass: torch.Tensor, text_blocks: torch.Tensor,
                            valid_blocks: torch.Tensor) -> None:
     """``ValueError`` unless the kernels can take this mass map and these block flags."""
@@ -110,10 +107,7 @@ def sorted_candidate_mass(mass: torch.Tensor, text_blocks: torch.Tensor,
     """
     check_selection_inputs(mass, text_blocks, valid_blocks)
     B, H, nb, _ = mass.shape
-    _common.check_out("sorted", out, tuple(mass.shape), torch.float32, mass.device)
-    if out is not None and not out.is_contiguous():
-        raise ValueError("out must be contiguous")
-    ranked = torch.empty_like(mass, memory_format=torch.contiguous_format) if out is None else out
+    ranked = _common.contiguous_out("out", out, tuple(mass.shape), torch.float32, mass.device)
     row_forced = torch.empty(B, H, nb, dtype=torch.float32, device=mass.device)
     row_total = torch.empty(B, H, nb, dtype=torch.float32, device=mass.device)
     if mass.numel() == 0:

@@ -1,9 +1,9 @@
 """Dense attention with its log-sum-exp through cuDNN's fused attention (not a Triton kernel).
 
 The exact search needs the dense output and the per-row LSE. cuDNN's forward computes both (it
-keeps the LSE for the backward pass), and on the H100 at head dim 128 it is faster than our
-Triton attention+LSE kernel (benchmarks/RESULTS.md), so :func:`.dispatch.dense_pass_order` puts
-it before ours there and wherever keys are padded. Semantics are those of :func:`adaspa_compile.reference.attention_with_lse_ref`.
+keeps the LSE for the backward pass) and beats our Triton kernel in places, so
+:func:`.dispatch.dense_pass_order` (which has the numbers) tries it before ours there. Semantics
+are those of :func:`adaspa_compile.reference.attention_with_lse_ref`.
 """
 
 from __future__ import annotations

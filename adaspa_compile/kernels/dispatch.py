@@ -1,11 +1,9 @@
 """Which kernel runs a call, and with which launch options: the one place that decides.
 
-A call is described by :class:`Call` (GPU architecture, dtype, head dim, block size, key
-padding, whether the mask keeps every block, whether the tensors suit TMA). From it,
-:func:`dense_pass_order`, :func:`attention_lse_options`, :func:`block_mass_options` and
-:func:`block_sparse_plan` give the executor and a :class:`LaunchOptions`, which the public
-launchers of the kernel modules take. Everything here is a plain function of the description, so
-the choices are tested on a CPU.
+A call is described by :class:`Call`. From it, :func:`dense_pass_order`,
+:func:`attention_lse_options`, :func:`block_mass_options` and :func:`block_sparse_plan` give the
+executor and a :class:`LaunchOptions`, which the public launchers of the kernel modules take.
+Everything here is a plain function of the description, so the choices are tested on a CPU.
 
 Every choice below was measured on an H100 (bf16); the numbers are in ``benchmarks/RESULTS.md``.
 """
@@ -116,14 +114,11 @@ class LaunchOptions:
     v_stages: int = 1
 
     def __post_init__(self):
-        for name in ("num_warps", "num_stages", "k_stages", "v_stages"):
+        for name, least in (("num_warps", 1), ("num_stages", 1), ("k_stages", 1),
+                            ("v_stages", 1), ("rotate_period", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LaunchOptions.{name} must be an int >= 1, got {value!r}")
-        if isinstance(self.rotate_period, bool) or not isinstance(self.rotate_period, int) \
-                or self.rotate_period < 0:
-            raise ValueError(f"LaunchOptions.rotate_period must be an int >= 0, got "
-                             f"{self.rotate_period!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"LaunchOptions.{name} must be an int >= {least}, got {value!r}")
 
     def replace(self, **changes) -> "LaunchOptions":
         return dataclasses.replace(self, **changes)

@@ -1,11 +1,10 @@
 """Dense attention with its log-sum-exp through FlashAttention-4 (optional, not a Triton kernel).
 
-The fused search's dense pass needs the output and the per-row LSE. Where the optional
-``flash-attn-4`` package (with ``nvidia-cutlass-dsl``) is installed, its Hopper forward is the
-fastest dense attention measured on the H100 (0.74x cuDNN at the CogVideoX shape, 0.78x at
-HunyuanVideo's, benchmarks/RESULTS.md), so the exact search runs it first where
-:func:`.dispatch.dense_pass_order` says so; without it, or for calls it does not take, cuDNN or
-our kernel. Set ``ADASPA_FA4=0`` to turn it off. Semantics are those of :func:`adaspa_compile.reference.attention_with_lse_ref`.
+Where the optional ``flash-attn-4`` package (with ``nvidia-cutlass-dsl``) is installed, its
+Hopper forward is the fastest dense attention measured on the H100, so the exact search's dense
+pass runs it first where :func:`.dispatch.dense_pass_order` (which has the numbers) says so;
+without it, or for calls it does not take, cuDNN or our kernel. ``ADASPA_FA4=0`` turns it off.
+Semantics are those of :func:`adaspa_compile.reference.attention_with_lse_ref`.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from ..logs import log_once
 logger = logging.getLogger("adaspa_compile")
 
 __all__ = ["fa4_attention_with_lse", "fa4_unsupported_reason"]
+
 
 @functools.lru_cache(maxsize=None)
 def _fa4_forward():

@@ -5,14 +5,10 @@ One program owns two adjacent rows ``2p, 2p + 1`` of a ``(b, h)``. For each it r
 row's scores (:func:`candidate_sort.row_scores`: the diagonal first, then candidates by mass),
 reads the ``keep``-th best score ``v`` off the first pass's sorted row (no sort here), and keeps
 every candidate above ``v`` plus the first ties at ``v`` in column order (what a stable
-descending sort keeps), and the forced blocks. Outputs:
-
-- ``bits`` uint8 ``[B, H, nb, ceil(nb / 8)]`` (``BlockMask.bits``: bit ``j % 8`` of byte
-  ``j // 8``);
-- ``counts`` int32 ``[B, H, nb]``, kept blocks per row.
-
-Semantics are those of :func:`adaspa_compile.selection.keep_best` (the PyTorch reference and CPU
-path), exactly.
+descending sort keeps), and the forced blocks. Outputs: ``bits`` uint8
+``[B, H, nb, ceil(nb / 8)]`` (``BlockMask.bits``) and ``counts`` int32 ``[B, H, nb]``, the kept
+blocks per row. Semantics are exactly those of :func:`adaspa_compile.selection.keep_best` (the
+PyTorch reference and CPU path).
 """
 
 from __future__ import annotations
@@ -28,7 +24,6 @@ from .candidate_sort import check_selection_inputs, launch_shape, row_scores
 __all__ = ["kept_block_bits"]
 
 
-# ----------------------------------------------------------------------------- device helpers
 @triton.jit
 def _kept(Mass, Text, Valid, Sorted, row, i, b, keep, cols, nb):
     """Bool over ``cols``: the blocks row ``i`` keeps with a budget of ``keep`` candidates."""
@@ -55,7 +50,6 @@ def _store_bits(Bits, row, kept, n_bytes, NB_PAD: tl.constexpr):
     tl.store(Bits + row.to(tl.int64) * n_bytes + offs, packed.to(tl.uint8), mask=offs < n_bytes)
 
 
-# ----------------------------------------------------------------------------- kernel
 @triton.jit
 def _keep_blocks_kernel(Mass, Text, Valid, Sorted, Keep, Bits, Counts, H, nb, n_pairs, n_bytes,
                         NB_PAD: tl.constexpr):
@@ -77,7 +71,6 @@ def _keep_blocks_kernel(Mass, Text, Valid, Sorted, Keep, Bits, Counts, H, nb, n_
         tl.store(Counts + row0 + 1, tl.sum(kept1.to(tl.int32)))
 
 
-# ----------------------------------------------------------------------------- launcher
 def kept_block_bits(mass: torch.Tensor, text_blocks: torch.Tensor, valid_blocks: torch.Tensor,
                     keep: torch.Tensor, sorted_mass: torch.Tensor
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -100,15 +93,13 @@ def kept_block_bits(mass: torch.Tensor, text_blocks: torch.Tensor, valid_blocks:
         raise ValueError(f"sorted_mass must be fp32 {tuple(mass.shape)} on {mass.device}, got "
                          f"{sorted_mass.dtype} {tuple(sorted_mass.shape)} on {sorted_mass.device}")
     n_bytes, n_pairs = -(-nb // 8), -(-nb // 2)
-    dev = mass.device
-    bits = torch.empty(B, H, nb, n_bytes, dtype=torch.uint8, device=dev)
-    counts = torch.empty(B, H, nb, dtype=torch.int32, device=dev)
+    bits = torch.empty(B, H, nb, n_bytes, dtype=torch.uint8, device=mass.device)
+    counts = torch.empty(B, H, nb, dtype=torch.int32, device=mass.device)
     if mass.numel() == 0:
         return bits, counts
     pad, warps = launch_shape(nb)
     _keep_blocks_kernel[(B * H * n_pairs,)](
         mass.contiguous(), text_blocks.to(torch.uint8), valid_blocks.to(torch.uint8).contiguous(),
         sorted_mass.contiguous(), keep.to(torch.int32).contiguous(), bits, counts,
-        H, nb, n_pairs, n_bytes,
-        NB_PAD=pad, num_warps=warps)
+        H, nb, n_pairs, n_bytes, NB_PAD=pad, num_warps=warps)
     return bits, counts

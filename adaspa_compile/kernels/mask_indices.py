@@ -1,22 +1,19 @@
 """Mask to index lists: packed block-mask bits -> per-row ``(counts, indices)`` on the device.
 
-The block-sparse kernel walks ``indices[b, h, i, :counts[b, h, i]]``; a ``BlockMask`` keeps only
-the packed bits (1/8 byte per block) so that every layer's mask can stay cached. This kernel
-expands them at every sparse call: one program owns ``ROWS`` rows ``(b, h, i)``, walks the key
-blocks in chunks of ``BLOCK`` columns, extracts the bits, and turns a ``tl.cumsum`` of the kept
-flags (plus the running count of earlier chunks) into each kept block's slot. A second loop writes
-0 to the slots past the row's count. Every output element is written exactly once, so the
-outputs can be ``torch.empty``; there is no host sync.
+The block-sparse kernels walk ``indices[b, h, i, :counts[b, h, i]]``; a ``BlockMask`` keeps only
+the packed bits (1/8 byte per block) so that every layer's mask can stay cached, and this kernel
+expands them at every sparse call. One program owns ``ROWS`` rows ``(b, h, i)`` and walks the key
+blocks in chunks of ``BLOCK`` columns: a ``tl.cumsum`` of the kept flags (plus the count of
+earlier chunks) gives each kept block's slot; a second loop writes 0 past the row's count. Every
+output element is written exactly once (the outputs can be ``torch.empty``), with no host sync.
 
 Semantics are those of :meth:`adaspa_compile.blockmask.BlockMask.to_indices` (the reference):
-``counts`` int32 ``[B, H, nq]``; ``indices`` int32 ``[B, H, nq, max_kept]``, the kept key blocks
-of each row ascending, 0 past the count. Bit ``j % 8`` of byte ``j // 8`` is key block ``j``;
-bits past ``num_kv_blocks`` (the padding of the last byte) are ignored.
+bit ``j % 8`` of byte ``j // 8`` is key block ``j``; bits past ``num_kv_blocks`` are ignored.
 
-- caveat: ``max_kept`` must be at least the largest row count (``BlockMask.from_dense``
-  guarantees it). It is not checked on the device (that would need a host sync); a longer row is
-  truncated to ``max_kept`` slots and its count clamped to ``max_kept`` (where the reference's
-  scatter fails), so the block-sparse kernel never reads past a row.
+Caveat: ``max_kept`` must be at least the largest row count (``BlockMask.from_dense`` guarantees
+it). It is not checked on the device (that would need a host sync); a longer row is truncated to
+``max_kept`` slots and its count clamped to ``max_kept`` (where the reference's scatter fails),
+so the block-sparse kernels never read past a row.
 """
 
 from __future__ import annotations
@@ -31,12 +28,12 @@ from . import _common
 
 __all__ = ["mask_to_indices"]
 
-# Columns per chunk at most, and the tile (rows x columns) one program works on.
+# One chunk covers up to MAX_BLOCK key blocks (columns); short rows are batched ROWS to a program
+# so that each program works on a tile of about TILE bits.
 MAX_BLOCK = 2048
 TILE = 2048
 
 
-# ----------------------------------------------------------------------------- kernel
 @triton.jit
 def _mask_indices_kernel(Bits, Counts, Indices, n_rows, n_kv_blocks, n_bytes, max_kept,
                          ROWS: tl.constexpr, BLOCK: tl.constexpr):
@@ -65,7 +62,6 @@ def _mask_indices_kernel(Bits, Counts, Indices, n_rows, n_kv_blocks, n_bytes, ma
                  mask=tail)
 
 
-# ----------------------------------------------------------------------------- launcher
 def _check_bits(bits: torch.Tensor, num_kv_blocks: int, max_kept: int) -> None:
     if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8 or bits.dim() != 4:
         got = f"{bits.dtype} {tuple(bits.shape)}" if isinstance(bits, torch.Tensor) else type(bits)
@@ -81,42 +77,24 @@ def _check_bits(bits: torch.Tensor, num_kv_blocks: int, max_kept: int) -> None:
                          "TRITON_INTERPRET=1); use BlockMask.to_indices() elsewhere")
 
 
-def _check_contiguous_out(name: str, t: Optional[torch.Tensor], shape, dtype, device) -> None:
-    _common.check_out(name, t, shape, dtype, device)
-    if t is not None and not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-
-
-def _tile(num_kv_blocks: int) -> Tuple[int, int, int]:
-    """``(BLOCK, ROWS, num_warps)``: one chunk covers up to ``MAX_BLOCK`` key blocks, and short
-    rows are batched ``ROWS`` to a program so each program handles about ``TILE`` bits."""
-    block = min(max(16, triton.next_power_of_2(max(num_kv_blocks, 1))), MAX_BLOCK)
-    rows = max(1, TILE // block)
-    return block, rows, 8 if block * rows >= 2048 else 4
-
-
 def mask_to_indices(bits: torch.Tensor, num_kv_blocks: int, max_kept: int, *,
-                 counts: Optional[torch.Tensor] = None,
-                 indices: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                    counts: Optional[torch.Tensor] = None,
+                    indices: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(counts, indices)`` of a packed block mask, as ``BlockMask.to_indices()`` gives them.
 
     Args:
         bits: uint8 ``[B, H, nq, ceil(nk / 8)]`` (``BlockMask.bits``), on CUDA (or any device
             under ``TRITON_INTERPRET=1``); copied if not contiguous.
         num_kv_blocks: ``nk``.
-        max_kept: the padding width of ``indices`` (``BlockMask.max_kept``), at least every row's
-            count.
+        max_kept: the padding width of ``indices`` (``BlockMask.max_kept``), >= every row's count.
         counts, indices: optional preallocated contiguous outputs, int32 ``[B, H, nq]`` and
             ``[B, H, nq, max_kept]`` (tests poison them); default ``torch.empty``.
     """
     _check_bits(bits, num_kv_blocks, max_kept)
     B, H, nq, _ = bits.shape
-    _check_contiguous_out("counts", counts, (B, H, nq), torch.int32, bits.device)
-    _check_contiguous_out("indices", indices, (B, H, nq, max_kept), torch.int32, bits.device)
-    if counts is None:
-        counts = torch.empty(B, H, nq, dtype=torch.int32, device=bits.device)
-    if indices is None:
-        indices = torch.empty(B, H, nq, max_kept, dtype=torch.int32, device=bits.device)
+    counts = _common.contiguous_out("counts", counts, (B, H, nq), torch.int32, bits.device)
+    indices = _common.contiguous_out("indices", indices, (B, H, nq, max_kept), torch.int32,
+                                     bits.device)
     n_rows = B * H * nq
     if n_rows == 0:
         return counts, indices
@@ -126,7 +104,9 @@ def mask_to_indices(bits: torch.Tensor, num_kv_blocks: int, max_kept: int, *,
     # A row keeping nothing anywhere (max_kept == 0) still writes its count; the kernel then
     # stores no index, so any valid pointer does.
     idx_arg = indices if max_kept > 0 else counts
-    block, rows, num_warps = _tile(num_kv_blocks)
+    block = min(max(16, triton.next_power_of_2(max(num_kv_blocks, 1))), MAX_BLOCK)
+    rows = max(1, TILE // block)
+    num_warps = 8 if block * rows >= 2048 else 4
     grid = (triton.cdiv(n_rows, rows),)
     _mask_indices_kernel[grid](bits, counts, idx_arg, n_rows, num_kv_blocks, bits.shape[3],
                                max_kept, ROWS=rows, BLOCK=block, num_warps=num_warps)
