@@ -48,7 +48,7 @@ class TinyDiT(nn.Module):
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
                 encoder_hidden_states: torch.Tensor,
                 encoder_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        temb = self.time(timestep.float().view(-1, 1) / 1000)
+        temb = self.time(timestep.to(self.out.weight.dtype).view(-1, 1) / 1000)
         mask = None
         if encoder_attention_mask is not None:
             video = torch.ones(hidden_states.shape[:2], dtype=torch.bool,

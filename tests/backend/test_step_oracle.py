@@ -116,18 +116,25 @@ def check_calls(calls: List[Call], atol: float = ATOL, rtol: float = 1e-4,
         elif call.phase == "F":
             expected = masked_attention(call, None)
             lse[key] = dense_lse(call)
-            mask[key] = selected_mask(call, mass_of(call, lse[key], block))
+            mask[key] = chosen_mask(call, lse[key], block, where, tie)
         elif call.phase == "C":
-            mask[key] = selected_mask(call, mass_of(call, lse[key], block))
+            mask[key] = chosen_mask(call, lse[key], block, where, tie)
             expected = masked_attention(call, mask[key])
         else:  # sparse: this branch's latest mask, or branch 0's where the branches share it
             shared = call.site.cfg.cfg_mask == "cond" and call.branch > 0
             expected = masked_attention(call, mask[(key[0], 0) if shared else key])
-        torch.testing.assert_close(call.out, expected, atol=atol, rtol=rtol, msg=where)
-        if call.phase in "FC":
-            assert_same_up_to_ties(call.mask, mask[key], mass_of(call, lse[key], block), where,
-                                   tie)
+        torch.testing.assert_close(call.out, expected, atol=atol, rtol=rtol,
+                                   msg=lambda detail: f"{where}: {detail}")
     return letters
+
+
+def chosen_mask(call: Call, lse: torch.Tensor, block: int, where: str, tie: float
+                ) -> torch.Tensor:
+    """The mask the site chose at a search, once checked against the oracle's selection up to
+    ties; later steps follow the site's choice among tied blocks."""
+    mass = mass_of(call, lse, block)
+    assert_same_up_to_ties(call.mask, selected_mask(call, mass), mass, where, tie)
+    return call.mask
 
 
 def assert_same_up_to_ties(chosen: torch.Tensor, expected: torch.Tensor, mass: torch.Tensor,
