@@ -179,9 +179,10 @@ def sample(transformer: torch.nn.Module, cond: Conditioning, *, steps: int = 50,
     true classifier-free guidance (the pipeline's ``true_cfg_scale``): a second call per step with
     ``negative`` (default: the empty caption). ``embedded_guidance`` feeds the ``guidance`` input of
     a guidance-distilled config (``guidance_embeds=True``) and is ignored otherwise. As in the
-    pipeline, the latents take the transformer's dtype after the first step; the timestep has the
-    transformer's dtype at every step (so a compiled model does not recompile at step 1). The
-    result is returned as fp32 (not clamped).
+    pipeline, the latents take the transformer's dtype after the first step. The timestep is fp32
+    at every step: one dtype, so a compiled model does not recompile after the first step, and
+    exact, so no two steps of a long schedule round to one bf16 value (the backend would count
+    them as CFG branches of one step). The result is returned as fp32 (not clamped).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -215,7 +216,7 @@ def sample(transformer: torch.nn.Module, cond: Conditioning, *, steps: int = 50,
 
     for t in scheduler.timesteps:
         latent_model_input = latents.to(dtype)
-        timestep = t.expand(latents.shape[0]).to(dtype)  # one dtype every step: no recompile
+        timestep = t.expand(latents.shape[0]).float()
         noise_pred = transformer(hidden_states=latent_model_input, timestep=timestep,
                                  **cond.model_kwargs(), guidance=guidance, return_dict=False)[0]
         if do_cfg:

@@ -13,6 +13,7 @@ from adaspa_compile.fidelity import (  # noqa: E402
     TextEncoder, build_model, conditioning, forward_flops, load_model, make_batch,
     null_conditioning, random_captions, render, sample, save_model, tokenize)
 from adaspa_compile.fidelity.data import _trajectory  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
 
 TINY = dict(num_layers=1, num_single_layers=1)
 
@@ -209,16 +210,34 @@ def test_sampler_is_seeded_and_batch_independent():
         sample(model.transformer, cond, steps=1, shape=(2, 18, 16))
 
 
-def test_sampler_timestep_keeps_the_model_dtype_every_step():
+def test_sampler_timestep_is_fp32_every_step():
     """A dtype change at step 1 (the latents turn bf16 after the first scheduler step) would make
-    a compiled model recompile."""
+    a compiled model recompile; a bf16 timestep would round close steps of a long schedule to
+    one value."""
     model = build_model(TINY, zero_init=False)
     transformer = model.transformer.eval().to(torch.bfloat16)
     seen = []
     transformer.register_forward_pre_hook(
         lambda _mod, _args, kwargs: seen.append(kwargs["timestep"].dtype), with_kwargs=True)
     sample(transformer, conditioning([1]), steps=3, shape=(2, 16, 16), seed=0)
-    assert seen == [torch.bfloat16] * 6  # 3 steps x (cond, uncond)
+    assert seen == [torch.float32] * 6  # 3 steps x (cond, uncond)
+
+
+@pytest.mark.usefixtures("fresh_compile")
+def test_bf16_adaspa_sampling_compiles_once_and_reports_each_layer_once():
+    model = build_model(TINY, zero_init=False)
+    transformer = model.transformer.eval().to(torch.bfloat16)
+    compiled = torch.compile(transformer, backend="adaspa", fullgraph=True,
+                             options={"min_seq_len": 128, "search_steps": (2, 4),
+                                      "block_size": 16, "inner_backend": "eager"})
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        sample(compiled, conditioning([3]), steps=6, shape=(4, 32, 32), seed=0)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+    report = adaspa_compile.report(compiled)
+    names = [site.name for site in report.rewritten]
+    assert sorted(names) == ["single_transformer_blocks.0.attn", "transformer_blocks.0.attn"]
+    assert all(site.phases == {0: "DDFSCS", 1: "DDFSCS"} for site in report.rewritten)
 
 
 @pytest.mark.usefixtures("fresh_compile")
