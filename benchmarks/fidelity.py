@@ -1,7 +1,8 @@
-"""Fidelity of AdaSpa against peer selectors at equal density (issue 4, section 3).
+"""Fidelity of AdaSpa against peer selectors at equal density.
 
-    python benchmarks/fidelity.py                      # full run, one H100, about 8 minutes
-    python benchmarks/fidelity.py --quick              # CPU smoke run of the whole flow, < 1 min
+    python benchmarks/fidelity.py                      # full run, one H100, about 10 minutes
+    python benchmarks/fidelity.py --resolutions 16x128x128   # one resolution, about 7 minutes
+    python benchmarks/fidelity.py --quick              # CPU smoke run of the whole flow
     python benchmarks/fidelity.py --pairs 16 --steps 30 --resolutions 16x64x64   # cut down
 
 Loads the trained fidelity model (``adaspa_compile/fidelity/weights/``, or ``--weights``), samples
@@ -9,24 +10,30 @@ Loads the trained fidelity model (``adaspa_compile/fidelity/weights/``, or ``--w
 ``FlowMatchEulerDiscreteScheduler``, true CFG) at two resolutions, densely (the eager model) and
 under ``backend="adaspa"`` with each method at densities 0.2 and 0.1:
 
-- ``adaspa``: the default selector (exact block mass, head-adaptive, LSE cache);
-- ``adaspa-no-head-adaptive``, ``adaspa-no-lse-cache`` (fused search at every search step),
-  ``adaspa-shared-cfg`` (``share_cfg_mask=True``: the uncond branch uses the cond branch's mask);
-- ``adaspa-recall``: ``mode="recall"`` (its density is what the target recall needs, so it runs
-  once per resolution);
-- ``window``: static 3D local window on the latent token grid; ``pooled``: mean-pooled q.k.
+- ``default``: the backend's default options; ``paper``: ``options={"preset": "paper"}`` (a
+  method whose options equal an earlier one's at a resolution reuses its clips);
+- ``window``: static 3D local window on the latent token grid; ``pooled``: mean-pooled q.k;
+- ``recall0.9``: ``mode="recall"``, ``recall=0.9`` (its density is what the target recall
+  needs, so it runs once per resolution);
+- ablations of the defaults: ``cfg-cond`` / ``cfg-sum`` (``cfg_mask``), ``layer-budget``
+  (``head_budget="layer"``), ``no-tiers`` (``head_budget="uniform"``).
 
 Every compiled run uses ``inner_backend="eager"`` (``--inner-backend``), so the only difference
 from the dense reference is the attention. Search steps scale with the step count as the paper's
 zero-based 9 and 29 of 50. Metrics against the dense clip of the same (prompt, seed): PSNR and SSIM
-(Gaussian window 11, sigma 1.5) on the final frames in [0, 1]; attention recall and density per
-layer at each search step (``adaspa_compile.report()``, both CFG branches); wall time.
+(torchmetrics; SSIM per frame, Gaussian window 11, sigma 1.5) on the final frames in [0, 1];
+attention recall and density per layer at each search step (``adaspa_compile.report()``, both CFG
+branches); wall time; and per (resolution, density, method) the mean PSNR difference to
+``window`` and to ``pooled`` with its 95% paired-bootstrap interval over the (prompt, seed) pairs
+(``scipy.stats.bootstrap``).
 
-Writes ``benchmarks/results/fidelity.json`` (``--quick``: ``fidelity_quick.json``), prints a
-markdown table and the issue's goals (met / missed), and writes a PSNR-vs-density plot and a frame
-strip (dense, adaspa, window, pooled) as PNGs; everything is also copied into ``$OUT`` when set.
-``--max-minutes`` stops launching runs that would not finish in time (they are listed as skipped),
-so one device call always returns results.
+Writes ``benchmarks/results/fidelity.json`` (every clip's numbers) and
+``benchmarks/results/fidelity_summary.json`` (one row per resolution, density and method;
+``--quick``: ``*_quick.json``), prints a markdown table and the goals (met / missed), and writes a
+PSNR-vs-density plot and a frame strip (dense, default, window, pooled) as PNGs; everything is also
+copied into ``$OUT`` when set. ``--quick`` also checks the harness: sparsity 0 must reproduce the
+dense clips (PSNR >= 60 dB), else the script fails. ``--max-minutes`` stops launching runs that
+would not finish in time (they are listed as skipped), so one device call always returns results.
 """
 
 from __future__ import annotations
@@ -38,15 +45,21 @@ import os
 import platform
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import bootstrap
+from torchmetrics.functional.image import (peak_signal_noise_ratio,
+                                           structural_similarity_index_measure)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 import adaspa_compile
+from adaspa_compile import AdaSpaConfig
 from adaspa_compile.schedule import scaled_search_steps as search_steps_for
 from adaspa_compile.fidelity import (FIDELITY_CONFIG, WEIGHTS_DIR, FidelityModel,
                                      build_model, default_shift, forward_flops, load_model,
@@ -55,9 +68,25 @@ from train_fidelity_model import adaspa_backend_for_compile, frame_strip
 
 PROMPT_SEED = 10**12 + 4  # held-out captions: training clips use seeds below 10**10
 PAPER_STEPS = 50
-METHODS = ("adaspa", "window", "pooled", "adaspa-no-head-adaptive", "adaspa-no-lse-cache",
-           "adaspa-shared-cfg", "adaspa-recall")
-STRIP_METHODS = ("adaspa", "window", "pooled")
+RECALL_TARGET = 0.9
+# The options each method adds to the run's schedule, block size and density.
+METHOD_OPTIONS: Dict[str, Dict[str, Any]] = {
+    "default": {},
+    "paper": {"preset": "paper"},
+    "window": {"selector": "window"},
+    "pooled": {"selector": "pooled"},
+    "recall0.9": {"mode": "recall", "recall": RECALL_TARGET},
+    "cfg-cond": {"cfg_mask": "cond"},
+    "cfg-sum": {"cfg_mask": "sum"},
+    "layer-budget": {"head_budget": "layer"},
+    "no-tiers": {"head_budget": "uniform"},
+}
+METHODS = tuple(METHOD_OPTIONS)
+CORE = ("default", "paper", "window", "pooled")  # run first at every density
+PEERS = ("window", "pooled")  # every row's PSNR is compared with these
+STRIP_METHODS = ("default", "window", "pooled")
+SANITY_PSNR = 60.0  # --quick: sparsity 0 against dense
+PSNR_CAP = 100.0  # dB, for identical clips
 # Assumed effective throughput of the plan's estimate (bf16 dense forwards, efficient SDPA with a
 # key-padding mask, on one H100); the run measures the real one and re-plans after each dense run.
 ASSUMED_TFLOPS = {"cuda": 200.0, "cpu": 0.2}
@@ -79,7 +108,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--densities", default="0.2,0.1", help="comma-separated target densities")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of "
                    + ", ".join(METHODS))
-    p.add_argument("--recall-target", type=float, default=0.9, help="target of adaspa-recall")
     p.add_argument("--batch", type=int, default=None,
                    help="clips per sample() call (full: 16; all runs use the same batches)")
     p.add_argument("--guidance-scale", type=float, default=4.0)
@@ -91,6 +119,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--out-json", default=None)
+    p.add_argument("--summary-json", default=None)
     p.add_argument("--plot-png", default=None)
     p.add_argument("--strip-png", default=None)
     args = p.parse_args(argv)
@@ -113,6 +142,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     suffix = "_quick" if q else ""
     results = ROOT / "benchmarks" / "results"
     args.out_json = args.out_json or str(results / f"fidelity{suffix}.json")
+    args.summary_json = args.summary_json or str(results / f"fidelity_summary{suffix}.json")
     args.plot_png = args.plot_png or str(results / f"fidelity_psnr{suffix}.png")
     args.strip_png = args.strip_png or str(results / f"fidelity_strip{suffix}.png")
     return args
@@ -219,36 +249,44 @@ def to_unit(clips: torch.Tensor) -> torch.Tensor:
 
 
 def psnr(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Per clip PSNR (dB) of ``[N, 3, F, H, W]`` frames in [0, 1]; capped at 100 dB (identical)."""
-    mse = (x - ref).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp(min=1e-10))
+    """Per clip PSNR (dB) of ``[N, 3, F, H, W]`` frames in [0, 1] (torchmetrics), capped at
+    100 dB (identical clips)."""
+    return peak_signal_noise_ratio(x, ref, data_range=1.0, reduction="none",
+                                   dim=(1, 2, 3, 4)).clamp(max=PSNR_CAP)
 
 
-def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-r * r / (2 * sigma * sigma))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).float()
-
-
-def ssim(x: torch.Tensor, ref: torch.Tensor, size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Per clip SSIM (Wang et al. 2004) of ``[N, 3, F, H, W]`` frames in [0, 1]: Gaussian window
-    ``size`` / ``sigma``, valid filtering, ``C1 = 0.01^2``, ``C2 = 0.03^2``; the mean over
-    channels, frames and positions."""
+def ssim(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per clip SSIM of ``[N, 3, F, H, W]`` frames in [0, 1]: torchmetrics' SSIM of each frame
+    (Gaussian window 11, sigma 1.5), the mean over frames."""
     n, c, f, h, w = x.shape
-    if min(h, w) < size:
-        raise ValueError(f"SSIM needs frames of at least {size} pixels, got {h} x {w}")
-    win = gaussian_window(size, sigma).to(x)[None, None]
-    a = x.permute(0, 2, 1, 3, 4).reshape(n * f * c, 1, h, w)
-    b = ref.permute(0, 2, 1, 3, 4).reshape(n * f * c, 1, h, w)
-    mu_a, mu_b = F.conv2d(a, win), F.conv2d(b, win)
-    var_a = F.conv2d(a * a, win) - mu_a * mu_a
-    var_b = F.conv2d(b * b, win) - mu_b * mu_b
-    cov = F.conv2d(a * b, win) - mu_a * mu_b
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1)
-                                                      * (var_a + var_b + c2))
-    return s.reshape(n, -1).mean(1)
+
+    def frames(clips: torch.Tensor) -> torch.Tensor:
+        return clips.permute(0, 2, 1, 3, 4).reshape(n * f, c, h, w)
+
+    per_frame = structural_similarity_index_measure(frames(x), frames(ref), data_range=1.0,
+                                                    gaussian_kernel=True, sigma=1.5,
+                                                    kernel_size=11, reduction="none")
+    return per_frame.view(n, f).mean(1)
+
+
+def paired_difference(ours: Sequence[float], peer: Sequence[float],
+                      seed: int = 0) -> Tuple[float, List[float]]:
+    """Mean of ``ours - peer`` over the same (prompt, seed) pairs and its 95% paired-bootstrap
+    interval ``[low, high]`` (``scipy.stats.bootstrap``: BCa, percentile where BCa is undefined
+    for so few pairs); ``[d, d]`` when every pair differs by the same ``d``."""
+    a, b = np.asarray(ours, dtype=float), np.asarray(peer, dtype=float)
+    diff = float(np.mean(a - b))
+    if np.ptp(a - b) == 0:
+        return round(diff, 3), [round(diff, 3)] * 2
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ci = bootstrap((a, b), lambda x, y, axis: np.mean(x - y, axis=axis), paired=True,
+                           vectorized=True, confidence_level=0.95, method=method,
+                           rng=np.random.default_rng(seed)).confidence_interval
+        if np.isfinite(ci.low) and np.isfinite(ci.high):
+            break
+    return round(diff, 3), [round(float(ci.low), 3), round(float(ci.high), 3)]
 
 
 class SearchProbe:
@@ -307,28 +345,21 @@ def summarise_search(records: Dict[int, Dict[str, Dict[str, List[float]]]]) -> D
 # ----------------------------------------------------------------------------- runs
 def method_options(method: str, density: Optional[float], args: argparse.Namespace,
                    shape: Tuple[int, int, int], search: Tuple[int, ...]) -> Dict[str, Any]:
-    opts: Dict[str, Any] = {"search_steps": search, "block_size": args.block_size,
-                            "min_seq_len": args.min_seq_len, "inner_backend": args.inner_backend}
+    """The ``options=`` of one run: the method's own, then the run's schedule, block size and
+    density (these override a preset)."""
+    opts: Dict[str, Any] = dict(METHOD_OPTIONS[method], search_steps=search,
+                                block_size=args.block_size, min_seq_len=args.min_seq_len,
+                                inner_backend=args.inner_backend)
     if density is not None:
         opts["sparsity"] = round(1.0 - density, 6)
-    if method == "adaspa-no-head-adaptive":
-        opts["head_adaptive"] = False
-    elif method == "adaspa-no-lse-cache":
-        opts["lse_cache"] = False
-    elif method == "adaspa-shared-cfg":
-        opts["share_cfg_mask"] = True
-    elif method == "adaspa-recall":
-        opts.update(mode="recall", recall=args.recall_target)
-    elif method == "window":
-        opts.update(selector="window", video_grid=token_grid(shape))
-    elif method == "pooled":
-        opts["selector"] = "pooled"
+    if method == "window":
+        opts["video_grid"] = token_grid(shape)
     return opts
 
 
 def generate(transformer, model: FidelityModel, prompts: List[str], seeds: List[int],
-             args: argparse.Namespace, shape: Tuple[int, int, int], device: torch.device,
-             on_batch=None) -> Tuple[List[float], List[torch.Tensor]]:
+             args: argparse.Namespace, shape: Tuple[int, int, int],
+             device: torch.device) -> Tuple[List[float], List[torch.Tensor]]:
     """Sample every pair in batches of ``args.batch``; returns per batch seconds and the final
     clips in [0, 1] on the CPU (one tensor per batch)."""
     seconds, clips = [], []
@@ -343,8 +374,6 @@ def generate(transformer, model: FidelityModel, prompts: List[str], seeds: List[
         sync(device)
         seconds.append(time.perf_counter() - t0)
         clips.append(to_unit(out))
-        if on_batch is not None:
-            on_batch(len(clips))
     return seconds, clips
 
 
@@ -353,15 +382,16 @@ def run_label(method: str, density: Optional[float]) -> str:
 
 
 def plan_runs(args: argparse.Namespace) -> List[Tuple[Tuple[int, int, int], str, Optional[float]]]:
-    """Per resolution: the compared selectors at every density first, then recall mode, then the
-    ablations, so that a run cut by ``--max-minutes`` loses the least important ones."""
+    """Per resolution: the default, the paper preset and the peers at every density first, then
+    recall mode, then the ablations, so that a run cut by ``--max-minutes`` loses the least
+    important ones."""
     runs = []
-    core = [m for m in args.methods if m in STRIP_METHODS]
-    ablations = [m for m in args.methods if m not in STRIP_METHODS and m != "adaspa-recall"]
+    core = [m for m in args.methods if m in CORE]
+    ablations = [m for m in args.methods if m not in CORE and m != "recall0.9"]
     for shape in args.resolutions:
         runs += [(shape, m, d) for d in args.densities for m in core]
-        if "adaspa-recall" in args.methods:
-            runs.append((shape, "adaspa-recall", None))
+        if "recall0.9" in args.methods:
+            runs.append((shape, "recall0.9", None))
         runs += [(shape, m, d) for d in args.densities for m in ablations]
     return runs
 
@@ -386,23 +416,34 @@ def estimate_seconds(args: argparse.Namespace, device: torch.device) -> Dict[str
 
 
 # ----------------------------------------------------------------------------- outputs
-def markdown_table(results: List[Dict[str, Any]], dense: Dict[str, Any]) -> str:
-    head = ("| resolution | method | target density | PSNR dB | SSIM | recall (search steps) "
-            "| density achieved | wall s |")
-    lines = [head, "|" + "---|" * 8]
-    for name, d in dense.items():
-        lines.append(f"| {name} | dense | 1 | - | - | - | 1 | {d['seconds']:.1f} |")
-    for r in results:
-        if r.get("skipped"):
-            lines.append(f"| {r['resolution']} | {r['method']} | {_fmt(r['density'])} | skipped: "
-                         f"{r['skipped']} | | | | |")
-            continue
-        steps = r["search"]
-        recall = " / ".join(f"{v['recall']:.3f}" for v in steps.values()) or "-"
-        dens = " / ".join(f"{v['density']:.3f}" for v in steps.values()) or "-"
+def summary_rows(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per (resolution, density, method) that ran: mean PSNR and SSIM against dense, the
+    achieved density and recall (means over layers, heads, clips, branches and search steps), and
+    the PSNR difference to ``window`` and ``pooled`` at the same density with its 95% paired
+    bootstrap interval (``None`` where that peer did not run; recall mode has no density)."""
+    done = {(r["resolution"], r["method"], r["density"]): r for r in results
+            if not r.get("skipped")}
+    rows = []
+    for (res, method, density), r in done.items():
+        row = {"resolution": res, "density": density, "method": method, "pairs": len(r["psnr"]),
+               "psnr": r["psnr_mean"], "ssim": r["ssim_mean"],
+               "density_achieved": r["density_mean"], "recall": r["recall_mean"]}
+        for peer in PEERS:
+            other = done.get((res, peer, density)) if density is not None else None
+            diff, ci = paired_difference(r["psnr"], other["psnr"]) if other else (None, None)
+            row[f"vs_{peer}_db"], row[f"vs_{peer}_ci95"] = diff, ci
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: List[Dict[str, Any]]) -> str:
+    head = ("| resolution | method | target density | PSNR dB | SSIM | recall | density achieved "
+            "| vs window dB [95% CI] | vs pooled dB [95% CI] |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
         lines.append(f"| {r['resolution']} | {r['method']} | {_fmt(r['density'])} | "
-                     f"{r['psnr_mean']:.2f} | {r['ssim_mean']:.4f} | {recall} | {dens} | "
-                     f"{r['seconds']:.1f} |")
+                     f"{r['psnr']:.2f} | {r['ssim']:.4f} | {_num(r['recall'])} | "
+                     f"{_num(r['density_achieved'])} | {_vs(r, 'window')} | {_vs(r, 'pooled')} |")
     return "\n".join(lines)
 
 
@@ -410,42 +451,50 @@ def _fmt(density: Optional[float]) -> str:
     return "auto (recall mode)" if density is None else f"{density:g}"
 
 
-def check_goals(results: List[Dict[str, Any]], args: argparse.Namespace) -> List[Dict[str, Any]]:
+def _num(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _vs(row: Dict[str, Any], peer: str) -> str:
+    diff, ci = row[f"vs_{peer}_db"], row[f"vs_{peer}_ci95"]
+    return "-" if diff is None else f"{diff:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]"
+
+
+def check_goals(results: List[Dict[str, Any]], rows: List[Dict[str, Any]],
+                args: argparse.Namespace) -> List[Dict[str, Any]]:
     done = {(r["resolution"], r["method"], r["density"]): r for r in results
             if not r.get("skipped")}
+    by_row = {(r["resolution"], r["method"], r["density"]): r for r in rows}
     goals = []
     for shape in args.resolutions:
         res = shape_name(shape)
         for density in args.densities:
-            ours = done.get((res, "adaspa", density))
-            for peer in ("window", "pooled"):
-                other = done.get((res, peer, density))
-                goal = f"{res} density {density:g}: adaspa beats {peer} by >= 1 dB PSNR"
-                if ours is None or other is None:
+            ours = by_row.get((res, "default", density))
+            for peer in PEERS:
+                goal = f"{res} density {density:g}: default beats {peer} by >= 1 dB PSNR"
+                if ours is None or ours[f"vs_{peer}_db"] is None:
                     goals.append({"goal": goal, "status": "not run"})
                     continue
-                gap = ours["psnr_mean"] - other["psnr_mean"]
-                goals.append({"goal": goal, "value": round(gap, 3),
-                              "detail": f"{ours['psnr_mean']:.2f} vs {other['psnr_mean']:.2f} dB",
+                gap, ci = ours[f"vs_{peer}_db"], ours[f"vs_{peer}_ci95"]
+                goals.append({"goal": goal, "value": gap, "ci95": ci,
+                              "detail": f"{gap:+.2f} dB, 95% CI [{ci[0]:+.2f}, {ci[1]:+.2f}]",
                               "status": "met" if gap >= 1.0 else "missed"})
-        ours = done.get((res, "adaspa", 0.2))
-        goal = f"{res}: adaspa recall >= 0.9 at density 0.2 (every search step)"
-        if ours is None or not ours["search"]:
-            goals.append({"goal": goal, "status": "not run"})
-        else:
-            recalls = {s: v["recall"] for s, v in ours["search"].items()}
-            goals.append({"goal": goal, "value": recalls,
-                          "status": "met" if min(recalls.values()) >= 0.9 else "missed"})
-        rec = done.get((res, "adaspa-recall", None))
-        goal = (f"{res}: recall mode lands within +-0.01 of its target {args.recall_target:g} "
-                "at the search steps")
-        if rec is None or not rec["search"]:
-            goals.append({"goal": goal, "status": "not run"})
-        else:
-            recalls = {s: v["recall"] for s, v in rec["search"].items()}
-            ok = all(abs(v - args.recall_target) <= 0.01 for v in recalls.values())
-            goals.append({"goal": goal, "value": recalls, "status": "met" if ok else "missed"})
+        goals.append(_recall_goal(done.get((res, "default", 0.2)),
+                                  f"{res}: default recall >= 0.9 at density 0.2 (every search "
+                                  "step)", lambda v: min(v) >= 0.9))
+        goals.append(_recall_goal(done.get((res, "recall0.9", None)),
+                                  f"{res}: recall mode lands within +-0.01 of its target "
+                                  f"{RECALL_TARGET:g} at the search steps",
+                                  lambda v: all(abs(x - RECALL_TARGET) <= 0.01 for x in v)))
     return goals
+
+
+def _recall_goal(entry: Optional[Dict[str, Any]], goal: str, met) -> Dict[str, Any]:
+    """A goal on the recall of one run at each search step."""
+    if entry is None or not entry["search"]:
+        return {"goal": goal, "status": "not run"}
+    recalls = {s: v["recall"] for s, v in entry["search"].items()}
+    return {"goal": goal, "value": recalls, "status": "met" if met(recalls.values()) else "missed"}
 
 
 def plot(results: List[Dict[str, Any]], args: argparse.Namespace) -> Optional[str]:
@@ -479,6 +528,51 @@ def plot(results: List[Dict[str, Any]], args: argparse.Namespace) -> Optional[st
 
 
 # ----------------------------------------------------------------------------- main
+def run_method(model: FidelityModel, opts: Dict[str, Any], search: Tuple[int, ...],
+               prompts: List[str], seeds: List[int], args: argparse.Namespace,
+               shape: Tuple[int, int, int], device: torch.device,
+               dense: torch.Tensor) -> Tuple[Dict[str, Any], torch.Tensor]:
+    """Every pair generated under ``backend="adaspa"`` with ``opts``: the metrics against
+    ``dense`` and the clips."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model.transformer, backend=adaspa_backend_for_compile(),
+                             options=opts, dynamic=False, fullgraph=True)
+    probe = SearchProbe(compiled, search)
+    t0 = time.perf_counter()
+    seconds, clips = generate(probe, model, prompts, seeds, args, shape, device)
+    wall = time.perf_counter() - t0
+    out = torch.cat(clips)
+    p, s = psnr(out, dense), ssim(out, dense)
+    summary = summarise_search(probe.records)
+    metrics = {
+        "psnr": [round(float(v), 3) for v in p], "ssim": [round(float(v), 5) for v in s],
+        "psnr_mean": round(float(p.mean()), 3), "ssim_mean": round(float(s.mean()), 5),
+        "search": summary,
+        "recall_mean": mean([v["recall"] for v in summary.values()]),
+        "density_mean": mean([v["density"] for v in summary.values()]),
+        "seconds": round(wall, 2), "seconds_per_batch": [round(x, 2) for x in seconds],
+        "phases": next(iter(probe.phases.values()), {}),
+    }
+    if not summary:
+        metrics["note"] = ("no search result was reported: every site stayed dense (see phases); "
+                           "check min_seq_len")
+    return metrics, out
+
+
+def sanity_check(model: FidelityModel, search: Tuple[int, ...], prompts: List[str],
+                 seeds: List[int], args: argparse.Namespace, shape: Tuple[int, int, int],
+                 device: torch.device, dense: torch.Tensor) -> Dict[str, Any]:
+    """Sparsity 0 keeps every block: the clips must equal the dense ones (PSNR >= 60 dB)."""
+    opts = method_options("default", 1.0, args, shape, search)
+    metrics, _ = run_method(model, opts, search, prompts, seeds, args, shape, device, dense)
+    worst = min(metrics["psnr"])
+    result = {"resolution": shape_name(shape), "method": "default", "density": 1.0,
+              "psnr_min": worst, "threshold": SANITY_PSNR, "passed": worst >= SANITY_PSNR}
+    say(f"sanity: sparsity 0 at {result['resolution']}: min PSNR {worst:.1f} dB against dense "
+        f"({'ok' if result['passed'] else 'FAILED'}, needs >= {SANITY_PSNR:g})")
+    return result
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -518,7 +612,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "settings": {"pairs": args.pairs, "steps": args.steps, "search_steps": list(search),
                      "resolutions": [shape_name(s) for s in args.resolutions],
                      "densities": args.densities, "methods": args.methods,
-                     "recall_target": args.recall_target, "batch": args.batch,
+                     "recall_target": RECALL_TARGET, "batch": args.batch,
                      "guidance_scale": args.guidance_scale, "block_size": args.block_size,
                      "min_seq_len": args.min_seq_len, "inner_backend": args.inner_backend,
                      "scheduler": "FlowMatchEulerDiscreteScheduler (default_shift)",
@@ -534,15 +628,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                              "not AdaSpa")
 
     def write() -> None:
-        Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out_json, "w") as f:
-            json.dump(report, f, indent=1)
-        export(args.out_json)
+        for path, data in ((args.out_json, report),
+                           (args.summary_json, summary_rows(report["results"]))):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(data, f, indent=1)
+            export(path)
 
     strip_shape = args.resolutions[-1]
     strip_rows: List[Tuple[str, torch.Tensor]] = []
     deadline = t_start + args.max_minutes * 60.0
-    backend = adaspa_backend_for_compile()
+    ran: Dict[Tuple[str, AdaSpaConfig], Dict[str, Any]] = {}  # the run of each option set
     for shape in args.resolutions:
         res = shape_name(shape)
         say(f"\n== {res}: token grid {token_grid(shape)}, dense reference (eager)")
@@ -554,6 +650,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         say(f"dense {res}: {sum(seconds):.1f} s ({len(seconds)} batches)")
         if shape == strip_shape:
             strip_rows.append((f"dense {res}: {prompts[0]}", dense[0] * 2 - 1))
+        if args.quick and shape == args.resolutions[0]:
+            report["sanity"] = sanity_check(model, search, prompts, seeds, args, shape, device,
+                                            dense)
         write()
         per_run = sum(seconds)
         for shape_r, method, density in runs:
@@ -561,63 +660,69 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 continue
             label = run_label(method, density)
             entry: Dict[str, Any] = {"resolution": res, "method": method, "density": density}
-            remaining = deadline - time.perf_counter()
-            if remaining < per_run * 1.1:
-                entry["skipped"] = (f"time budget: {remaining:.0f} s left, a run takes about "
-                                    f"{per_run:.0f} s")
-                say(f"skip {res} {label}: {entry['skipped']}")
-                report["results"].append(entry)
-                write()
-                continue
             opts = method_options(method, density, args, shape, search)
             entry["options"] = {k: (list(v) if isinstance(v, tuple) else v)
                                 for k, v in opts.items()}
-            torch._dynamo.reset()
-            compiled = torch.compile(model.transformer, backend=backend, options=opts,
-                                     dynamic=False, fullgraph=True)
-            probe = SearchProbe(compiled, search)
-            t0 = time.perf_counter()
-            seconds, clips = generate(probe, model, prompts, seeds, args, shape, device)
-            wall = time.perf_counter() - t0
-            out = torch.cat(clips)
-            p, s = psnr(out, dense), ssim(out, dense)
-            summary = summarise_search(probe.records)
-            entry.update({
-                "psnr": [round(float(v), 3) for v in p], "ssim": [round(float(v), 5) for v in s],
-                "psnr_mean": round(float(p.mean()), 3), "ssim_mean": round(float(s.mean()), 5),
-                "search": summary,
-                "recall_mean": mean([v["recall"] for v in summary.values()]),
-                "density_mean": mean([v["density"] for v in summary.values()]),
-                "seconds": round(wall, 2), "seconds_per_batch": [round(x, 2) for x in seconds],
-                "phases": next(iter(probe.phases.values()), {}),
-            })
-            if not summary:
-                entry["note"] = ("no search result was reported: every site stayed dense (see "
-                                 "phases); check min_seq_len")
+            key = (res, AdaSpaConfig.from_options(opts))
+            remaining = deadline - time.perf_counter()
+            if key in ran:
+                same = ran[key]
+                entry.update({k: v for k, v in same.items() if k not in entry},
+                             same_as=run_label(same["method"], same["density"]))
+                say(f"{res} {label}: the options of {entry['same_as']}, its clips reused")
+            elif remaining < per_run * 1.1:
+                entry["skipped"] = (f"time budget: {remaining:.0f} s left, a run takes about "
+                                    f"{per_run:.0f} s")
+                say(f"skip {res} {label}: {entry['skipped']}")
+            else:
+                metrics, out = run_method(model, opts, search, prompts, seeds, args, shape,
+                                          device, dense)
+                entry.update(metrics)
+                ran[key] = entry
+                # A run costs about the dense run plus its trace; re-plan from the longest seen.
+                per_run = max(per_run, metrics["seconds"])
+                say_run(entry, label, t_start)
+                if shape == strip_shape and method in STRIP_METHODS \
+                        and density == args.densities[0]:
+                    strip_rows.append((f"{label}: PSNR {entry['psnr'][0]:.2f} dB, SSIM "
+                                       f"{entry['ssim'][0]:.3f}", out[0] * 2 - 1))
             report["results"].append(entry)
-            # A run costs about the dense run plus its trace; re-plan from the longest seen.
-            per_run = max(per_run, wall)
-            rec = " / ".join(f"{v['recall']:.3f}" for v in summary.values()) or "-"
-            den = " / ".join(f"{v['density']:.3f}" for v in summary.values()) or "-"
-            say(f"{res} {label:28s} PSNR {entry['psnr_mean']:6.2f} dB  SSIM "
-                f"{entry['ssim_mean']:.4f}  recall {rec}  density {den}  {wall:.1f} s  "
-                f"[{time.perf_counter() - t_start:.0f} s total]")
-            if shape == strip_shape and method in STRIP_METHODS and density == args.densities[0]:
-                strip_rows.append((f"{label}: PSNR {float(p[0]):.2f} dB, SSIM {float(s[0]):.3f}",
-                                   out[0] * 2 - 1))
             write()
-            del compiled, probe
         torch._dynamo.reset()
 
-    report["goals"] = check_goals(report["results"], args)
+    finish(report, strip_rows, strip_shape, args, t_start)
+    write()
+    say(f"\nwrote {args.out_json}, {args.summary_json}, {args.strip_png}"
+        + (f", {report['plot_png']}" if report["plot_png"] else "")
+        + f" in {report['seconds_total']:.0f} s")
+    if not report.get("sanity", {"passed": True})["passed"]:
+        raise SystemExit("sanity check failed: sparsity 0 does not reproduce the dense clips")
+    return report
+
+
+def say_run(entry: Dict[str, Any], label: str, t_start: float) -> None:
+    steps = entry["search"].values()
+    rec = " / ".join(f"{v['recall']:.3f}" for v in steps) or "-"
+    den = " / ".join(f"{v['density']:.3f}" for v in steps) or "-"
+    say(f"{entry['resolution']} {label:28s} PSNR {entry['psnr_mean']:6.2f} dB  SSIM "
+        f"{entry['ssim_mean']:.4f}  recall {rec}  density {den}  {entry['seconds']:.1f} s  "
+        f"[{time.perf_counter() - t_start:.0f} s total]")
+
+
+def finish(report: Dict[str, Any], strip_rows: List[Tuple[str, torch.Tensor]],
+           strip_shape: Tuple[int, int, int], args: argparse.Namespace, t_start: float) -> None:
+    """The goals, the table, the frame strip and the plot, printed and added to ``report``."""
+    rows = summary_rows(report["results"])
+    report["goals"] = check_goals(report["results"], rows, args)
     report["seconds_total"] = round(time.perf_counter() - t_start, 1)
-    table = markdown_table(report["results"], report["dense"])
+    table = markdown_table(rows)
     report["table_markdown"] = table
     say("\n" + ("QUICK run, tiny stand-in model: NOT a fidelity measurement\n" if args.quick
                 else "") + table)
-    say("\nrecall / density columns: mean over layers, heads, clips and CFG branches at each "
-        f"search step {search}, in order")
-    say("\ngoals (issue 4):" + (" [QUICK: tiny model, not meaningful]" if args.quick else ""))
+    say("\nrecall / density: means over layers, heads, clips, CFG branches and the search steps "
+        f"{report['settings']['search_steps']}; vs window / pooled: mean PSNR difference over "
+        "the same (prompt, seed) pairs, 95% paired-bootstrap interval")
+    say("\ngoals:" + (" [QUICK: tiny model, not meaningful]" if args.quick else ""))
     for g in report["goals"]:
         detail = g.get("detail") or (json.dumps(g["value"]) if "value" in g else "")
         say(f"  {g['status']:>7}: {g['goal']}" + (f"  ({detail})" if detail else ""))
@@ -628,11 +733,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     report["plot_png"] = plot(report["results"], args)
     if report["plot_png"]:
         export(report["plot_png"])
-    write()
-    say(f"\nwrote {args.out_json}, {args.strip_png}"
-        + (f", {report['plot_png']}" if report["plot_png"] else "")
-        + f" in {report['seconds_total']:.0f} s")
-    return report
 
 
 if __name__ == "__main__":
