@@ -64,10 +64,9 @@ from adaspa_compile.config import AdaSpaConfig
 from adaspa_compile.schedule import (DEFAULT_SEARCH_STEPS, DEFAULT_STEPS, Phase, SiteFacts,
                                      plan_phase)
 
-RESULTS = Path(__file__).resolve().parent / "results"
-PHASE_NAMES = {"D": "dense", "F": "fused_search", "C": "cached_search", "S": "sparse"}
-# The default schedule of a 50-step generation: search_steps=(9, 29).
-DEFAULT_SCHEDULE = {"dense": 9, "fused_search": 1, "cached_search": 1, "sparse": 39}
+from _common import (DEFAULT_SCHEDULE, PHASE_NAMES, RESULTS, SHAPES, fmt, log,
+                     projected_seconds, rel_err, run_meta, sync, with_out_copy, write_json)
+
 BENCH_SEARCH_STEPS = (2, 4)
 TIMED_STEPS = 8  # D D F S C S S S
 # Wan 2.2: the low-noise expert takes over at this step of the timed generation (after both
@@ -91,10 +90,6 @@ REGIONAL = "-regional"  # compile_repeated_blocks instead of compiling the whole
 # bf16 roundings of the output); FALLBACK_TOL when inductor is not run.
 BF16_FLOOR = 1e-2
 FALLBACK_TOL = 3e-2
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # ----------------------------------------------------------------------------- models
@@ -139,9 +134,11 @@ def hunyuan_spec(quick: bool, dual: int, single: int) -> ModelSpec:
                    pooled_projection_dim=32, rope_axes_dim=(8, 12, 12), mlp_ratio=2.0)
         latent, text, valid = (4, 16, 32), 64, 20
     else:
-        cfg = dict(num_attention_heads=24, attention_head_dim=128, text_embed_dim=4096,
-                   pooled_projection_dim=768, rope_axes_dim=(16, 56, 56), mlp_ratio=4.0)
-        latent, text, valid = (33, 90, 160), 256, 67
+        shape = SHAPES["hunyuan"]
+        cfg = dict(num_attention_heads=shape.heads, attention_head_dim=shape.head_dim,
+                   text_embed_dim=4096, pooled_projection_dim=768, rope_axes_dim=(16, 56, 56),
+                   mlp_ratio=4.0)
+        latent, text, valid = shape.latent, shape.prompt_tokens, 67
     cfg.update(in_channels=16, out_channels=16, num_layers=dual, num_single_layers=single,
                num_refiner_layers=2, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
                guidance_embeds=True, rope_theta=256.0)
@@ -161,7 +158,8 @@ def hunyuan_spec(quick: bool, dual: int, single: int) -> ModelSpec:
     return ModelSpec(
         name="hunyuan_video", heads=cfg["num_attention_heads"], head_dim=cfg["attention_head_dim"],
         video_tokens=f * (h // 2) * (w // 2), text_tokens=text, layers=dual + single,
-        layers_label=f"{dual} dual + {single} single", full_layers=60, batch=1,
+        layers_label=f"{dual} dual + {single} single", full_layers=SHAPES["hunyuan"].layers,
+        batch=1,
         timestep_dtype=torch.float32, build=lambda: HunyuanVideoTransformer3DModel(**cfg),
         inputs=inputs, notes=f"text padded to {text}, {valid} valid tokens")
 
@@ -174,13 +172,28 @@ def wan_config(quick: bool, layers: int, quick_heads: int = 2):
                    text_dim=64, freq_dim=32)
         latent, text = (4, 16, 32), 32
     else:
-        cfg = dict(num_attention_heads=40, attention_head_dim=128, ffn_dim=13824, text_dim=4096,
-                   freq_dim=256)
-        latent, text = (21, 90, 160), 512
+        shape = SHAPES["wan"]
+        cfg = dict(num_attention_heads=shape.heads, attention_head_dim=shape.head_dim,
+                   ffn_dim=13824, text_dim=4096, freq_dim=256)
+        latent, text = shape.latent, shape.prompt_tokens
     cfg.update(patch_size=(1, 2, 2), in_channels=16, out_channels=16, num_layers=layers,
                cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
                rope_max_seq_len=1024)
     return cfg, latent, text
+
+
+def wan_inputs(cfg: Dict[str, Any], latent: Tuple[int, int, int], text: int, device: torch.device,
+               dtype: torch.dtype) -> List[Dict[str, torch.Tensor]]:
+    """The two calls of one Wan step (CFG: cond, uncond; batch 1 each), seeded random inputs of
+    the ``wan_config`` it is given."""
+    g = torch.Generator().manual_seed(2)
+    x = _randn(g, (1, 16, *latent), device, dtype)
+    cond = _randn(g, (1, text, cfg["text_dim"]), device, dtype)
+    # The pipeline zero-pads T5 embeddings past the prompt; the negative prompt is shorter.
+    uncond = _randn(g, (1, text, cfg["text_dim"]), device, dtype)
+    uncond[:, text // 8:] = 0
+    return [dict(hidden_states=x, encoder_hidden_states=cond),
+            dict(hidden_states=x, encoder_hidden_states=uncond)]
 
 
 def wan_spec(quick: bool, layers: int) -> ModelSpec:
@@ -190,20 +203,14 @@ def wan_spec(quick: bool, layers: int) -> ModelSpec:
     cfg, latent, text = wan_config(quick, layers)
 
     def inputs(model, device, dtype):
-        g = torch.Generator().manual_seed(2)
-        x = _randn(g, (1, 16, *latent), device, dtype)
-        cond = _randn(g, (1, text, cfg["text_dim"]), device, dtype)
-        # The pipeline zero-pads T5 embeddings past the prompt; the negative prompt is shorter.
-        uncond = _randn(g, (1, text, cfg["text_dim"]), device, dtype)
-        uncond[:, text // 8:] = 0
-        return [dict(hidden_states=x, encoder_hidden_states=cond),
-                dict(hidden_states=x, encoder_hidden_states=uncond)]
+        return wan_inputs(cfg, latent, text, device, dtype)
 
     f, h, w = latent
     return ModelSpec(
         name="wan", heads=cfg["num_attention_heads"], head_dim=cfg["attention_head_dim"],
         video_tokens=f * (h // 2) * (w // 2), text_tokens=0, layers=layers,
-        layers_label=f"{layers}", full_layers=40, batch=1, timestep_dtype=torch.int64,
+        layers_label=f"{layers}", full_layers=SHAPES["wan"].layers, batch=1,
+        timestep_dtype=torch.int64,
         build=lambda: WanTransformer3DModel(**cfg), inputs=inputs,
         notes="CFG as two calls per step (cond, uncond), each batch 1")
 
@@ -311,9 +318,11 @@ def cogvideox_spec(quick: bool, layers: int) -> ModelSpec:
                    text_embed_dim=64, sample_height=16, sample_width=32, sample_frames=13)
         frames, text = 8, 32
     else:
-        cfg = dict(num_attention_heads=48, attention_head_dim=64, time_embed_dim=512,
-                   text_embed_dim=4096, sample_height=96, sample_width=170, sample_frames=81)
-        frames, text = 22, 226
+        shape = SHAPES["cogvideox"]
+        cfg = dict(num_attention_heads=shape.heads, attention_head_dim=shape.head_dim,
+                   time_embed_dim=512, text_embed_dim=4096, sample_height=shape.latent[1],
+                   sample_width=shape.latent[2], sample_frames=81)
+        frames, text = shape.latent[0], shape.prompt_tokens
     cfg.update(in_channels=16, out_channels=16, num_layers=layers, patch_size=2, patch_size_t=2,
                temporal_compression_ratio=4, max_text_seq_length=text, patch_bias=False,
                use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False)
@@ -333,7 +342,8 @@ def cogvideox_spec(quick: bool, layers: int) -> ModelSpec:
     return ModelSpec(
         name="cogvideox", heads=cfg["num_attention_heads"], head_dim=cfg["attention_head_dim"],
         video_tokens=frames // 2 * (h // 2) * (w // 2), text_tokens=text, layers=layers,
-        layers_label=f"{layers}", full_layers=42, batch=2, timestep_dtype=torch.int64,
+        layers_label=f"{layers}", full_layers=SHAPES["cogvideox"].layers, batch=2,
+        timestep_dtype=torch.int64,
         build=lambda: CogVideoXTransformer3DModel(**cfg), inputs=inputs,
         notes="CFG batched: one call of batch 2 per step")
 
@@ -362,11 +372,6 @@ def cast_as_loaded(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Modul
 
 
 # ----------------------------------------------------------------------------- timing
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(device: torch.device, fn: Callable[..., Any], *args: Any) -> Tuple[float, Any]:
     """(milliseconds, result) of ``fn(*args)``, host work and syncs included."""
     if device.type == "cuda":
@@ -397,13 +402,6 @@ def forward(model, kwargs: Dict[str, Any], t: float, spec: ModelSpec,
 
 def unique_graphs() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    if not torch.isfinite(a).all():
-        return float("nan")
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def median(xs: List[float]) -> Optional[float]:
@@ -611,10 +609,8 @@ def _run_adaspa(ctx: Context, compiled, options: Dict[str, Any], cache: contextl
         if c.phase in PHASE_NAMES:
             samples[PHASE_NAMES[c.phase]].append(c.ms)
     ms = {name: median(xs) for name, xs in samples.items()}
-    projected = None
     schedule = projected_schedule(spec)
-    if all(ms[p] is not None for p in schedule):
-        projected = spec.calls_per_step * sum(n * ms[p] for p, n in schedule.items()) / 1e3
+    projected = projected_seconds(ms, spec.calls_per_step, schedule)
     overhead_ms = None
     if projected is not None:
         overhead_ms = spec.calls_per_step * (
@@ -815,10 +811,6 @@ def targets(payload: Dict[str, Any]) -> List[Dict[str, Any]]:
     return rows
 
 
-def fmt(v: Any, spec: str = ".1f") -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def table(payload: Dict[str, Any]) -> str:
     lines = ["| model | layers | method | compile s | dense ms | fused ms | cached ms | sparse ms "
              "| 50 steps s | x ind. fwd | x ind. 50 | search % | peak GiB | cache MB | graphs "
@@ -891,9 +883,6 @@ def write_results(payload: Dict[str, Any], all_checks,
     """Write the JSON, merged by model into an existing results file; return (paths, merged)."""
     payload["checks"] = all_checks
     payload["targets"] = targets(payload)
-    paths = [args.json]
-    if os.environ.get("OUT"):
-        paths.append(Path(os.environ["OUT"]) / args.json.name)
     merged = dict(payload)
     if args.json.exists() and not args.no_merge:
         try:
@@ -905,10 +894,7 @@ def write_results(payload: Dict[str, Any], all_checks,
                 merged["targets"] = targets(merged)
         except (OSError, ValueError):
             pass
-    for p in paths:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(merged, indent=1, default=str))
-    return paths, merged
+    return write_json(merged, args.json), merged
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -992,10 +978,8 @@ def main(argv=None) -> int:
 
         register_backend(adaspa_backend, name="adaspa")
         registered_by = "benchmarks/e2e.py (package not installed)"
-    meta = {"backend_registered_by": registered_by,"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "cuda": torch.version.cuda, "dtype": "bfloat16", "quick": args.quick,
-            "command": "python " + " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    meta = {"backend_registered_by": registered_by, **run_meta(device),
+            "diffusers": diffusers.__version__, "dtype": "bfloat16", "quick": args.quick,
             "cold_compile": args.cold_compile,
             "schedule_timed": f"search_steps={BENCH_SEARCH_STEPS}, {TIMED_STEPS} steps "
                               f"(after a {WARMUP_STEPS}-step warmup generation)",
@@ -1003,12 +987,6 @@ def main(argv=None) -> int:
             "note": "random weights: attention is close to uniform, so recall mode keeps most "
                     "blocks and its speed says little about trained models; the fixed-sparsity "
                     "methods cost the same whatever the weights"}
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-    except ImportError:
-        meta["triton"] = None
     meta["fused_search_dense_pass_fa4"] = fa4_status()
     args.meta = meta
     log(f"e2e benchmark: {meta}")
@@ -1026,7 +1004,7 @@ def main(argv=None) -> int:
 
     paths, merged = write_results(payload, all_checks, args)
     png = args.json.with_suffix(".png")
-    chart(merged, [png] + ([Path(os.environ["OUT"]) / png.name] if os.environ.get("OUT") else []))
+    chart(merged, with_out_copy(png))
     print("\n" + table(payload))
     for name, entry in payload["models"].items():
         r = entry["methods"].get("adaspa-0.8", {})

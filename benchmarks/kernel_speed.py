@@ -20,14 +20,9 @@ Writes JSON to ``benchmarks/results/kernels.json`` and, when set, ``$OUT/kernels
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import time
-from pathlib import Path
 
 import torch
-import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from adaspa_compile import kernels, ops
@@ -37,54 +32,9 @@ from adaspa_compile.kernels import dispatch
 from adaspa_compile.kernels.cudnn_attention import cudnn_attention_with_lse
 from adaspa_compile.selection import BlockLayout, select_blocks
 
-SHAPES = {
-    # name: (heads, head_dim, tokens, text tokens, text position)
-    "hunyuan": (24, 128, 119_056, 256, "last"),
-    "wan": (40, 128, 75_600, 0, "last"),
-    "cogvideox": (48, 64, 45_106, 226, "first"),
-}
+from _common import SHAPES, bench, random_qkv, rel_err, run_meta, write_results
+
 DENSITIES = ("1.0", "0.5", "0.2-tiers", "0.1")
-
-
-MIN_CALLS = 10
-
-
-def bench(fn, rep_ms: int) -> float:
-    """Median ms of ``fn`` (``triton.testing.do_bench``) over ``rep_ms`` of calls, and at least
-    ``MIN_CALLS`` calls: do_bench alone times a 300 ms kernel once at ``rep=100``."""
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    once_ms = (time.perf_counter() - start) * 1e3
-    rep = max(rep_ms, MIN_CALLS * once_ms)
-    return float(triton.testing.do_bench(fn, warmup=max(25, rep / 4), rep=rep,
-                                         return_mode="median"))
-
-
-def random_qkv(H: int, L: int, D: int, device: str = "cuda"):
-    """Seeded random bf16 q, k, v ``[1, H, L, D]``: BSHD memory viewed as BHSD (diffusers' layout)."""
-    torch.manual_seed(0)
-    return [torch.randn(1, L, H, D, device=device, dtype=torch.bfloat16).transpose(1, 2)
-            for _ in range(3)]
-
-
-def write_results(name: str, payload: dict) -> None:
-    """``payload`` as JSON to ``benchmarks/results/<name>`` and, when set, ``$OUT/<name>``."""
-    paths = [Path(__file__).resolve().parent / "results" / name]
-    if os.environ.get("OUT"):
-        paths.append(Path(os.environ["OUT"]) / name)
-    for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=1))
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    if not torch.isfinite(a).all():
-        return float("nan")
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def text_blocks(L: int, bs: int, text: int, where: str, device) -> torch.Tensor:
@@ -134,7 +84,9 @@ def flex_block_mask(counts, indices, L, bs, nb):
 
 
 def run_shape(name, args, flex_fn, rows, checks):
-    H, D, L_full, text, where = SHAPES[name]
+    shape = SHAPES[name]
+    H, D, L_full = shape.heads, shape.head_dim, shape.tokens
+    text, where = shape.text_tokens, shape.text_position
     L = L_full // 4 if args.quick else L_full
     text = text if L > text else 0
     bs = args.block_size
@@ -267,7 +219,7 @@ def tune(args):
     """Sweep num_warps / num_stages of the Triton kernels at a quarter of each shape."""
     results = []
     for name in args.shapes:
-        H, D, L, _, _ = SHAPES[name]
+        H, D, L = SHAPES[name].heads, SHAPES[name].head_dim, SHAPES[name].tokens
         L = L // 4
         bs = args.block_size
         q, k, v = random_qkv(H, L, D)
@@ -321,11 +273,9 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernel_speed.py needs a CUDA device")
 
-    meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": triton.__version__, "cuda": torch.version.cuda,
-            "command": "python " + " ".join(sys.argv), "block_size": args.block_size,
-            "quick": args.quick, "dtype": "bfloat16", "layout": "BSHD viewed as BHSD",
-            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    run = run_meta()
+    meta = {"card": run.pop("device"), **run, "block_size": args.block_size,
+            "quick": args.quick, "dtype": "bfloat16", "layout": "BSHD viewed as BHSD"}
     print(meta, flush=True)
     tuning = tune(args) if args.tune else None
 

@@ -33,7 +33,6 @@ NVLink multicast (NVLS) is turned off (``NCCL_NVLS_ENABLE=0``) unless already se
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -49,10 +48,11 @@ import torch.distributed as dist
 import adaspa_compile
 from adaspa_compile.distributed import prepare_context_parallel
 
-from e2e import cast_as_loaded, wan_config
+from _common import (PHASE_NAMES, SHAPES, fmt, mean, projected_seconds, rel_err, run_meta, sync,
+                     write_json)
+from _common import log as _log
+from e2e import cast_as_loaded, timestep_values, wan_config, wan_inputs
 
-PHASES = {"D": "dense", "F": "fused_search", "C": "cached_search", "S": "sparse"}
-DEFAULT_SCHEDULE = {"dense": 9, "fused_search": 1, "cached_search": 1, "sparse": 39}
 SEARCH_STEPS = (2, 3)
 STEPS = 7  # D D F C S S S
 CALLS_PER_STEP = 2  # Wan: CFG as two calls
@@ -62,7 +62,7 @@ KEEP = {"dense": 0, "fused_search": 2, "sparse": 4}  # step whose branch-0 outpu
 
 def log(msg: str) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+        _log(msg)
 
 
 # ----------------------------------------------------------------------------- model
@@ -77,29 +77,7 @@ def build(cfg: Dict[str, Any], device: torch.device, dtype: torch.dtype) -> torc
     return cast_as_loaded(model, dtype)
 
 
-def branches(cfg, latent, text, device, dtype) -> List[Dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(2)
-
-    def randn(*shape):
-        return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
-
-    x = randn(1, 16, *latent)
-    cond, uncond = randn(1, text, cfg["text_dim"]), randn(1, text, cfg["text_dim"])
-    uncond[:, text // 8:] = 0  # the pipeline zero-pads T5 embeddings past the prompt
-    return [dict(hidden_states=x, encoder_hidden_states=cond),
-            dict(hidden_states=x, encoder_hidden_states=uncond)]
-
-
-def timesteps(n: int) -> List[int]:
-    return [round(1000.0 * (1.0 - i / (n + 1))) for i in range(n)]
-
-
 # ----------------------------------------------------------------------------- timing
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def call(model, kwargs, t: int, device: torch.device):
     """(ms, output) of one model call, timestep passed as the pipeline does (``t.expand(1)``)."""
     step = torch.tensor(t, dtype=torch.int64, device=device).expand(1)
@@ -179,18 +157,16 @@ def run_adaspa(model, ins, ts, args, device, parallel: bool) -> Dict[str, Any]:
                     outputs[name] = out.float().cpu()
             del out
     times = slowest_rank(times, device, parallel)
-    samples: Dict[str, List[float]] = {name: [] for name in PHASES.values()}
+    samples: Dict[str, List[float]] = {name: [] for name in PHASE_NAMES.values()}
     seen = set()
     for letter, ms in zip(phases, times):
-        if letter not in PHASES:
+        if letter not in PHASE_NAMES:
             continue
         if letter in seen:  # the first call of each phase compiles or JITs
-            samples[PHASES[letter]].append(ms)
+            samples[PHASE_NAMES[letter]].append(ms)
         seen.add(letter)
     fwd = {name: statistics.median(xs) if xs else None for name, xs in samples.items()}
-    projected = None
-    if all(fwd[p] is not None for p in DEFAULT_SCHEDULE):
-        projected = CALLS_PER_STEP * sum(n * fwd[p] for p, n in DEFAULT_SCHEDULE.items()) / 1e3
+    projected = projected_seconds(fwd, CALLS_PER_STEP)
     report = adaspa_compile.report()
     sites = report.rewritten
     return {
@@ -201,15 +177,10 @@ def run_adaspa(model, ins, ts, args, device, parallel: bool) -> Dict[str, Any]:
         "graphs": int(counters["stats"]["unique_graphs"]),
         "recompiles": int(counters["stats"]["unique_graphs"]) - (graphs_after_first or 0),
         "sites": len(sites), "site_shapes": sorted({s.shape for s in sites}),
-        "density": _mean(s.mean_density() for s in sites),
-        "recall": _mean(s.mean_recall() for s in sites),
+        "density": mean(s.mean_density() for s in sites),
+        "recall": mean(s.mean_recall() for s in sites),
         "peak_gib": memory(device), "outputs": outputs, "report": str(report),
     }
-
-
-def _mean(xs) -> Optional[float]:
-    xs = [x for x in xs if x is not None]
-    return sum(xs) / len(xs) if xs else None
 
 
 def psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -217,10 +188,6 @@ def psnr(out: torch.Tensor, ref: torch.Tensor) -> float:
     mse = float(((out - ref) ** 2).mean())
     span = float(ref.max() - ref.min())
     return math.inf if mse == 0 else 10 * math.log10(span ** 2 / mse)
-
-
-def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -273,8 +240,8 @@ def main(argv=None) -> int:
     log(f"Wan {cfg['num_attention_heads']}x{cfg['attention_head_dim']} heads, {args.layers} "
         f"layers, {tokens:,} video tokens, {device.type} {dtype}, world {world}")
     model = build(cfg, device, dtype)
-    ins = branches(cfg, latent, text, device, dtype)
-    ts = timesteps(STEPS)
+    ins = wan_inputs(cfg, latent, text, device, dtype)
+    ts = timestep_values(STEPS, torch.int64)
     results: Dict[str, Dict[str, Any]] = {}
     parallel_on = False
     for method in args.methods:
@@ -314,14 +281,12 @@ def summarise(args, results, cfg, tokens, device, dtype, world) -> Dict[str, Any
     out: Dict[str, Any] = {
         "config": {"model": "Wan2.1-14B 720p" if not args.quick else "tiny Wan (--quick)",
                    "heads": cfg["num_attention_heads"], "head_dim": cfg["attention_head_dim"],
-                   "layers": args.layers, "full_layers": 40, "video_tokens": tokens,
+                   "layers": args.layers, "full_layers": SHAPES["wan"].layers,
+                   "video_tokens": tokens,
                    "calls_per_step": CALLS_PER_STEP, "sparsity": args.sparsity,
                    "search_steps_timed": list(SEARCH_STEPS), "ulysses_degree": world,
                    "inner": args.inner, "prepare_context_parallel": not args.no_prepare},
-        "run": {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
-                else "cpu", "dtype": str(dtype), "torch": torch.__version__,
-                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "command": " ".join(sys.argv)},
+        "run": {**run_meta(device, command=" ".join(sys.argv)), "dtype": str(dtype)},
         "methods": {}, "comparisons": {}}
     for name, r in results.items():
         out["methods"][name] = {k: v for k, v in r.items() if k != "outputs"}
@@ -343,7 +308,7 @@ def summarise(args, results, cfg, tokens, device, dtype, world) -> Dict[str, Any
                 if what in two["outputs"]:
                     comp[f"{kind}: PSNR dB 2-GPU vs 1-GPU ({what} step)"] = psnr(
                         two["outputs"][what], ref)
-                    comp[f"{kind}: rel. L2 2-GPU vs 1-GPU ({what} step)"] = rel_l2(
+                    comp[f"{kind}: rel. L2 2-GPU vs 1-GPU ({what} step)"] = rel_err(
                         two["outputs"][what], ref)
     base = ok.get("dense-1")
     for name in ("adaspa-1", "dense-2", "adaspa-2"):
@@ -354,10 +319,6 @@ def summarise(args, results, cfg, tokens, device, dtype, world) -> Dict[str, Any
                 base["forward_ms"]["dense"], ok[name]["forward_ms"].get("sparse")
                 or ok[name]["forward_ms"]["dense"])
     return out
-
-
-def _f(v: Any, spec: str = ".1f") -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def table(payload: Dict[str, Any]) -> str:
@@ -373,13 +334,13 @@ def table(payload: Dict[str, Any]) -> str:
             continue
         f = r["forward_ms"]
         lines.append(f"| {name.rsplit('-', 1)[0]} | {name.rsplit('-', 1)[1]} | "
-                     f"{_f(r['compile_s'])} | {_f(f.get('dense'))} | "
-                     f"{_f(f.get('fused_search'))} | {_f(f.get('cached_search'))} | "
-                     f"{_f(f.get('sparse'))} | {_f(r['projected_50_s'])} | "
-                     f"{_f(r.get('density'), '.3f')} | {_f(r['peak_gib'], '.1f')} |")
+                     f"{fmt(r['compile_s'])} | {fmt(f.get('dense'))} | "
+                     f"{fmt(f.get('fused_search'))} | {fmt(f.get('cached_search'))} | "
+                     f"{fmt(f.get('sparse'))} | {fmt(r['projected_50_s'])} | "
+                     f"{fmt(r.get('density'), '.3f')} | {fmt(r['peak_gib'], '.1f')} |")
     lines.append("")
     for what, v in payload["comparisons"].items():
-        lines.append(f"{what}: {_f(v, '.3f') if v is not None and not math.isinf(v) else v}")
+        lines.append(f"{what}: {fmt(v, '.3f') if v is not None and not math.isinf(v) else v}")
     for name, r in payload["methods"].items():
         if name.startswith("adaspa") and "phases_seen" in r:
             lines.append(f"{name}: phases {r['phases_seen']} (branch 0), graphs {r['graphs']}, "
@@ -388,12 +349,8 @@ def table(payload: Dict[str, Any]) -> str:
 
 
 def write(payload: Dict[str, Any], args) -> None:
-    paths = [Path(p) / "multigpu.json" for p in [os.environ.get("OUT")] if p]
-    if args.json:
-        paths.append(args.json)
-    for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=1, default=str))
+    """To ``--json`` when given and ``$OUT/multigpu.json`` when ``$OUT`` is set."""
+    for path in write_json(payload, args.json, name="multigpu.json"):
         log(f"wrote {path}")
 
 

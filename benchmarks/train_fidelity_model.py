@@ -26,11 +26,8 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import json
 import math
 import os
-import platform
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +47,8 @@ import adaspa_compile
 from adaspa_compile.fidelity import (FIDELITY_CONFIG, Conditioning, FidelityModel,
                                      build_model, default_shift, forward_flops, load_model,
                                      make_batch, sample, save_model, shift_sigmas, to_uint8)
+
+from _common import adaspa_backend_for_compile, environment, export, sync, write_json
 
 WEIGHTS_LIMIT_BYTES = 15_000_000
 EVAL_SEED = 10**12  # training clips use seeds below 10**10
@@ -135,30 +134,6 @@ class Log:
                 f.write(message + "\n")
 
 
-def export(path: Path, name: Optional[str] = None) -> None:
-    """Copy a result file (or a folder's files) into ``$OUT`` when it is set."""
-    out = os.environ.get("OUT")
-    if not out:
-        return
-    target = Path(out) / (name or path.name)
-    if path.is_dir():
-        target.mkdir(parents=True, exist_ok=True)
-        for f in path.iterdir():
-            shutil.copy2(f, target / f.name)
-    else:
-        shutil.copy2(path, target)
-
-
-def adaspa_backend_for_compile():
-    """``"adaspa"`` when the entry point is installed, else the backend function itself (a
-    checkout run with ``PYTHONPATH=.``, as on the device machine)."""
-    if "adaspa" in torch._dynamo.list_backends():
-        return "adaspa"
-    from adaspa_compile.backend import adaspa_backend
-
-    return adaspa_backend
-
-
 def sdpa_context(choice: str):
     from contextlib import nullcontext
 
@@ -172,11 +147,6 @@ def sdpa_context(choice: str):
 
 def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -470,7 +440,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    import diffusers
 
     if importlib.util.find_spec("matplotlib") is None:
         log(f"matplotlib is not installed: no mask picture ({args.masks_png})")
@@ -484,9 +453,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                   "hires_video_tokens": _seq(args.hires_shape),
                   "forward_gflops_per_clip": {"linear": fw["linear"] / 1e9,
                                               "attention": fw["attention"] / 1e9}},
-        "environment": {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or "cpu", "torch": torch.__version__,
-                        "diffusers": diffusers.__version__, "python": platform.python_version()},
+        "environment": environment(device),
         "args": {k: (list(v) if isinstance(v, tuple) else _rel(v)) for k, v in vars(args).items()},
     }
     log(f"model: {n_params / 1e6:.2f} M parameters, {int(fw['tokens'])} video tokens per "
@@ -495,10 +462,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         f"device {report['environment']['device']}")
 
     def write_report() -> None:
-        Path(args.report_json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.report_json, "w") as f:
-            json.dump(report, f, indent=1)
-        export(Path(args.report_json))
+        write_json(report, Path(args.report_json))
 
     # The untrained model's attention, as a baseline for the trained one.
     evals = eval_data(args.shape, args.eval_clips, device, model)

@@ -27,7 +27,12 @@ def _exec(path: Path, name: str, monkeypatch) -> ModuleType:
 
 
 def load_script(path: Path, monkeypatch, siblings: Sequence[str] = ()) -> ModuleType:
-    """Import the script at ``path``, its sibling modules ``siblings`` first (by bare name)."""
-    for sibling in siblings:
+    """Import the script at ``path``, its sibling modules ``siblings`` first (by bare name).
+
+    The folder's ``_common`` (the helpers its scripts share), where it has one, is always loaded
+    first: every script of the folder, and every sibling, may import it.
+    """
+    shared = ("_common",) if (path.parent / "_common.py").is_file() else ()
+    for sibling in dict.fromkeys((*shared, *siblings)):
         _exec(path.parent / f"{sibling}.py", sibling, monkeypatch)
     return _exec(path, f"adaspa_script_{path.stem}", monkeypatch)
