@@ -672,8 +672,13 @@ def checks_for(ctx: Context, method: str, result: Dict[str, Any]) -> List[Dict[s
             check(f"{what} < {tol:.2g} (2x inductor's error, >= {BF16_FLOOR})", err < tol, err)
     if method.startswith("adaspa"):
         check("recompiles == 0", result["recompiles"] == 0, result["recompiles"])
-        graphs = block_classes(ctx.model) if method.endswith(REGIONAL) else 1
-        check(f"graphs == {graphs} (fullgraph)", result["graphs"] == graphs, result["graphs"])
+        if method.endswith(REGIONAL):  # a class whose blocks see inputs of other strides (as
+            # HunyuanVideo's first dual block) compiles twice in the first call
+            graphs = block_classes(ctx.model)
+            check(f"graphs >= {graphs} (one per block class)", result["graphs"] >= graphs,
+                  result["graphs"])
+        else:
+            check("graphs == 1 (fullgraph)", result["graphs"] == 1, result["graphs"])
         sites = ctx.spec.layers * ctx.spec.experts
         check(f"rewritten sites == layers ({sites})", result["sites_rewritten"] == sites,
               result["sites_rewritten"])
@@ -722,6 +727,11 @@ def run_model(spec: ModelSpec, args, device, dtype, payload, all_checks, start: 
             if time.perf_counter() - start > args.time_limit:
                 log(f"{spec.name}: {method} skipped: past --time-limit {args.time_limit:.0f} s")
                 entry["methods"][method] = {"skipped": "time limit"}
+                continue
+            if method.endswith(REGIONAL) and not block_classes(ctx.model):
+                reason = f"{type(experts_of(ctx.model)[0]).__name__} declares no repeated blocks"
+                log(f"{spec.name}: {method} skipped: {reason}")
+                entry["methods"][method] = {"skipped": reason}
                 continue
             log(f"{spec.name}: {method} ...")
             t0 = time.perf_counter()

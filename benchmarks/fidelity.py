@@ -41,9 +41,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import platform
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -56,7 +53,6 @@ from scipy.stats import bootstrap
 from torchmetrics.functional.image import (peak_signal_noise_ratio,
                                            structural_similarity_index_measure)
 
-ROOT = Path(__file__).resolve().parents[1]
 
 import adaspa_compile
 from adaspa_compile import AdaSpaConfig
@@ -64,7 +60,8 @@ from adaspa_compile.schedule import scaled_search_steps as search_steps_for
 from adaspa_compile.fidelity import (FIDELITY_CONFIG, WEIGHTS_DIR, FidelityModel,
                                      build_model, default_shift, forward_flops, load_model,
                                      make_batch, random_captions, sample, shift_sigmas)
-from train_fidelity_model import adaspa_backend_for_compile, frame_strip
+from _common import RESULTS, adaspa_backend_for_compile, environment, export, mean, sync, write_json
+from train_fidelity_model import frame_strip
 
 PROMPT_SEED = 10**12 + 4  # held-out captions: training clips use seeds below 10**10
 PAPER_STEPS = 50
@@ -140,7 +137,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.block_size = args.block_size or (16 if q else 64)
     args.min_seq_len = args.min_seq_len or (64 if q else 1024)
     suffix = "_quick" if q else ""
-    results = ROOT / "benchmarks" / "results"
+    results = RESULTS
     args.out_json = args.out_json or str(results / f"fidelity{suffix}.json")
     args.summary_json = args.summary_json or str(results / f"fidelity_summary{suffix}.json")
     args.plot_png = args.plot_png or str(results / f"fidelity_psnr{suffix}.png")
@@ -164,13 +161,6 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-def export(path: str) -> None:
-    """Copy a result file into ``$OUT`` when it is set."""
-    out = os.environ.get("OUT")
-    if out and os.path.isfile(path):
-        shutil.copy2(path, Path(out) / Path(path).name)
-
-
 def shape_name(shape: Tuple[int, int, int]) -> str:
     return "x".join(map(str, shape))
 
@@ -178,11 +168,6 @@ def shape_name(shape: Tuple[int, int, int]) -> str:
 def token_grid(shape: Tuple[int, int, int]) -> Tuple[int, int, int]:
     p, pt = FIDELITY_CONFIG["patch_size"], FIDELITY_CONFIG["patch_size_t"]
     return shape[0] // pt, shape[1] // p, shape[2] // p
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -320,11 +305,6 @@ class SearchProbe:
         for site in rep.rewritten:
             self.phases[site.name] = dict(site.phases)
         return out
-
-
-def mean(values: Sequence[float]) -> Optional[float]:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
 
 
 def summarise_search(records: Dict[int, Dict[str, Dict[str, List[float]]]]) -> Dict[str, Any]:
@@ -579,7 +559,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    import diffusers
 
     plan = estimate_seconds(args, device if not args.dry_run else torch.device("cuda"))
     if args.dry_run:
@@ -606,9 +585,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     report: Dict[str, Any] = {
         "quick": args.quick,
         "model": model_info,
-        "environment": {"device": torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else (platform.processor() or "cpu"), "torch": torch.__version__,
-                        "diffusers": diffusers.__version__, "python": platform.python_version()},
+        "environment": environment(device),
         "settings": {"pairs": args.pairs, "steps": args.steps, "search_steps": list(search),
                      "resolutions": [shape_name(s) for s in args.resolutions],
                      "densities": args.densities, "methods": args.methods,
@@ -630,10 +607,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     def write() -> None:
         for path, data in ((args.out_json, report),
                            (args.summary_json, summary_rows(report["results"]))):
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "w") as f:
-                json.dump(data, f, indent=1)
-            export(path)
+            write_json(data, Path(path))
 
     strip_shape = args.resolutions[-1]
     strip_rows: List[Tuple[str, torch.Tensor]] = []
