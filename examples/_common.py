@@ -150,12 +150,22 @@ def adaspa_options(args: argparse.Namespace) -> Dict[str, Any]:
     return options
 
 
+def dtype_keyword(dtype: torch.dtype) -> Dict[str, torch.dtype]:
+    """``from_pretrained``'s dtype argument: ``dtype`` since diffusers 0.42, ``torch_dtype``
+    before (0.42 still takes it, with a deprecation warning)."""
+    import diffusers
+    from packaging.version import Version
+
+    new = Version(diffusers.__version__).release >= (0, 42)
+    return {"dtype" if new else "torch_dtype": dtype}
+
+
 def load_pipeline(pipeline_cls: type, args: argparse.Namespace, **components: Any):
     """``pipeline_cls.from_pretrained(args.model)``: bf16 on CUDA (fp32 on CPU), placed on
     ``args.device`` or offloaded. ``components`` replace loaded ones (e.g. an fp32 VAE)."""
     dtype = torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32
     print(f"loading {pipeline_cls.__name__} from {args.model} ({dtype})", flush=True)
-    pipe = pipeline_cls.from_pretrained(args.model, torch_dtype=dtype, **components)
+    pipe = pipeline_cls.from_pretrained(args.model, **dtype_keyword(dtype), **components)
     if args.cpu_offload:
         pipe.enable_model_cpu_offload(device=args.device)  # needs accelerate
     else:

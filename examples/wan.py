@@ -47,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None, pipe=None) -> _common.Generation:
         from diffusers import AutoencoderKLWan, WanPipeline
 
         vae = AutoencoderKLWan.from_pretrained(args.model, subfolder="vae",
-                                               torch_dtype=torch.float32)
+                                               **_common.dtype_keyword(torch.float32))
         pipe = _common.load_pipeline(WanPipeline, args, vae=vae)
     set_flow_shift(pipe, args)
     return _common.run(pipe, args)
