@@ -1,8 +1,8 @@
 """Kernel speed: one run, one table (the benchmark shapes of docs, B=1, bf16).
 
 For each shape, in one process on one GPU: cuDNN and flash dense SDPA, our block-sparse kernels
-and FlexAttention on the identical block masks (densities 1.0, 0.5, head-adaptive 0.2 = heads at
-0.1 / 0.2 / 0.3, and 0.1), the exact search (dense attention+LSE, then the mass) and the
+and FlexAttention on the identical block masks (densities 1.0, 0.5, 0.2, head-adaptive 0.2 =
+heads at 0.1 / 0.2 / 0.3, and 0.1), the exact search (dense attention+LSE, then the mass) and the
 LSE-cached search (the mass alone), plus the mask-to-index conversion (the PyTorch reference
 ``BlockMask.to_indices`` and the Triton ``mask_to_indices`` kernel that the sparse path runs at
 every call, checked equal), a top-k over the mass map and the whole
@@ -10,9 +10,26 @@ block selection (``select_blocks``, once per search step and layer). Median time
 ``triton.testing.do_bench``; every kernel's output is checked against a reference in the same
 run. Inputs are random, in the diffusers layout (BSHD memory viewed as BHSD).
 
-    python benchmarks/kernel_speed.py                 # full lengths, all shapes
-    python benchmarks/kernel_speed.py --quick         # a quarter of the tokens
+Peers (``--peers``, default all), each imported once a run; one that does not import, or fails
+at a call, is a row with its ``error`` (type and message), never the end of the run:
+
+- ``vsa`` (FastVideo's Video Sparse Attention, ``vsa.block_sparse_attn``): on our block masks at
+  densities 0.2 and 0.1 (64-token blocks, head dim 128), checked against our output on them.
+- ``st-attn`` (Sliding Tile Attention, ``st_attn.sliding_tile_attention``): only on the fixed
+  canvases it supports (HunyuanVideo 30 x 48 x 80 + 256 text, Wan 18 x 48 x 80), so at its own
+  shape (``hunyuan@sta``, ``wan@sta``, with cuDNN dense there), with the 3D windows of tiles
+  nearest 0.2 and 0.1 of the grid, beside our kernel on the same window as a block mask, whose
+  output is the reference. Not applicable to CogVideoX.
+- ``sageattention`` (``sageattn``, INT8 QK^T, dense, no mask): against cuDNN dense.
+- ``cache-dit``: a step cache, not a kernel: a ``not applicable`` row (see benchmarks/e2e.py).
+
+Peers' relative errors are printed and stored (``rel_err``), not failures of the run.
+
+    python benchmarks/kernel_speed.py                 # full lengths, all shapes, all peers
+    python benchmarks/kernel_speed.py --quick         # a quarter of the tokens (STA: its canvas)
     python benchmarks/kernel_speed.py --shapes hunyuan --tune
+    python benchmarks/kernel_speed.py --peers none    # our kernels, cuDNN and Flex only
+    python benchmarks/kernel_speed.py --peers vsa,sageattention
 
 Writes JSON to ``benchmarks/results/kernels.json`` and, when set, ``$OUT/kernels.json``.
 """
@@ -20,7 +37,10 @@ Writes JSON to ``benchmarks/results/kernels.json`` and, when set, ``$OUT/kernels
 from __future__ import annotations
 
 import argparse
+import importlib
+import itertools
 import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -34,7 +54,7 @@ from adaspa_compile.selection import BlockLayout, select_blocks
 
 from _common import SHAPES, bench, random_qkv, rel_err, run_meta, write_results
 
-DENSITIES = ("1.0", "0.5", "0.2-tiers", "0.1")
+DENSITIES = ("1.0", "0.5", "0.2", "0.2-tiers", "0.1")
 
 
 def text_blocks(L: int, bs: int, text: int, where: str, device) -> torch.Tensor:
@@ -83,7 +103,250 @@ def flex_block_mask(counts, indices, L, bs, nb):
                                         compute_q_blocks=False)
 
 
-def run_shape(name, args, flex_fn, rows, checks):
+# ----------------------------------------------------------------------------- peers
+# Other projects' attention for video DiTs, timed in the same run on the same inputs: the name
+# given to --peers (and in the rows) -> the module it imports.
+PEERS = {"vsa": "vsa", "st-attn": "st_attn", "sageattention": "sageattention",
+         "cache-dit": "cache_dit"}
+# Native extensions a peer's package imports inside ``try`` (a failure leaves a None that fails
+# later, without the reason): imported here too, so that the probe's row gives the reason.
+PEER_EXTENSIONS = {"st-attn": "st_attn_cuda"}
+# Peers that are no attention kernel: a row with the reason, never imported here.
+NOT_KERNELS = {
+    "cache-dit": "a step cache (it reuses transformer blocks' outputs across denoising steps), "
+                 "not an attention kernel; its effect is end to end: benchmarks/e2e.py"}
+# Masks the block-sparse peers take (VSA: the same block mask as ours, so the same rows).
+PEER_DENSITIES = ("0.2", "0.1")
+# Sliding Tile Attention runs on fixed latent canvases only (st_attn 0.0.7 asserts the sequence
+# length): HunyuanVideo 117 frames 768 x 1280 (30 x 48 x 80, 256 text tokens last) and Wan 69
+# frames 768 x 1280 (18 x 48 x 80, no text). Tiles of 6 x 8 x 8 = 384 tokens, tile-major order.
+STA_TILE = (6, 8, 8)
+STA_CANVAS = {"hunyuan": ((30, 48, 80), 256), "wan": ((18, 48, 80), 0)}
+
+
+def error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:400]
+
+
+def show(row: Dict[str, Any]) -> None:
+    """One line of the running log for a row: its time, error or why it does not apply."""
+    if "ms" in row:
+        cell = f"{row['ms']:9.3f} ms"
+        if row.get("rel_err") is not None:
+            cell += f"  rel err {row['rel_err']:.2e}"
+    elif "error" in row:
+        cell = f"error: {row['error']}"
+    else:
+        cell = f"n/a: {row.get('not_applicable', '')}"
+    print(f"  {row['shape']:10s} {row['what']:38s} {cell}"[:500], flush=True)
+
+
+def probe_peers(names: Sequence[str],
+                import_module: Callable[[str], Any] = importlib.import_module
+                ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    """Import each peer once: ``({name: module}, rows)``, a row for each peer that does not
+    import (``error``: the exception's type and message) or is no kernel (``not_applicable``)."""
+    modules, rows = {}, []
+    for name in names:
+        if name in NOT_KERNELS:
+            rows.append({"shape": "-", "what": name, "not_applicable": NOT_KERNELS[name]})
+            continue
+        try:
+            module = import_module(PEERS[name])
+            if name in PEER_EXTENSIONS:
+                import_module(PEER_EXTENSIONS[name])
+            modules[name] = module
+        except Exception as exc:  # ImportError, a missing CUDA library, a check at import
+            rows.append({"shape": "-", "what": f"{name} import ({PEERS[name]})",
+                         "error": error_text(exc)})
+    return modules, rows
+
+
+def timed_row(shape: str, what: str, call: Callable[[], torch.Tensor],
+              reference: Optional[torch.Tensor], rep: int, flops: Optional[float] = None,
+              extra: Optional[Dict[str, Any]] = None,
+              timer: Callable[[Callable[[], Any], int], float] = bench) -> Dict[str, Any]:
+    """A row for one call: the first call's output against ``reference`` (``rel_err``), then
+    its median time (``ms``). Any exception, in the call or the timing, becomes the row's
+    ``error``: a peer that fails never ends the run."""
+    row = {"shape": shape, "what": what, **(extra or {})}
+    try:
+        out = call()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # an asynchronous fault shows here, in this row
+        row["rel_err"] = rel_err(out, reference) if reference is not None else None
+        del out
+        row["ms"] = timer(call, rep)
+        row["tflops"] = flops / row["ms"] / 1e9 if flops else None
+    except Exception as exc:
+        for key in ("ms", "tflops", "rel_err"):
+            row.pop(key, None)
+        row["error"] = error_text(exc)
+    return row
+
+
+def sage_call(sage, q, k, v, scale) -> Callable[[], torch.Tensor]:
+    """SageAttention (``sageattn``, INT8 QK^T, dense, no mask) on BSHD memory (``"NHD"``). It
+    subtracts k's mean from k in place (``smooth_k``; softmax does not change), so it gets
+    copies."""
+    qs, ks, vs = (t.transpose(1, 2).contiguous().clone() for t in (q, k, v))
+    return lambda: sage.sageattn(qs, ks, vs, tensor_layout="NHD", is_causal=False,
+                                 sm_scale=scale).transpose(1, 2)
+
+
+def vsa_call(vsa, q, k, v, dense_mask: torch.Tensor, L: int) -> Callable[[], torch.Tensor]:
+    """VSA's block-sparse attention (``vsa.block_sparse_attn(q, k, v, block_map,
+    variable_block_sizes) -> (out, lse)``): 64-token blocks, q/k/v ``[B, H, S, D]`` with S a
+    multiple of 64 (zero padded; ``variable_block_sizes`` holds the valid tokens of each block,
+    so the padded keys get no weight), ``block_map`` bool ``[B, H, q blocks, kv blocks]``. Its
+    scale is 1/sqrt(D), as ours."""
+    nb = dense_mask.shape[-1]
+    pad = nb * 64 - L
+    qp, kp, vp = (torch.nn.functional.pad(t, (0, 0, 0, pad)).contiguous() for t in (q, k, v))
+    sizes = torch.full((nb,), 64, dtype=torch.int32, device=q.device)
+    sizes[-1] = L - (nb - 1) * 64
+    block_map = dense_mask.contiguous()
+    return lambda: vsa.block_sparse_attn(qp, kp, vp, block_map, sizes)[0][:, :, :L]
+
+
+def sta_window(grid: Sequence[int], density: float) -> Tuple[int, int, int]:
+    """The STA window (tiles in t, h, w; odd, as the kernel centres it, and within the tile
+    grid) whose share of the grid is nearest ``density``; ties go to the most cubic."""
+    sizes = [range(1, g + 1, 2) for g in grid]
+    total = grid[0] * grid[1] * grid[2]
+    return min(itertools.product(*sizes),
+               key=lambda w: (round(abs(w[0] * w[1] * w[2] / total - density), 9), max(w) - min(w),
+                              w))
+
+
+def sta_block_mask(canvas: Sequence[int], window: Sequence[int], text: int, bs: int = 64,
+                   tile: Sequence[int] = STA_TILE) -> torch.Tensor:
+    """STA's attention pattern as a bool block mask ``[nb, nb]`` of ``bs``-token blocks (tokens
+    tile-major, as STA lays them out; the text after the video). A query tile attends to the
+    ``window`` of tiles around it, the window's centre held inside the grid; video attends to
+    all text, text to everything. Exact at block level when ``bs`` divides the tile and the
+    text."""
+    per_tile = tile[0] * tile[1] * tile[2]
+    grid = [c // t for c, t in zip(canvas, tile)]
+    if per_tile % bs or text % bs:
+        raise ValueError(f"block size {bs} does not divide the tile ({per_tile}) and text ({text})")
+    n_tiles = grid[0] * grid[1] * grid[2]
+    ids = torch.arange(n_tiles)
+    coords = torch.stack([ids // (grid[1] * grid[2]), ids // grid[2] % grid[1], ids % grid[2]], -1)
+    centre = torch.stack([coords[:, d].clamp(window[d] // 2, grid[d] - 1 - window[d] // 2)
+                          for d in range(3)], -1)
+    tiles = ((centre[:, None, :] - coords[None, :, :]).abs()
+             <= torch.tensor([w // 2 for w in window])).all(-1)
+    per = per_tile // bs
+    video = tiles.repeat_interleave(per, 0).repeat_interleave(per, 1)
+    nv, nt = video.shape[0], text // bs
+    mask = torch.ones(nv + nt, nv + nt, dtype=torch.bool)
+    mask[:nv, :nv] = video
+    return mask
+
+
+def sta_call(sta, q, k, v, window, text: int, canvas: Sequence[int]) -> Callable[[], torch.Tensor]:
+    """``st_attn.sliding_tile_attention(q, k, v, window_size, text_length, has_text,
+    dit_seq_shape)``: q/k/v ``[B, H, S, D]`` contiguous, one (t, h, w) window in tiles per head,
+    the canvas named ``"TxHxW"``."""
+    qc, kc, vc = (t.contiguous() for t in (q, k, v))
+    name = "x".join(str(c) for c in canvas)
+    windows = [tuple(window)] * q.shape[1]
+    return lambda: sta.sliding_tile_attention(qc, kc, vc, windows, text, text > 0, name)
+
+
+def sta_rows(name: str, sta, args, rows: List[Dict[str, Any]]) -> None:
+    """STA at its own canvas nearest ``name``'s model (its own shape in the table, with cuDNN
+    dense there), beside our kernel on the identical block mask, whose output is the
+    reference."""
+    shape = SHAPES[name]
+    canvas, text = STA_CANVAS[name]
+    label = f"{name}@sta"
+    L = canvas[0] * canvas[1] * canvas[2] + text
+    H, D = shape.heads, shape.head_dim
+    q, k, v = random_qkv(H, L, D)
+    scale = D ** -0.5
+    dense_flops = 4.0 * H * L * L * D
+    extra = {"L": L, "canvas": list(canvas), "text_tokens": text}
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        row = timed_row(label, "dense cuDNN", lambda: torch.nn.functional.
+                        scaled_dot_product_attention(q, k, v, scale=scale), None, args.rep,
+                        dense_flops, extra)
+    rows.append(row)
+    show(row)
+    grid = [c // t for c, t in zip(canvas, STA_TILE)]
+    for density in PEER_DENSITIES:
+        window = sta_window(grid, float(density))
+        dense = sta_block_mask(canvas, window, text, 64).to(q.device)
+        bm = BlockMask.from_dense(dense.expand(1, H, *dense.shape).contiguous(), block_size=64,
+                                  seq_len=L)
+        counts, indices = bm.to_indices()
+        kept = float(counts.sum()) / (H * dense.shape[0] ** 2)
+        plan = dispatch.block_sparse_plan(dispatch.Call.of(q, 64, tensors=(q, k, v)), False)
+        ours = kernels.block_sparse_triton(q, k, v, counts, indices, scale, 64, None, plan.options)
+        info = {**extra, "window_tiles": list(window), "density": kept}
+        for what, call, ref in (
+                (f"ours block-sparse (ops) STA window {window}", lambda: ops.sparse_forward(
+                    q, k, v, bm, scale, None), ours),
+                (f"st-attn STA window {window}", sta_call(sta, q, k, v, window, text, canvas),
+                 ours)):
+            row = timed_row(label, what, call, ref, args.rep, dense_flops * kept, info)
+            rows.append(row)
+            show(row)
+
+
+def peer_rows(name: str, peers: Dict[str, Any], q, k, v, ref, scale, args,
+              rows: List[Dict[str, Any]], dense_flops: float) -> None:
+    """The dense peers on this shape's inputs, and STA at its own canvas (where it has one)."""
+    shape = SHAPES[name]
+    if "sageattention" in peers:
+        row = timed_row(name, "sageattention sageattn (INT8 QK, dense)",
+                        sage_call(peers["sageattention"], q, k, v, scale), ref, args.rep,
+                        dense_flops)
+        rows.append(row)
+        show(row)
+    if "st-attn" in peers:
+        why = None
+        if name not in STA_CANVAS:
+            why = f"st_attn 0.0.7 runs only the canvases {sorted(STA_CANVAS)} of its models"
+        elif shape.head_dim != 128 or args.block_size != 64:
+            why = "head dim 128 and 64-token blocks only"
+        if why:
+            row = {"shape": name, "what": "st-attn", "not_applicable": why}
+            rows.append(row)
+            show(row)
+        else:
+            sta_rows(name, peers["st-attn"], args, rows)
+
+
+def parse_peers(text: str, error: Callable[[str], Any]) -> List[str]:
+    """``--peers``: ``all``, ``none`` or a comma list of ``PEERS``' names."""
+    text = text.strip()
+    if text == "all":
+        return list(PEERS)
+    if text in ("none", ""):
+        return []
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for n in names:
+        if n not in PEERS:
+            error(f"unknown peer {n!r}; choose from {sorted(PEERS)}, 'all' or 'none'")
+    return names
+
+
+def vsa_row(name: str, vsa, q, k, v, bm: BlockMask, L: int, reference, args, flops,
+            dname: str, head_dim: int) -> Dict[str, Any]:
+    """VSA on our block mask ``bm``, checked against our output on it."""
+    what = f"vsa block_sparse_attn d={dname}"
+    if args.block_size != 64 or head_dim != 128:
+        # VSA's blocks are 64 tokens; its H100 kernel (ThunderKittens) is built for FastVideo's
+        # head dim 128 (not called at 64, so that a fault cannot end the run).
+        return {"shape": name, "what": what,
+                "not_applicable": "64-token blocks and head dim 128 only"}
+    return timed_row(name, what, vsa_call(vsa, q, k, v, bm.to_dense(), L), reference,
+                     args.rep, flops)
+
+
+def run_shape(name, args, flex_fn, rows, checks, peers):
     shape = SHAPES[name]
     H, D, L_full = shape.heads, shape.head_dim, shape.tokens
     text, where = shape.text_tokens, shape.text_position
@@ -211,7 +474,12 @@ def run_shape(name, args, flex_fn, rows, checks):
                 print(f"  Flex failed for {name} d={dname}: {type(exc).__name__}: {exc}"[:400])
                 rows.append({"shape": name, "what": f"Flex block-sparse d={dname}",
                              "error": f"{type(exc).__name__}: {exc}"[:400]})
+        if "vsa" in peers and dname in PEER_DENSITIES:
+            row = vsa_row(name, peers["vsa"], q, k, v, bm, L, o, args, sp_flops, dname, D)
+            rows.append(row)
+            show(row)
         del o, counts, indices, bm
+    peer_rows(name, peers, q, k, v, ref, scale, args, rows, dense_flops)
     torch.cuda.empty_cache()
 
 
@@ -265,7 +533,10 @@ def main():
     ap.add_argument("--rep", type=int, default=600, help="do_bench repetition time, ms")
     ap.add_argument("--tune", action="store_true", help="sweep launch configs first")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--peers", default="all",
+                    help=f"comma list of {sorted(PEERS)}, 'all' (default) or 'none'")
     args = ap.parse_args()
+    args.peers = parse_peers(args.peers, ap.error)
     args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     for s in args.shapes:
         if s not in SHAPES:
@@ -284,29 +555,42 @@ def main():
         from torch.nn.attention.flex_attention import flex_attention
 
         flex_fn = torch.compile(flex_attention, dynamic=False)
-    rows, checks = [], []
+    peers, rows = probe_peers(args.peers)  # once a run: a row for each that does not import
+    for row in rows:
+        show(row)
+    checks = []
     for name in args.shapes:
-        run_shape(name, args, flex_fn, rows, checks)
+        run_shape(name, args, flex_fn, rows, checks, peers)
 
-    # Ratios to cuDNN dense of the same shape.
-    for name in args.shapes:
-        base = next(r["ms"] for r in rows if r["shape"] == name and r["what"] == "dense cuDNN")
+    # Ratios to cuDNN dense of the same shape (STA's canvases have their own cuDNN row).
+    for name in dict.fromkeys(r["shape"] for r in rows):
+        base = next((r["ms"] for r in rows if r["shape"] == name and r["what"] == "dense cuDNN"
+                     and r.get("ms")), None)
         for r in rows:
-            if r["shape"] == name and r.get("ms"):
+            if base and r["shape"] == name and r.get("ms"):
                 r["x_cudnn"] = r["ms"] / base
     print("\n| shape | what | ms | x cuDNN | TFLOP/s |\n|---|---|---:|---:|---:|")
     for r in rows:
         if "ms" not in r:
-            print(f"| {r['shape']} | {r['what']} | error | | |")
+            why = (f"error: {r['error']}" if "error" in r
+                   else f"not applicable: {r.get('not_applicable')}")
+            print(f"| {r['shape']} | {r['what']} | {why} | | |".replace("\n", " "))
             continue
+        if "x_cudnn" not in r:
+            r["x_cudnn"] = float("nan")
         tf = f"{r['tflops']:.0f}" if r.get("tflops") else ""
         print(f"| {r['shape']} | {r['what']} | {r['ms']:.2f} | {r['x_cudnn']:.3f} | {tf} |")
     print("\nchecks (relative error):")
     for name, what, err in checks:
         print(f"  {name:10s} {what:32s} {err:.2e}")
+    print("\npeers against the reference (relative error; reported, not a failure: "
+          "sageattention quantises):")
+    for r in rows:
+        if r.get("rel_err") is not None:
+            print(f"  {r['shape']:10s} {r['what']:40s} {r['rel_err']:.2e}")
     payload = {"meta": meta, "rows": rows,
                "checks": [{"shape": s, "what": w, "rel_err": e} for s, w, e in checks],
-               "tuning": tuning}
+               "tuning": tuning, "peers": args.peers}
     write_results("kernels.json", payload)
     bad = [c for c in checks if not (c[2] < 2e-2)]
     if bad:
