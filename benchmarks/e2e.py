@@ -16,6 +16,33 @@ process on one device:
 - ``adaspa-0.8``, ``adaspa-0.9``, ``adaspa-recall``: ``torch.compile(model, backend="adaspa")``;
 - ``adaspa-0.8-regional``: ``model.compile_repeated_blocks(backend="adaspa")``, the blocks only
   (its compile time against ``adaspa-0.8``'s is the point; its FX cache is not the whole model's).
+- ``cache-fbc``, ``cache-taylorseer``, ``cache-magcache``: a diffusers step cache
+  (``transformer.enable_cache`` with ``FirstBlockCacheConfig(threshold=0.05)``,
+  ``TaylorSeerCacheConfig()`` on the attention modules: its default patterns, widened to
+  ``attn\\d?`` since they miss Wan's and CogVideoX's ``attn1``/``attn2``; ``MagCacheConfig``) on
+  inductor dense (``torch.compile(model)``
+  without fullgraph: the cache's decisions break the graph); ``adaspa-0.8+fbc``,
+  ``adaspa-0.8+taylorseer``, ``adaspa-0.8+magcache``: the cache with
+  ``torch.compile(model, backend="adaspa")``. Not in the default list. A cache skips work at
+  some steps, so these are not projected per phase: one warmup generation, then a timed one of
+  ``--cache-steps`` steps (default 50, 8 with ``--quick``; adaspa's default search steps at 50 or
+  more, ``search_steps=(2, 4)`` below) with falling timesteps, every call in the cache context the
+  pipeline uses ("cond", "uncond"), reported as the synchronised wall time of the loop
+  (``generation_s``, ``per_50_steps_s``) next to inductor's and ``adaspa-0.8``'s projections scaled
+  to the same steps (``x_inductor_gen``, ``x_adaspa-0.8_gen``); adaspa+cache adds the phases every
+  site ran per branch (``site_phases``, ``site_calls``: a step the cache skipped is no call of the
+  sites it skipped). MagCache is skipped with the reason: it needs ``mag_ratios`` calibrated on
+  real weights (diffusers ships Flux's only). A model without ``enable_cache`` is skipped too.
+  Pipelines reset the cache state after every generation, and so does this between the warmup
+  and the timed generation; where that makes dynamo compile again (``recompiles`` > 0, seen with
+  FirstBlockCache on HunyuanVideo), the result says so in ``note``.
+
+``--full-depth`` builds each model at its real depth (HunyuanVideo 20 dual + 40 single blocks,
+Wan2.1-14B 40, Wan 2.2 A14B two experts of 40, CogVideoX1.5-5B 42; with ``--quick`` the tiny
+widths at those depths) and runs a first eager forward as a memory probe; on a CUDA out-of-memory
+error it halves the layers (not below the truncated default) after freeing memory and tries again.
+``config.depth`` in the JSON records the layers used, the full count and why
+(``"out of memory at 40 layers"``), and every projection carries its ``depth``.
 
 For adaspa, phases are forced through the schedule itself: ``search_steps=(2, 4)`` over an 8-step
 generation gives dense, dense, fused search, sparse, cached search, sparse x3; the phase of every
@@ -33,6 +60,8 @@ eager output within twice inductor's own bf16 error, at least 1e-2 (3e-2 when in
                                                       # 9-minute device call; not yet timed)
     python benchmarks/e2e.py --models hunyuan_video --hunyuan-layers 4,8
     python benchmarks/e2e.py --quick                  # tiny widths, CPU smoke test, ~1 minute
+    python benchmarks/e2e.py --models wan --full-depth --methods inductor,adaspa-0.8
+    python benchmarks/e2e.py --models wan --methods inductor,adaspa-0.8,cache-fbc,adaspa-0.8+fbc
 
 Writes ``benchmarks/results/e2e.json`` (``e2e_quick.json`` with ``--quick``; the models of this
 run replace their entries, so runs of one model each add up), the chart ``e2e.png`` (needs
@@ -86,6 +115,11 @@ ADASPA_OPTIONS = {
     "adaspa-0.8-regional": {"sparsity": 0.8},
 }
 REGIONAL = "-regional"  # compile_repeated_blocks instead of compiling the whole model
+# Step caches (diffusers ``transformer.enable_cache``), alone on inductor dense ("cache-NAME") or
+# with adaspa ("adaspa-0.8+NAME"): these time a real generation of --cache-steps steps.
+CACHES = ("fbc", "taylorseer", "magcache")
+CACHE_METHODS = tuple(f"cache-{c}" for c in CACHES) + tuple(f"adaspa-0.8+{c}" for c in CACHES)
+ALL_METHODS = METHODS + CACHE_METHODS
 # Relative L2 error allowed against eager: twice inductor's own, at least BF16_FLOOR (a few
 # bf16 roundings of the output); FALLBACK_TOL when inductor is not run.
 BF16_FLOOR = 1e-2
@@ -652,6 +686,146 @@ def _run_adaspa(ctx: Context, compiled, options: Dict[str, Any], cache: contextl
     }
 
 
+TAYLORSEER_ATTENTION = (r"^blocks.*attn\d?", r"^transformer_blocks.*attn\d?",
+                        r"^single_transformer_blocks.*attn\d?",
+                        r"^temporal_transformer_blocks.*attn\d?")
+
+
+def hooked_modules(experts: List[Any]) -> int:
+    """How many modules of the experts carry a diffusers hook (the cache's)."""
+    return sum(1 for e in experts for m in e.modules() if getattr(m, "_diffusers_hook", None)
+               is not None and m._diffusers_hook.hooks)
+
+
+def cache_of(method: str) -> Optional[str]:
+    """The step cache of a cache method ("fbc", "taylorseer", "magcache"), else None."""
+    if method.startswith("cache-"):
+        return method[len("cache-"):]
+    return method.split("+", 1)[1] if "+" in method else None
+
+
+def cache_config(name: str):
+    """``(diffusers cache config, None)`` or ``(None, why it cannot run)``."""
+    import diffusers
+
+    if name == "fbc":
+        return diffusers.FirstBlockCacheConfig(threshold=0.05), None
+    if name == "taylorseer":
+        if not hasattr(diffusers, "TaylorSeerCacheConfig"):
+            return None, f"diffusers {diffusers.__version__} has no TaylorSeerCacheConfig"
+        # diffusers' default patterns ("^blocks.*attn", fullmatched) miss Wan's and CogVideoX's
+        # attn1 / attn2: the same patterns, an optional digit allowed
+        return diffusers.TaylorSeerCacheConfig(cache_identifiers=list(TAYLORSEER_ATTENTION)), None
+    if name == "magcache":
+        return None, ("MagCacheConfig needs model-specific mag_ratios from a calibration run "
+                      "(calibrate=True) on real weights; diffusers ships FLUX_MAG_RATIOS only, and "
+                      "ratios of random weights would say nothing")
+    return None, f"unknown cache {name!r}"
+
+
+def cache_skip_reason(spec: ModelSpec, model, method: str) -> Optional[str]:
+    """Why a cache method cannot run for this model (None: it can)."""
+    name = cache_of(method)
+    if name is None:
+        return None
+    config, reason = cache_config(name)
+    if reason:
+        return reason
+    for expert in experts_of(model):
+        if not hasattr(expert, "enable_cache"):
+            return f"{type(expert).__name__} has no enable_cache (not a diffusers CacheMixin)"
+    return None
+
+
+def cache_generation(ctx: Context, model, experts: List[Any], steps: int) -> float:
+    """Seconds of a generation of ``steps`` steps (every branch in its cache context, as the
+    pipelines call it), synchronised at both ends; the cache state is reset first."""
+    for expert in experts:
+        expert._reset_stateful_cache()
+    timesteps = timestep_values(steps, ctx.spec.timestep_dtype)
+    sync(ctx.device)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        set_step(model, i)
+        # the uncompiled expert that runs this step: the hooks' state lives on it
+        expert = experts[1 if isinstance(model, ExpertPair) and i >= model.boundary_step else 0]
+        for b, kwargs in enumerate(ctx.branches):
+            with expert.cache_context("cond" if b == 0 else "uncond"):
+                out = forward(model, kwargs, timesteps[i], ctx.spec, ctx.device)
+            del out
+    sync(ctx.device)
+    return time.perf_counter() - t0
+
+
+def site_key(site) -> str:
+    """A site's name with its model's label (two experts have sites of one name)."""
+    return site.name + (f" ({site.model})" if site.model else "")
+
+
+def run_cache(ctx: Context, method: str) -> Dict[str, Any]:
+    """A step cache alone (inductor dense, ``torch.compile`` without fullgraph: the cache's
+    decisions break the graph) or with adaspa-0.8: a warmup generation, then a timed one."""
+    name = cache_of(method)
+    config, _ = cache_config(name)
+    steps = ctx.args.cache_steps
+    search_steps = DEFAULT_SEARCH_STEPS if steps >= DEFAULT_STEPS else BENCH_SEARCH_STEPS
+    experts = experts_of(ctx.model)
+    torch._dynamo.reset()
+    for expert in experts:
+        expert.enable_cache(config)
+    try:
+        adaspa = method.startswith("adaspa")
+        options: Dict[str, Any] = {}
+        if adaspa:
+            options = dict(ADASPA_OPTIONS[method.split("+")[0]], search_steps=search_steps)
+            if ctx.args.quick:
+                options["min_seq_len"] = 256
+            compiled = compile_model(ctx.model, backend="adaspa", options=options)
+        else:
+            compiled = compile_model(ctx.model)
+        if isinstance(compiled, ExpertPair):
+            compiled.boundary_step = wan22_boundary_step(steps)
+        graphs0 = unique_graphs()
+        warmup_s = cache_generation(ctx, compiled, experts, steps)
+        graphs1 = unique_graphs()
+        adaspa_compile.reset()
+        base = memory_start(ctx)
+        generation_s = cache_generation(ctx, compiled, experts, steps)
+        result: Dict[str, Any] = {
+            "cache": type(config).__name__, "cache_config": repr(config),
+            "compile": "torch.compile(backend='adaspa')" if adaspa else "torch.compile (inductor)",
+            "steps": steps, "calls": steps * len(ctx.branches),
+            "hooked_modules": hooked_modules(experts),
+            "generation_s": generation_s, "warmup_generation_s": warmup_s,
+            "per_50_steps_s": generation_s * DEFAULT_STEPS / steps,
+            "graphs": unique_graphs() - graphs0, "recompiles": unique_graphs() - graphs1,
+            **memory_peak(ctx, base)}
+        if result["recompiles"]:
+            result["note"] = ("the timed generation compiled again (the cache state, reset per "
+                              "generation as pipelines reset it, differed from the warmup's): "
+                              "its time includes that compile")
+            log(f"{ctx.spec.name}: {method}: {result['note']}")
+        if isinstance(compiled, ExpertPair):
+            result["boundary_step"] = compiled.boundary_step
+        if adaspa:
+            report = report_of(ctx.model)
+            sites = report.rewritten
+            result.update(
+                options={k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+                sites_rewritten=len(sites),
+                # per site and branch, the phase of each call the site ran (a step the cache
+                # skipped is no call of the sites it skipped)
+                site_phases={site_key(s): {str(b): p for b, p in s.phases.items()}
+                             for s in sites},
+                site_calls={site_key(s): sum(len(p) for p in s.phases.values()) for s in sites},
+                density=median([d for s in sites if (d := s.mean_density()) is not None]),
+                report=str(report))
+        return result
+    finally:
+        for expert in experts:
+            expert.disable_cache()
+
+
 def checks_for(ctx: Context, method: str, result: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Pass/fail checks of one method's result."""
     out = []
@@ -660,6 +834,16 @@ def checks_for(ctx: Context, method: str, result: Dict[str, Any]) -> List[Dict[s
         out.append({"model": ctx.spec.name, "method": method, "what": what, "ok": bool(ok),
                     "value": value})
 
+    if cache_of(method):
+        check("generation timed", (result.get("generation_s") or 0) > 0,
+              result.get("generation_s"))
+        if method.startswith("adaspa"):
+            sites = ctx.spec.layers * ctx.spec.experts
+            check(f"rewritten sites == layers ({sites})", result["sites_rewritten"] == sites,
+                  result["sites_rewritten"])
+            check("phases recorded at every site", all(result["site_calls"].values()) and
+                  bool(result["site_calls"]), result["site_calls"])
+        return out
     tol = FALLBACK_TOL
     if "inductor" in ctx.ref_err and ctx.ref_err["inductor"] == ctx.ref_err["inductor"]:
         tol = max(2 * ctx.ref_err["inductor"], BF16_FLOOR)
@@ -700,19 +884,72 @@ def checks_for(ctx: Context, method: str, result: Dict[str, Any]) -> List[Dict[s
 
 
 # ----------------------------------------------------------------------------- driver
-def run_model(spec: ModelSpec, args, device, dtype, payload, all_checks, start: float) -> None:
-    log(f"{spec.name}: building ({spec.layers_label} layers, {spec.heads}x{spec.head_dim} heads, "
-        f"{spec.tokens:,} tokens, {spec.text_tokens} of them text)")
-    model = build_model(spec, device, dtype)
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def build_fitting(specs: List[ModelSpec], args, device, dtype):
+    """``(spec, model, branches, depth)``: the first of ``specs`` (deepest first) whose model
+    builds and, with --full-depth, runs a first eager forward without running out of CUDA
+    memory; memory is freed between tries. ``model`` is None when none fits."""
+    oom: List[str] = []
+    for spec in specs:
+        free_memory(device)  # after the except block: the traceback no longer holds tensors
+        log(f"{spec.name}: building ({spec.layers_label} layers, {spec.heads}x{spec.head_dim} "
+            f"heads, {spec.tokens:,} tokens, {spec.text_tokens} of them text)")
+        try:
+            model = build_model(spec, device, dtype)
+            branches = spec.inputs(model, device, dtype)
+            if args.full_depth:  # the first forward, eager, as the probe of memory
+                set_step(model, 0)
+                forward(model, branches[0], timestep_values(1, spec.timestep_dtype)[0], spec,
+                        device)
+                sync(device)
+        except torch.cuda.OutOfMemoryError:
+            log(f"{spec.name}: out of memory at {spec.layers_label} layers")
+            oom.append(spec.layers_label)
+            model = branches = None
+            continue
+        if oom:
+            reason = f"out of memory at {' and at '.join(oom)} layers"
+        elif args.full_depth:
+            reason = "full depth" if spec.layers == spec.full_layers else \
+                "full depth asked, built at the truncated default"
+        else:
+            reason = "truncated (no --full-depth)"
+        depth = {"layers": spec.layers, "full": spec.full_layers, "label": spec.layers_label,
+                 "reason": reason}
+        if spec.experts > 1:
+            depth["per"] = "expert"
+        return spec, model, branches, depth
+    free_memory(device)
+    return specs[-1], None, None, {"layers": None, "full": specs[-1].full_layers,
+                                   "reason": f"out of memory at {' and at '.join(oom)} layers"}
+
+
+def run_model(specs: List[ModelSpec], args, device, dtype, payload, all_checks,
+              start: float) -> None:
+    spec, model, branches, depth = build_fitting(specs, args, device, dtype)
+    if model is None:
+        payload["models"][spec.name] = {"config": {"depth": depth}, "methods": {},
+                                        "error": depth["reason"]}
+        all_checks.append({"model": spec.name, "method": "-", "what": "builds", "ok": False,
+                           "value": depth["reason"]})
+        return
+    depth_note = f"{spec.layers_label} layers of {spec.full_layers}" + (
+        " per expert" if spec.experts > 1 else "")
     params = sum(p.numel() for m in experts_of(model) for p in m.parameters())
     ctx = Context(args=args, device=device, dtype=dtype, spec=spec, model=model,
-                  branches=spec.inputs(model, device, dtype),
+                  branches=branches,
                   timesteps=timestep_values(max(TIMED_STEPS, WARMUP_STEPS), spec.timestep_dtype))
     entry = payload["models"][spec.name] = {
         "config": {"heads": spec.heads, "head_dim": spec.head_dim, "tokens": spec.tokens,
                    "text_tokens": spec.text_tokens, "layers": spec.layers_label,
                    "full_layers": spec.full_layers, "batch": spec.batch,
                    "calls_per_step": spec.calls_per_step, "params": params, "notes": spec.notes,
+                   "depth": depth,
                    "search_steps_timed": list(BENCH_SEARCH_STEPS),
                    **({"boundary_step_timed": TIMED_BOUNDARY_STEP,
                        "boundary_step_50": wan22_boundary_step(50),
@@ -728,8 +965,10 @@ def run_model(spec: ModelSpec, args, device, dtype, payload, all_checks, start: 
                 log(f"{spec.name}: {method} skipped: past --time-limit {args.time_limit:.0f} s")
                 entry["methods"][method] = {"skipped": "time limit"}
                 continue
-            if method.endswith(REGIONAL) and not block_classes(ctx.model):
+            reason = cache_skip_reason(spec, ctx.model, method)
+            if reason is None and method.endswith(REGIONAL) and not block_classes(ctx.model):
                 reason = f"{type(experts_of(ctx.model)[0]).__name__} declares no repeated blocks"
+            if reason is not None:
                 log(f"{spec.name}: {method} skipped: {reason}")
                 entry["methods"][method] = {"skipped": reason}
                 continue
@@ -740,6 +979,8 @@ def run_model(spec: ModelSpec, args, device, dtype, payload, all_checks, start: 
                     result = run_eager(ctx)
                 elif method == "inductor":
                     result = run_inductor(ctx)
+                elif cache_of(method):
+                    result = run_cache(ctx, method)
                 else:
                     result = run_adaspa(ctx, method, adaspa_cache, first_adaspa)
                     first_adaspa = False
@@ -753,6 +994,8 @@ def run_model(spec: ModelSpec, args, device, dtype, payload, all_checks, start: 
             else:
                 all_checks.extend(checks_for(ctx, method, result))
             result["wall_s"] = time.perf_counter() - t0
+            if "projected_50_s" in result or "generation_s" in result:
+                result["depth"] = depth_note  # the depth the projection / generation ran at
             entry["methods"][method] = result
             torch._dynamo.reset()
             gc.collect()
@@ -773,6 +1016,8 @@ def run_model(spec: ModelSpec, args, device, dtype, payload, all_checks, start: 
 def summary(r: Dict[str, Any]) -> str:
     if "error" in r:
         return "ERROR " + r["error"][:200]
+    if "generation_s" in r:
+        return f"{r['steps']} steps in {r['generation_s']:.2f} s"
     ms = ", ".join(f"{k} {v:.1f} ms" for k, v in r.get("forward_ms", {}).items() if v is not None)
     proj = r.get("projected_50_s")
     return ms + (f"; 50 steps {proj:.1f} s" if proj is not None else "")
@@ -783,7 +1028,15 @@ def add_ratios(entry: Dict[str, Any]) -> None:
     base = entry["methods"].get("inductor", {})
     b_ms, b_50 = base.get("forward_ms", {}).get("dense"), base.get("projected_50_s")
     b_compile = base.get("compile_s")
+    adaspa_50 = entry["methods"].get("adaspa-0.8", {}).get("projected_50_s")
     for r in entry["methods"].values():
+        if "generation_s" in r:  # a cache method: a measured generation, not a projection
+            scale = r["steps"] / DEFAULT_STEPS  # projections scaled linearly (exact at 50)
+            r["inductor_projected_s"] = b_50 * scale if b_50 else None
+            r["adaspa-0.8_projected_s"] = adaspa_50 * scale if adaspa_50 else None
+            r["x_inductor_gen"] = b_50 * scale / r["generation_s"] if b_50 else None
+            r["x_adaspa-0.8_gen"] = adaspa_50 * scale / r["generation_s"] if adaspa_50 else None
+            continue
         if "forward_ms" not in r:
             continue
         sparse = r["forward_ms"].get("sparse") or r["forward_ms"].get("dense")
@@ -829,6 +1082,13 @@ def table(payload: Dict[str, Any]) -> str:
     for name, entry in payload["models"].items():
         layers = entry["config"]["layers"]
         for method, r in entry["methods"].items():
+            if "generation_s" in r:  # measured: the 50-steps column holds the generation
+                lines.append(
+                    f"| {name} | {layers} | {method} | - | - | - | - | - | "
+                    f"{fmt(r['generation_s'])} ({r['steps']} steps, measured) | - | "
+                    f"{fmt(r.get('x_inductor_gen'), '.2f')} | - | {fmt(r.get('peak_gib'))} | - | "
+                    f"{r['graphs']} / {r['recompiles']} | {fmt(r.get('density'), '.3f')} | - |")
+                continue
             if "forward_ms" not in r:
                 lines.append(f"| {name} | {layers} | {method} | "
                              f"{r.get('error', r.get('skipped', '?'))[:60]} |" + " |" * 13)
@@ -913,7 +1173,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--models", default="hunyuan_video,wan,cogvideox",
                     help="comma list of hunyuan_video, wan, wan22 (Wan 2.2 A14B: two experts "
                          "of Wan2.1-14B's shape), cogvideox")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {METHODS}")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma list of {ALL_METHODS} (default: the first {len(METHODS)}); "
+                         "cache-NAME: a diffusers step cache on inductor dense, adaspa-0.8+NAME: "
+                         "with adaspa; these time a whole generation of --cache-steps steps")
+    ap.add_argument("--cache-steps", type=int, default=None,
+                    help=f"steps of the cache methods' generation (default {DEFAULT_STEPS}, 8 with "
+                         "--quick)")
+    ap.add_argument("--full-depth", action="store_true",
+                    help="build the models at their real depth (with --quick too); on CUDA, "
+                         "halve the layers after an out-of-memory error, down to the truncated "
+                         "default")
     ap.add_argument("--hunyuan-layers", default=None,
                     help="DUAL,SINGLE blocks (default 2,4; 1,1 with --quick)")
     ap.add_argument("--wan-layers", type=int, default=None, help="default 4 (2 with --quick)")
@@ -938,8 +1208,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         if m not in ("hunyuan_video", "wan", "wan22", "cogvideox"):
             ap.error(f"--models: unknown model {m!r}")
     for m in args.methods:
-        if m not in METHODS:
-            ap.error(f"--methods: unknown method {m!r}; choose from {METHODS}")
+        if m not in ALL_METHODS:
+            ap.error(f"--methods: unknown method {m!r}; choose from {ALL_METHODS}")
+    if args.cache_steps is None:
+        args.cache_steps = 8 if args.quick else DEFAULT_STEPS
     if args.hunyuan_layers is None:
         args.hunyuan_layers = "1,1" if args.quick else "2,4"
     if args.wan_layers is None:
@@ -956,6 +1228,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.cold_compile is None:
         args.cold_compile = args.device.startswith("cuda") and not args.quick
     return args
+
+
+# HunyuanVideo's full depth: 20 dual-stream and 40 single-stream blocks (60 sites in SHAPES).
+HUNYUAN_FULL = (20, 40)
+
+
+def depths(name: str, args) -> List[Any]:
+    """The depths to try, deepest first: the truncated default alone, or with --full-depth the
+    real depth, then halved (not below the default) down to the default."""
+    default = {"hunyuan_video": args.hunyuan_layers, "wan": args.wan_layers,
+               "wan22": args.wan_layers, "cogvideox": args.cogvideox_layers}[name]
+    if not args.full_depth:
+        return [default]
+    if name == "hunyuan_video":
+        assert sum(HUNYUAN_FULL) == SHAPES["hunyuan"].layers
+        out, k = [], 0
+        while True:
+            d = tuple(max(lo, full >> k) for lo, full in zip(default, HUNYUAN_FULL))
+            if d == tuple(default) or (out and d == out[-1]):
+                break
+            out.append(d)
+            k += 1
+        return out + [tuple(default)]
+    full = SHAPES["cogvideox" if name == "cogvideox" else "wan"].layers
+    out = []
+    while full > default:
+        out.append(full)
+        full //= 2
+    return out + [default]
 
 
 def fa4_status() -> str:
@@ -1000,17 +1301,18 @@ def main(argv=None) -> int:
     meta["fused_search_dense_pass_fa4"] = fa4_status()
     args.meta = meta
     log(f"e2e benchmark: {meta}")
-    specs = {"hunyuan_video": lambda: hunyuan_spec(args.quick, *args.hunyuan_layers),
-             "wan": lambda: wan_spec(args.quick, args.wan_layers),
-             "wan22": lambda: wan22_spec(args.quick, args.wan_layers),
-             "cogvideox": lambda: cogvideox_spec(args.quick, args.cogvideox_layers)}
+    makers = {"hunyuan_video": lambda d: hunyuan_spec(args.quick, *d),
+              "wan": lambda d: wan_spec(args.quick, d),
+              "wan22": lambda d: wan22_spec(args.quick, d),
+              "cogvideox": lambda d: cogvideox_spec(args.quick, d)}
     payload: Dict[str, Any] = {"meta": meta, "models": {}}
     all_checks: List[Dict[str, Any]] = []
     for name in args.models:
         if time.perf_counter() - start > args.time_limit:
             log(f"{name} skipped: past --time-limit {args.time_limit:.0f} s")
             continue
-        run_model(specs[name](), args, device, dtype, payload, all_checks, start)
+        specs = [makers[name](d) for d in depths(name, args)]
+        run_model(specs, args, device, dtype, payload, all_checks, start)
 
     paths, merged = write_results(payload, all_checks, args)
     png = args.json.with_suffix(".png")

@@ -7,10 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
+# --quick --full-depth: eager only (compiling 40 blocks takes inductor ~80 s on 2 CPU cores)
+FULL_DEPTH_METHODS = "eager"
 
 
 def test_wan22_experts_whole_and_regional(tmp_path):
@@ -47,3 +50,75 @@ def test_full_size_specs_are_the_shared_shapes(monkeypatch):
         s = shapes[name]
         assert (spec.heads, spec.head_dim, spec.tokens, spec.text_tokens, spec.full_layers) == (
             s.heads, s.head_dim, s.tokens, s.text_tokens, s.layers), name
+
+
+def run_e2e(tmp_path, *args):
+    out = tmp_path / "e2e.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--quick", *args,
+           "--json", str(out), "--no-merge"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_full_depth_builds_the_real_layer_count(tmp_path):
+    """--full-depth builds Wan at its 40 layers (tiny widths with --quick) and says so; the
+    projection carries the depth."""
+    pytest.importorskip("diffusers")
+    entry = run_e2e(tmp_path, "--full-depth", "--models", "wan",
+                    "--methods", FULL_DEPTH_METHODS)["models"]["wan"]
+    assert entry["config"]["depth"] == {"layers": 40, "full": 40, "label": "40",
+                                        "reason": "full depth"}
+    for method in FULL_DEPTH_METHODS.split(","):
+        result = entry["methods"][method]
+        assert "error" not in result, result
+        assert result["projected_50_s"] > 0 and result["depth"] == "40 layers of 40"
+
+
+def test_step_caches_alone_and_with_adaspa(tmp_path):
+    """A cache alone and with adaspa time a whole generation; MagCache, which needs calibrated
+    ratios, is skipped with its reason; the adaspa sites record the phases they ran."""
+    pytest.importorskip("diffusers")
+    payload = run_e2e(tmp_path, "--models", "wan", "--methods",
+                      "inductor,cache-fbc,adaspa-0.8+taylorseer,cache-magcache")
+    methods = payload["models"]["wan"]["methods"]
+    assert "mag_ratios" in methods["cache-magcache"]["skipped"]
+    for method in ("cache-fbc", "adaspa-0.8+taylorseer"):
+        result = methods[method]
+        assert "error" not in result, result
+        assert result["steps"] == 8 and result["generation_s"] > 0
+        assert result["x_inductor_gen"] > 0
+    both = methods["adaspa-0.8+taylorseer"]
+    assert both["sites_rewritten"] == 2
+    # TaylorSeer (cache_interval 5, from step 3) computes steps 0, 1, 2 and 4 of 8 and predicts
+    # the rest: every site ran 4 calls per branch, searching at its own steps 2 and 4
+    assert both["hooked_modules"] == 4  # attn1 and attn2 of both blocks
+    assert both["site_calls"] == {f"blocks.{i}.attn1 (WanTransformer3DModel)": 8
+                                  for i in range(2)}, both["report"]
+    assert all(p == "DDFC" for phases in both["site_phases"].values() for p in phases.values())
+    assert all(c["ok"] for c in payload["checks"]), payload["checks"]
+
+
+def test_full_depth_halves_after_out_of_memory(monkeypatch):
+    """--full-depth on CUDA: a depth whose build or first forward runs out of memory is
+    retried at half the layers (not below the truncated default); the depth used and why are
+    recorded. Here the build of more than 10 layers fails as a CUDA OOM would (tiny widths)."""
+    pytest.importorskip("diffusers")
+    e2e = load_script(ROOT / "benchmarks" / "e2e.py", monkeypatch)
+    args = e2e.parse_args(["--quick", "--full-depth"])
+    assert e2e.depths("hunyuan_video", args)[0] == (20, 40)
+    assert e2e.depths("wan", args) == [40, 20, 10, 5, 2]
+    build = e2e.build_model
+
+    def build_or_oom(spec, device, dtype):
+        if spec.layers > 10:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return build(spec, device, dtype)
+
+    monkeypatch.setattr(e2e, "build_model", build_or_oom)
+    specs = [e2e.wan_spec(True, d) for d in e2e.depths("wan", args)]
+    spec, model, branches, depth = e2e.build_fitting(specs, args, torch.device("cpu"),
+                                                     torch.bfloat16)
+    assert spec.layers == 10 and len(model.blocks) == 10 and len(branches) == 2
+    assert depth == {"layers": 10, "full": 40, "label": "10",
+                     "reason": "out of memory at 40 and at 20 layers"}
