@@ -84,8 +84,7 @@ def fused_search(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
         return out, lse, reference.block_mass_ref(q, k, lse, scale, block_size, key_valid)
     call = kernels.dispatch.Call.of(q, block_size, key_valid, tensors=(k,))
     out, lse = _dense_pass(kernels, q, k, v, scale, key_valid, call)
-    return out, lse, kernels.mass_from_lse(q, k, lse, scale, block_size, key_valid,
-                                           kernels.dispatch.block_mass_options(call))
+    return out, lse, _mass_from_lse(kernels, q, k, lse, scale, block_size, key_valid, call)
 
 
 def _dense_pass(kernels, q, k, v, scale: float, key_valid: Optional[torch.Tensor],
@@ -114,6 +113,12 @@ def cached_search(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: fl
     if kernels is None:
         return reference.block_mass_ref(q, k, lse, scale, block_size, key_valid)
     call = kernels.dispatch.Call.of(q, block_size, key_valid, tensors=(k,))
+    return _mass_from_lse(kernels, q, k, lse, scale, block_size, key_valid, call)
+
+
+def _mass_from_lse(kernels, q, k, lse: torch.Tensor, scale: float, block_size: int,
+                   key_valid: Optional[torch.Tensor], call) -> torch.Tensor:
+    """The block-mass kernel with the options the dispatch gives ``call``."""
     return kernels.mass_from_lse(q, k, lse, scale, block_size, key_valid,
                                  kernels.dispatch.block_mass_options(call))
 

@@ -46,10 +46,6 @@ class Plan:
     sum_with: Optional[int] = None  # a search selects on its mass plus this branch's, for both
     keep_mass: bool = False  # a search keeps its mass for the later branches of the step
 
-    @property
-    def letter(self) -> str:
-        return self.phase.letter
-
 
 def plan_phase(step: int, branch: int, facts: SiteFacts, cfg: "AdaSpaConfig") -> Plan:
     """The plan of one attention call: every schedule rule and override in one place.
