@@ -39,8 +39,10 @@ def adaspa_backend(gm: torch.fx.GraphModule, example_inputs: List[Any], *,
     inputs = GraphInputs.from_graph(gm)
     notes = _graph_notes(gm)
     gm, sites = run_passes(gm, cfg, inputs)
-    if sites:
-        _check_block_size_has_a_kernel(example_inputs, cfg)
+    device = _cuda_device(example_inputs)
+    if sites and device is not None:
+        _check_block_size_has_a_kernel(device, cfg)
+        _check_precision_has_a_kernel(gm, device, cfg)
     sites = _with_ulysses_groups(gm, sites, cfg)
     inner = _compile_inner(gm, example_inputs, cfg, mode)
     return CompiledGraph(inner, inputs, cfg, sites, notes, frame=_frame_id())
@@ -68,19 +70,37 @@ def _with_ulysses_groups(gm: torch.fx.GraphModule, sites: List[SiteInfo],
             for i, s in enumerate(sites)]
 
 
-def _check_block_size_has_a_kernel(example_inputs: List[Any], cfg: AdaSpaConfig) -> None:
-    """On CUDA, refuse a ``block_size`` that no kernel runs (it would run the slow reference)."""
+def _cuda_device(example_inputs: List[Any]) -> Optional[torch.device]:
+    """The CUDA device of the graph's inputs; None off the GPU (the CPU runs the reference)."""
+    return next((t.device for t in example_inputs if isinstance(t, torch.Tensor) and t.is_cuda),
+                None)
+
+
+def _check_block_size_has_a_kernel(device: torch.device, cfg: AdaSpaConfig) -> None:
+    """Refuse a ``block_size`` that no kernel runs (it would run the slow reference)."""
     from .kernels import dispatch
 
-    device = next((t.device for t in example_inputs
-                   if isinstance(t, torch.Tensor) and t.is_cuda), None)
-    if device is None:
-        return
     supported = dispatch.supported_block_sizes(torch.cuda.get_device_capability(device))
     if supported and cfg.block_size not in supported:  # older GPUs run the reference (logged)
         raise ValueError(f"options block_size={cfg.block_size} has no CUDA kernel: the kernels "
                          f"run block sizes {supported}; other sizes run only on the PyTorch "
                          "reference path (CPU)")
+
+
+def _check_precision_has_a_kernel(gm: torch.fx.GraphModule, device: torch.device,
+                                  cfg: AdaSpaConfig) -> None:
+    """With ``precision="fp8"``, refuse a GPU without FP8 tensor cores or a head dim the FP8
+    kernel does not run."""
+    if cfg.precision != "fp8":
+        return
+    from .kernels import dispatch
+
+    arch = tuple(torch.cuda.get_device_capability(device))
+    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.adaspa.attention.default):
+        refusal = dispatch.fp8_refusal(arch, int(node.args[0].meta["val"].shape[-1]))
+        if refusal:
+            raise ValueError(f"options precision='fp8' cannot run here: {refusal}. Use "
+                             "precision='bf16' (the default)")
 
 
 def _check_mode(mode: Optional[str], cfg: AdaSpaConfig) -> None:

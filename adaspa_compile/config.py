@@ -12,6 +12,7 @@ __all__ = ["AdaSpaConfig", "PRESETS", "TextTokens"]
 
 MODES = ("sparsity", "recall")
 CFG_MASKS = ("per_branch", "cond", "sum")
+PRECISIONS = ("bf16", "fp8")
 HEAD_BUDGETS = ("tiers", "uniform", "layer")
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 SELECTORS = ("adaspa", "window", "pooled")
@@ -76,6 +77,12 @@ class AdaSpaConfig:
             The first branch's mass is held until its next call: one fp32 ``[B, H, nb, nb]``
             per site). Batched CFG (one call of batch 2) keeps per-item masks either way. Older
             name: ``share_cfg_mask`` (True: ``"cond"``, False: ``"per_branch"``).
+        precision: the block-sparse steps' arithmetic: ``"bf16"`` (the model's dtype) or
+            ``"fp8"`` (Q and K rounded to FP8 per block of tokens, K smoothed by its mean, V
+            per channel, and the probabilities too: FP8 tensor cores, on GPUs from Ada and
+            Hopper on, head dims 64 and 128; elsewhere refused at compile time). The searches
+            and the dense steps stay in the model's dtype. On the CPU, ``"fp8"`` runs the
+            PyTorch reference of the same rounding.
 
     ``options={"preset": "paper"}`` sets the paper's settings (:data:`PRESETS`); keys given
     beside it override them.
@@ -95,6 +102,7 @@ class AdaSpaConfig:
     video_grid: Optional[Tuple[int, int, int]] = None
     lse_cache: bool = True
     cfg_mask: str = "per_branch"
+    precision: str = "bf16"
 
     def __post_init__(self) -> None:
         steps = self.search_steps
@@ -184,7 +192,8 @@ def _validate(cfg: AdaSpaConfig) -> None:
     for key in ("text_sink", "lse_cache"):
         if not isinstance(getattr(cfg, key), bool):
             _fail(key, getattr(cfg, key), "True or False")
-    for key, valid in (("mode", MODES), ("head_budget", HEAD_BUDGETS), ("cfg_mask", CFG_MASKS)):
+    for key, valid in (("mode", MODES), ("head_budget", HEAD_BUDGETS), ("cfg_mask", CFG_MASKS),
+                       ("precision", PRECISIONS)):
         if getattr(cfg, key) not in valid:
             _fail(key, getattr(cfg, key), " | ".join(valid))
     if not _is_number(cfg.recall) or not 0.0 < cfg.recall <= 1.0:

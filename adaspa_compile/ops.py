@@ -14,6 +14,7 @@ import torch
 
 from . import reference
 from .blockmask import BlockMask
+from .config import PRECISIONS
 from .logs import log_once
 
 __all__ = ["attention_with_lse", "block_mass", "block_sparse_attention", "key_valid_from_mask"]
@@ -124,28 +125,47 @@ def _mass_from_lse(kernels, q, k, lse: torch.Tensor, scale: float, block_size: i
 
 
 def sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask,
-                   scale: float, key_valid: Optional[torch.Tensor]) -> torch.Tensor:
-    """Block-sparse attention over the kept blocks of ``mask``.
+                   scale: float, key_valid: Optional[torch.Tensor],
+                   precision: str = "bf16") -> torch.Tensor:
+    """Block-sparse attention over the kept blocks of ``mask``, in the inputs' dtype or (with
+    ``precision="fp8"``) with Q, K, V and the probabilities rounded to FP8.
 
     With the kernels, the index lists come from the mask-to-index kernel (one launch, no host
     sync, no dense ``[B, H, nq, nk]`` intermediate) and ``kernels.dispatch.block_sparse_plan``
     picks the executor and its options. Without kernels the lists come from the reference
     ``BlockMask.to_indices()``.
     """
+    fp8 = precision == "fp8"
     kernels = _kernels_for(q, mask.block_size, scale)
+    if kernels is not None and fp8:
+        refusal = kernels.dispatch.fp8_refusal(_arch(q), q.shape[-1])
+        if refusal:
+            log_once(logger, f"adaspa: precision='fp8' runs the PyTorch reference: {refusal}")
+            kernels = None
     if kernels is None:
         counts, indices = mask.to_indices()
-        return reference.block_sparse_attention_ref(q, k, v, counts, indices, scale,
-                                                    mask.block_size, key_valid)
+        ref = reference.block_sparse_attention_fp8_ref if fp8 \
+            else reference.block_sparse_attention_ref
+        return ref(q, k, v, counts, indices, scale, mask.block_size, key_valid)
     counts, indices = kernels.mask_to_indices(mask.bits, mask.num_kv_blocks, mask.max_kept)
     call = kernels.dispatch.Call.of(q, mask.block_size, key_valid, full_mask=mask.is_full,
-                                    tensors=(q, k, v))
+                                    tensors=(q, k, v), fp8=fp8)
     plan = kernels.dispatch.block_sparse_plan(call, kernels.GLUON_AVAILABLE)
     if plan.executor == "gluon":
         return kernels.block_sparse_gluon(q, k, v, counts, indices, scale, key_valid,
                                           plan.options)
-    return kernels.block_sparse_triton(q, k, v, counts, indices, scale, mask.block_size,
-                                       key_valid, plan.options)
+    launch = kernels.block_sparse_fp8 if plan.executor == "triton-fp8" \
+        else kernels.block_sparse_triton
+    return launch(q, k, v, counts, indices, scale, mask.block_size, key_valid, plan.options)
+
+
+def _arch(q: torch.Tensor) -> Tuple[int, int]:
+    """``q``'s GPU compute capability, ``(0, 0)`` under Triton's interpreter."""
+    from .kernels import _common
+
+    if not q.is_cuda or _common.interpreting():
+        return (0, 0)
+    return tuple(torch.cuda.get_device_capability(q.device))
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
@@ -192,16 +212,22 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, block_siz
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            block_mask: Union[torch.Tensor, BlockMask], *, block_size: int,
                            scale: Optional[float] = None,
-                           key_padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           key_padding_mask: Optional[torch.Tensor] = None,
+                           precision: str = "bf16") -> torch.Tensor:
     """Attention that visits only the kept key blocks of each query block.
 
     ``block_mask`` is a bool ``[B, H, nq, nk]`` tensor (True = keep) or a :class:`BlockMask`;
     ``q, k, v`` are ``[B, H, L, D]`` (diffusers' ``[B, L, H, D]`` tensors: ``.transpose(1, 2)``).
     ``block_size`` takes the values the backend takes: a power of two from 16 to 256.
     A query row that keeps no block, or whose kept keys are all padded, gets output 0.
+    ``precision``: ``"bf16"`` computes in the inputs' dtype; ``"fp8"`` rounds Q, K (smoothed)
+    and V to FP8 with per-block (V: per-channel) scales, as
+    :func:`adaspa_compile.reference.block_sparse_attention_fp8_ref` specifies.
     """
     _check_qkv(q, k, v)
     _check_block_size(block_size)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     B, H, L, _ = q.shape
     nb = -(-L // block_size)
     if isinstance(block_mask, torch.Tensor):
@@ -218,7 +244,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"BlockMask {block_mask!r} does not fit q {tuple(q.shape)} with "
                          f"block_size={block_size}")
     valid = key_valid_from_mask(key_padding_mask, B, L)
-    return sparse_forward(q, k, v, block_mask, _resolve_scale(scale, q), valid)
+    return sparse_forward(q, k, v, block_mask, _resolve_scale(scale, q), valid, precision)
 
 
 def _check_block_size(block_size: int) -> None:

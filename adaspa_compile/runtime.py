@@ -100,7 +100,8 @@ class Site:
             mass = ops.cached_search(q, k, cache.lse, s, self.cfg.block_size, key_valid)
             self._select(mass, key_valid, plan, branch, q, k, s, timer, step)
         mask = self.caches[plan.mask_of].mask
-        return _with_strides_of(ops.sparse_forward(q, k, v, mask, s, key_valid), q)
+        out = ops.sparse_forward(q, k, v, mask, s, key_valid, self.cfg.precision)
+        return _with_strides_of(out, q)
 
     def _plan(self, step: int, branch: int, cache: _BranchCache, q: torch.Tensor,
               k: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> Plan:

@@ -14,6 +14,7 @@ process on one device:
 - ``eager``: the model's own SDPA (cuDNN where torch picks it);
 - ``inductor``: ``torch.compile(model, fullgraph=True)``, dense;
 - ``adaspa-0.8``, ``adaspa-0.9``, ``adaspa-recall``: ``torch.compile(model, backend="adaspa")``;
+- ``adaspa-0.8-fp8``: the same with ``precision="fp8"`` (FP8 block-sparse steps);
 - ``adaspa-0.8-regional``: ``model.compile_repeated_blocks(backend="adaspa")``, the blocks only
   (its compile time against ``adaspa-0.8``'s is the point; its FX cache is not the whole model's).
 - ``cache-fbc``, ``cache-taylorseer``, ``cache-magcache``: a diffusers step cache
@@ -106,10 +107,11 @@ TIMED_BOUNDARY_STEP = 5
 # assumption (the pipeline's scheduler decides), recorded in the results.
 WAN22_BOUNDARY_RATIO, WAN22_SHIFT = 0.875, 12.0
 WARMUP_STEPS = 5  # D D F S C: every phase once before timing
-METHODS = ("eager", "inductor", "adaspa-0.8", "adaspa-0.9", "adaspa-recall",
+METHODS = ("eager", "inductor", "adaspa-0.8", "adaspa-0.8-fp8", "adaspa-0.9", "adaspa-recall",
            "adaspa-0.8-regional")
 ADASPA_OPTIONS = {
     "adaspa-0.8": {"sparsity": 0.8},
+    "adaspa-0.8-fp8": {"sparsity": 0.8, "precision": "fp8"},
     "adaspa-0.9": {"sparsity": 0.9},
     "adaspa-recall": {"mode": "recall", "recall": 0.95},
     "adaspa-0.8-regional": {"sparsity": 0.8},
@@ -1052,6 +1054,8 @@ TARGETS = [
     ("hunyuan_video", "adaspa-0.8", "x_inductor_forward", ">=", 2.7,
      "HunyuanVideo sparse-step forward vs inductor, s=0.8"),
     ("hunyuan_video", "adaspa-0.8", "x_inductor_50", ">=", 2.1, "HunyuanVideo 50 steps, s=0.8"),
+    ("hunyuan_video", "adaspa-0.8-fp8", "x_inductor_50", ">=", 3.0,
+     "HunyuanVideo 50 steps, s=0.8, FP8 sparse steps"),
     ("hunyuan_video", "adaspa-0.9", "x_inductor_50", ">=", 2.4, "HunyuanVideo 50 steps, s=0.9"),
     ("wan", "adaspa-0.9", "x_inductor_50", ">=", 1.9, "Wan2.1-14B 50 steps, s=0.9"),
     ("*", "adaspa-0.8", "search_overhead_pct", "<=", 3.0, "search overhead, % of 50 steps"),

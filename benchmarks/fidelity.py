@@ -16,7 +16,10 @@ under ``backend="adaspa"`` with each method at densities 0.2 and 0.1:
 - ``recall0.9``: ``mode="recall"``, ``recall=0.9`` (its density is what the target recall
   needs, so it runs once per resolution);
 - ablations of the defaults: ``cfg-cond`` / ``cfg-sum`` (``cfg_mask``), ``layer-budget``
-  (``head_budget="layer"``), ``no-tiers`` (``head_budget="uniform"``).
+  (``head_budget="layer"``), ``no-tiers`` (``head_budget="uniform"``);
+- ``fp8``: the defaults with ``precision="fp8"`` (FP8 block-sparse steps), compared with
+  ``default`` (bf16) on the same pairs: the PSNR difference to it with its interval, and the
+  per-call attention error of the FP8 kernel against bf16 on the run's own q, k, v.
 
 Every compiled run uses ``inner_backend="eager"`` (``--inner-backend``), so the only difference
 from the dense reference is the attention. Search steps scale with the step count as the paper's
@@ -57,10 +60,11 @@ from torchmetrics.functional.image import (peak_signal_noise_ratio,
 import adaspa_compile
 from adaspa_compile import AdaSpaConfig
 from adaspa_compile.schedule import scaled_search_steps as search_steps_for
-from adaspa_compile.fidelity import (FIDELITY_CONFIG, WEIGHTS_DIR, FidelityModel,
+from adaspa_compile.fidelity import (FIDELITY_CONFIG, MAX_TOKENS, WEIGHTS_DIR, FidelityModel,
                                      build_model, default_shift, forward_flops, load_model,
                                      make_batch, random_captions, sample, shift_sigmas)
-from _common import RESULTS, adaspa_backend_for_compile, environment, export, mean, sync, write_json
+from _common import (RESULTS, adaspa_backend_for_compile, environment, export, mean, rel_err,
+                     sync, write_json)
 from train_fidelity_model import frame_strip
 
 PROMPT_SEED = 10**12 + 4  # held-out captions: training clips use seeds below 10**10
@@ -77,6 +81,7 @@ METHOD_OPTIONS: Dict[str, Dict[str, Any]] = {
     "cfg-sum": {"cfg_mask": "sum"},
     "layer-budget": {"head_budget": "layer"},
     "no-tiers": {"head_budget": "uniform"},
+    "fp8": {"precision": "fp8"},
 }
 METHODS = tuple(METHOD_OPTIONS)
 CORE = ("default", "paper", "window", "pooled")  # run first at every density
@@ -399,8 +404,9 @@ def estimate_seconds(args: argparse.Namespace, device: torch.device) -> Dict[str
 def summary_rows(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """One row per (resolution, density, method) that ran: mean PSNR and SSIM against dense, the
     achieved density and recall (means over layers, heads, clips, branches and search steps), and
-    the PSNR difference to ``window`` and ``pooled`` at the same density with its 95% paired
-    bootstrap interval (``None`` where that peer did not run; recall mode has no density)."""
+    the PSNR difference to ``window``, ``pooled`` and ``default`` at the same density with its 95%
+    paired bootstrap interval (``None`` where that one did not run; recall mode has no
+    density)."""
     done = {(r["resolution"], r["method"], r["density"]): r for r in results
             if not r.get("skipped")}
     rows = []
@@ -408,7 +414,7 @@ def summary_rows(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         row = {"resolution": res, "density": density, "method": method, "pairs": len(r["psnr"]),
                "psnr": r["psnr_mean"], "ssim": r["ssim_mean"],
                "density_achieved": r["density_mean"], "recall": r["recall_mean"]}
-        for peer in PEERS:
+        for peer in PEERS + ("default",):
             other = done.get((res, peer, density)) if density is not None else None
             diff, ci = paired_difference(r["psnr"], other["psnr"]) if other else (None, None)
             row[f"vs_{peer}_db"], row[f"vs_{peer}_ci95"] = diff, ci
@@ -418,12 +424,13 @@ def summary_rows(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 def markdown_table(rows: List[Dict[str, Any]]) -> str:
     head = ("| resolution | method | target density | PSNR dB | SSIM | recall | density achieved "
-            "| vs window dB [95% CI] | vs pooled dB [95% CI] |")
-    lines = [head, "|" + "---|" * 9]
+            "| vs window dB [95% CI] | vs pooled dB [95% CI] | vs default dB [95% CI] |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(f"| {r['resolution']} | {r['method']} | {_fmt(r['density'])} | "
                      f"{r['psnr']:.2f} | {r['ssim']:.4f} | {_num(r['recall'])} | "
-                     f"{_num(r['density_achieved'])} | {_vs(r, 'window')} | {_vs(r, 'pooled')} |")
+                     f"{_num(r['density_achieved'])} | {_vs(r, 'window')} | {_vs(r, 'pooled')} | "
+                     f"{_vs(r, 'default')} |")
     return "\n".join(lines)
 
 
@@ -459,6 +466,7 @@ def check_goals(results: List[Dict[str, Any]], rows: List[Dict[str, Any]],
                 goals.append({"goal": goal, "value": gap, "ci95": ci,
                               "detail": f"{gap:+.2f} dB, 95% CI [{ci[0]:+.2f}, {ci[1]:+.2f}]",
                               "status": "met" if gap >= 1.0 else "missed"})
+        goals.append(_fp8_goal(by_row.get((res, "fp8", 0.2)), res))
         goals.append(_recall_goal(done.get((res, "default", 0.2)),
                                   f"{res}: default recall >= 0.9 at density 0.2 (every search "
                                   "step)", lambda v: min(v) >= 0.9))
@@ -467,6 +475,17 @@ def check_goals(results: List[Dict[str, Any]], rows: List[Dict[str, Any]],
                                   f"{RECALL_TARGET:g} at the search steps",
                                   lambda v: all(abs(x - RECALL_TARGET) <= 0.01 for x in v)))
     return goals
+
+
+def _fp8_goal(row: Optional[Dict[str, Any]], res: str) -> Dict[str, Any]:
+    """FP8 sparse steps lose at most 0.5 dB PSNR against bf16 (``default``) at density 0.2."""
+    goal = f"{res} density 0.2: fp8 within 0.5 dB PSNR of default (bf16)"
+    if row is None or row["vs_default_db"] is None:
+        return {"goal": goal, "status": "not run"}
+    gap, ci = row["vs_default_db"], row["vs_default_ci95"]
+    return {"goal": goal, "value": gap, "ci95": ci,
+            "detail": f"{gap:+.2f} dB, 95% CI [{ci[0]:+.2f}, {ci[1]:+.2f}]",
+            "status": "met" if gap >= -0.5 else "missed"}
 
 
 def _recall_goal(entry: Optional[Dict[str, Any]], goal: str, met) -> Dict[str, Any]:
@@ -537,6 +556,75 @@ def run_method(model: FidelityModel, opts: Dict[str, Any], search: Tuple[int, ..
         metrics["note"] = ("no search result was reported: every site stayed dense (see phases); "
                            "check min_seq_len")
     return metrics, out
+
+
+class _SdpaCapture(torch.overrides.TorchFunctionMode):
+    """Records the ``(q, k, v, attn_mask, scale)`` of every SDPA call while ``active()``."""
+
+    def __init__(self, active):
+        super().__init__()
+        self.active, self.calls = active, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and self.active():
+            named = dict(zip(("query", "key", "value", "attn_mask"), args), **kwargs)
+            self.calls.append((named["query"], named["key"], named["value"],
+                               named.get("attn_mask"), named.get("scale")))
+        return func(*args, **kwargs)
+
+
+def capture_attention(model: FidelityModel, prompt: str, seed: int, args: argparse.Namespace,
+                      shape: Tuple[int, int, int], step: int) -> List[Tuple[Any, ...]]:
+    """The self-attention inputs of the conditional model call at ``step`` of a dense
+    generation of one pair."""
+    calls_per_step = 2 if args.guidance_scale > 1 else 1
+    count = {"calls": 0}
+    hook = model.transformer.register_forward_pre_hook(
+        lambda *_: count.__setitem__("calls", count["calls"] + 1))
+    capture = _SdpaCapture(lambda: count["calls"] == step * calls_per_step + 1)
+    try:
+        with capture, torch.no_grad():
+            sample(model.transformer, model.conditioning([prompt]), steps=step + 1, shape=shape,
+                   seed=[seed], guidance_scale=args.guidance_scale,
+                   negative=model.conditioning([""]))
+    finally:
+        hook.remove()
+    return [c for c in capture.calls if c[0].shape == c[1].shape
+            and c[0].shape[2] >= args.min_seq_len]
+
+
+def fp8_attention_error(model: FidelityModel, prompt: str, seed: int,
+                        args: argparse.Namespace, shape: Tuple[int, int, int],
+                        search: Tuple[int, ...]) -> Dict[str, Any]:
+    """Per call, the error of FP8 block-sparse attention against bf16 on the same mask (and of
+    both against dense attention), on the model's own q, k, v at the first search step, with the
+    masks the default selection picks at each density: means over the calls (layers)."""
+    from adaspa_compile import ops
+    from adaspa_compile.selection import BlockLayout, select_blocks
+
+    calls = capture_attention(model, prompt, seed, args, shape, search[0])
+    errors: Dict[str, Dict[str, List[float]]] = {}
+    for q, k, v, attn_mask, scale in calls:
+        B, _, L, D = q.shape
+        scale = D ** -0.5 if scale is None else scale
+        valid = ops.key_valid_from_mask(attn_mask, B, L)
+        dense, _, mass = ops.fused_search(q, k, v, scale, args.block_size, valid)
+        layout = BlockLayout(seq_len=L, block_size=args.block_size,
+                             text_span=(L - MAX_TOKENS, L), key_valid=valid)
+        for density in args.densities:
+            cfg = AdaSpaConfig(sparsity=round(1.0 - density, 6), block_size=args.block_size)
+            mask = select_blocks(mass, layout, cfg).mask
+            bf16 = ops.sparse_forward(q, k, v, mask, scale, valid)
+            fp8 = ops.sparse_forward(q, k, v, mask, scale, valid, "fp8")
+            row = errors.setdefault(f"{density:g}", {"fp8_vs_bf16": [], "bf16_vs_dense": [],
+                                                     "fp8_vs_dense": []})
+            row["fp8_vs_bf16"].append(rel_err(fp8, bf16))
+            row["bf16_vs_dense"].append(rel_err(bf16, dense))
+            row["fp8_vs_dense"].append(rel_err(fp8, dense))
+    return {"step": search[0], "calls": len(calls),
+            "densities": {d: {key: mean(vals) for key, vals in row.items()}
+                          for d, row in errors.items()}}
 
 
 def sanity_check(model: FidelityModel, search: Tuple[int, ...], prompts: List[str],
@@ -624,6 +712,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         say(f"dense {res}: {sum(seconds):.1f} s ({len(seconds)} batches)")
         if shape == strip_shape:
             strip_rows.append((f"dense {res}: {prompts[0]}", dense[0] * 2 - 1))
+        if "fp8" in args.methods:
+            report.setdefault("attention_error", {})[res] = fp8_attention_error(
+                model, prompts[0], seeds[0], args, shape, search)
+            say(f"{res} per-call attention error, FP8 against bf16 on the same mask: "
+                + json.dumps(report["attention_error"][res]["densities"]))
         if args.quick and shape == args.resolutions[0]:
             report["sanity"] = sanity_check(model, search, prompts, seeds, args, shape, device,
                                             dense)

@@ -6,7 +6,9 @@ heads at 0.1 / 0.2 / 0.3, and 0.1), the exact search (dense attention+LSE, then 
 LSE-cached search (the mass alone), plus the mask-to-index conversion (the PyTorch reference
 ``BlockMask.to_indices`` and the Triton ``mask_to_indices`` kernel that the sparse path runs at
 every call, checked equal), a top-k over the mass map and the whole
-block selection (``select_blocks``, once per search step and layer). Median times from
+block selection (``select_blocks``, once per search step and layer). At densities 1.0 and 0.2
+also ``precision="fp8"`` as the backend runs it (Q, K, V rounded, then the FP8 kernel), the
+rounding alone, and the FP8 output's error against the bf16 kernel's. Median times from
 ``triton.testing.do_bench``; every kernel's output is checked against a reference in the same
 run. Inputs are random, in the diffusers layout (BSHD memory viewed as BHSD).
 
@@ -30,6 +32,7 @@ Peers' relative errors are printed and stored (``rel_err``), not failures of the
     python benchmarks/kernel_speed.py --shapes hunyuan --tune
     python benchmarks/kernel_speed.py --peers none    # our kernels, cuDNN and Flex only
     python benchmarks/kernel_speed.py --peers vsa,sageattention
+    python benchmarks/kernel_speed.py --shapes hunyuan,wan --densities 1.0,0.2
 
 Writes JSON to ``benchmarks/results/kernels.json`` and, when set, ``$OUT/kernels.json``.
 """
@@ -37,6 +40,7 @@ Writes JSON to ``benchmarks/results/kernels.json`` and, when set, ``$OUT/kernels
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import itertools
 import sys
@@ -55,6 +59,8 @@ from adaspa_compile.selection import BlockLayout, select_blocks
 from _common import SHAPES, bench, random_qkv, rel_err, run_meta, write_results
 
 DENSITIES = ("1.0", "0.5", "0.2", "0.2-tiers", "0.1")
+# Densities with ``precision="fp8"`` rows (where the FP8 kernel runs: head dims 64 and 128).
+FP8_DENSITIES = ("1.0", "0.2")
 
 
 def text_blocks(L: int, bs: int, text: int, where: str, device) -> torch.Tensor:
@@ -346,6 +352,27 @@ def vsa_row(name: str, vsa, q, k, v, bm: BlockMask, L: int, reference, args, flo
                      args.rep, flops)
 
 
+def fp8_rows(name, q, k, v, bm: BlockMask, bf16_out, scale, args, rows, checks, sp_flops,
+             kept, add) -> None:
+    """``precision="fp8"`` as the backend runs it (rounding Q, K, V, then the FP8 kernel), the
+    rounding alone, and the FP8 output's error against the bf16 kernel's on the same mask; a
+    failure is a row with its error."""
+    dname = f"d={kept:.3f}"
+    try:
+        out = ops.sparse_forward(q, k, v, bm, scale, None, "fp8")
+        checks.append((name, f"sparse FP8 {dname} vs bf16", rel_err(out, bf16_out)))
+        add(f"ours block-sparse FP8 (ops, with rounding) {dname}", bench(
+            lambda: ops.sparse_forward(q, k, v, bm, scale, None, "fp8"), args.rep), sp_flops,
+            {"density": kept, "precision": "fp8"})
+        if bm.is_full:
+            add("FP8 rounding of q, k, v (quantize_fp8)", bench(
+                lambda: kernels.quantize_fp8(q, k, v, args.block_size), args.rep))
+    except Exception as exc:  # report, keep the table going
+        print(f"  FP8 failed for {name} {dname}: {error_text(exc)}"[:400])
+        rows.append({"shape": name, "what": f"ours block-sparse FP8 {dname}",
+                     "error": error_text(exc)})
+
+
 def run_shape(name, args, flex_fn, rows, checks, peers):
     shape = SHAPES[name]
     H, D, L_full = shape.heads, shape.head_dim, shape.tokens
@@ -427,7 +454,7 @@ def run_shape(name, args, flex_fn, rows, checks, peers):
     del out, out2, mass2
 
     text_blk = text_blocks(L, bs, text, where, dev)
-    for dname in DENSITIES:
+    for dname in args.densities:
         bm = make_mask(H, L, bs, head_densities(dname, H), text_blk, seed=1)
         counts, indices = bm.to_indices()
         kept = float(counts.sum()) / (H * nb * nb)
@@ -460,6 +487,8 @@ def run_shape(name, args, flex_fn, rows, checks, peers):
         add(f"ours block-sparse as the backend runs it (ops, {executor}) d={dname}",
             bench(lambda: ops.sparse_forward(q, k, v, bm, scale, None), args.rep),
             sp_flops, {"density": kept, "executor": executor})
+        if dname in FP8_DENSITIES:
+            fp8_rows(name, q, k, v, bm, o, scale, args, rows, checks, sp_flops, kept, add)
         if flex_fn is not None:
             try:
                 fbm = flex_block_mask(counts, indices, L, bs, nb)
@@ -499,12 +528,16 @@ def tune(args):
                        text_blocks(L, bs, 0, "last", "cuda"), seed=1)
         counts, indices = bm.to_indices()
         sparse = dispatch.block_sparse_plan(call, False).options
+        sparse_fp8 = dispatch.block_sparse_plan(dataclasses.replace(call, fp8=True)).options
         mass, attn = dispatch.block_mass_options(call), dispatch.attention_lse_options(call)
         for w, s in [(4, 2), (4, 3), (8, 2), (8, 3)]:
             for kern, fn in [
                 ("sparse", lambda: kernels.block_sparse_triton(
                     q, k, v, counts, indices, scale, bs, None,
                     sparse.replace(num_warps=w, num_stages=s))),
+                ("sparse-fp8", lambda: kernels.block_sparse_fp8(
+                    q, k, v, counts, indices, scale, bs, None,
+                    sparse_fp8.replace(num_warps=w, num_stages=s))),
                 ("mass", lambda: kernels.mass_from_lse(
                     q, k, lse, scale, bs, None, mass.replace(num_warps=w, num_stages=s))),
                 ("attn", lambda: kernels.attention_with_lse(
@@ -532,12 +565,17 @@ def main():
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--rep", type=int, default=600, help="do_bench repetition time, ms")
     ap.add_argument("--tune", action="store_true", help="sweep launch configs first")
+    ap.add_argument("--densities", default=",".join(DENSITIES),
+                    help=f"comma list of the block-mask densities, of {list(DENSITIES)}")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--peers", default="all",
                     help=f"comma list of {sorted(PEERS)}, 'all' (default) or 'none'")
     args = ap.parse_args()
     args.peers = parse_peers(args.peers, ap.error)
     args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    args.densities = [d.strip() for d in args.densities.split(",") if d.strip()]
+    if not args.densities or set(args.densities) - set(DENSITIES):
+        ap.error(f"--densities: choose from {list(DENSITIES)}, got {args.densities}")
     for s in args.shapes:
         if s not in SHAPES:
             ap.error(f"unknown shape {s!r}; choose from {sorted(SHAPES)}")

@@ -7,7 +7,7 @@ def test_defaults_follow_the_paper():
     cfg = AdaSpaConfig()
     assert (cfg.sparsity, cfg.block_size, cfg.search_steps) == (0.8, 64, (9, 29))
     assert cfg.head_budget == "tiers" and cfg.text_sink and cfg.mode == "sparsity"
-    assert cfg.cfg_mask == "per_branch"
+    assert cfg.cfg_mask == "per_branch" and cfg.precision == "bf16"
 
 
 def test_options_build_a_config():
@@ -40,6 +40,8 @@ def test_options_build_a_config():
     ({"head_budget": True}, "head_budget"),
     ({"cfg_mask": "uncond"}, "cfg_mask"),
     ({"cfg_mask": False}, "cfg_mask"),
+    ({"precision": "fp16"}, "precision.*bf16 \\| fp8"),
+    ({"precision": None}, "precision"),
     ({"preset": "fast"}, "preset.*paper"),
     ({"preset": ["paper"]}, "preset"),
 ])

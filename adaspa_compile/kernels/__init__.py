@@ -3,7 +3,8 @@
 - ``attention_lse``: dense attention with the row LSE (the exact search's dense pass, where
   FlashAttention-4 (``fa4_attention``) or cuDNN (``cudnn_attention``) is not faster);
 - ``block_mass``: the block attention mass from an LSE (the exact and the cached search);
-- ``block_sparse``: block-sparse attention, and on Hopper ``block_sparse_hopper`` (Gluon);
+- ``block_sparse``: block-sparse attention (also in FP8, with ``fp8_operands`` rounding its
+  operands), and on Hopper ``block_sparse_hopper`` (Gluon);
 - ``mask_indices``: packed mask bits to the index lists the block-sparse kernels walk;
 - ``candidate_sort`` and ``keep_blocks``: the two passes of the block selection.
 
@@ -33,19 +34,21 @@ import torch
 from . import _common, dispatch
 
 __all__ = ["kernel_support", "attention_with_lse", "mass_from_lse", "block_sparse_triton",
-           "block_sparse_gluon", "GLUON_AVAILABLE", "mask_to_indices", "sorted_candidate_mass",
+           "block_sparse_fp8", "quantize_fp8", "block_sparse_gluon", "GLUON_AVAILABLE",
+           "mask_to_indices", "sorted_candidate_mass",
            "kept_block_bits", "SELECTION_MAX_BLOCKS", "TRITON_IMPORT_ERROR", "dispatch"]
 
 try:  # each kernel module imports triton
     from .attention_lse import attention_with_lse
     from .block_mass import mass_from_lse
-    from .block_sparse import block_sparse_triton
+    from .block_sparse import block_sparse_fp8, block_sparse_triton
     from .block_sparse_hopper import AVAILABLE as GLUON_AVAILABLE
     from .block_sparse_hopper import block_sparse_gluon
     from .candidate_sort import MAX_BLOCKS as SELECTION_MAX_BLOCKS
     from .candidate_sort import sorted_candidate_mass
     from .keep_blocks import kept_block_bits
     from .mask_indices import mask_to_indices
+    from .fp8_operands import quantize_fp8
 
     TRITON_IMPORT_ERROR = None
 except ImportError as exc:  # CPU installs without Triton
@@ -55,6 +58,7 @@ except ImportError as exc:  # CPU installs without Triton
         raise RuntimeError(f"adaspa_compile.kernels: {TRITON_IMPORT_ERROR}")
 
     attention_with_lse = mass_from_lse = block_sparse_triton = block_sparse_gluon = _missing
+    block_sparse_fp8 = quantize_fp8 = _missing
     mask_to_indices = sorted_candidate_mass = kept_block_bits = _missing
     GLUON_AVAILABLE = False
     SELECTION_MAX_BLOCKS = 0

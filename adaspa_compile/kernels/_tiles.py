@@ -46,6 +46,22 @@ def load_block(desc, base, off_z, off_h, j, offs_n, offs_d, stride_n, stride_d, 
 
 
 @triton.jit
+def load_value_block(desc, base, off_z, off_h, j, offs_n, offs_d, stride_n, stride_d, seq_len,
+                     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+                     BLOCK_SIZE: tl.constexpr, USE_TMA: tl.constexpr,
+                     TRANSPOSED: tl.constexpr):
+    """Value block ``j`` as :func:`load_block`; with ``TRANSPOSED`` the values are stored
+    ``[B, H, D, L]`` (the FP8 layout: the ``p @ v`` reduction dim contiguous, as FP8 tensor
+    cores need) and a descriptor loads ``[HEAD_DIM_PAD, BLOCK_SIZE]`` tiles."""
+    if USE_TMA and TRANSPOSED:
+        tile = desc.load([off_z, off_h, 0, j * BLOCK_SIZE]).reshape(HEAD_DIM_PAD, BLOCK_SIZE).T
+    else:
+        tile = load_block(desc, base, off_z, off_h, j, offs_n, offs_d, stride_n, stride_d,
+                          seq_len, HEAD_DIM, HEAD_DIM_PAD, BLOCK_SIZE, USE_TMA)
+    return tile
+
+
+@triton.jit
 def store_rows(base, tile, rows, offs_d, stride_row, stride_d, seq_len,
                HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr):
     ptrs = base + rows[:, None] * stride_row + offs_d[None, :] * stride_d
@@ -108,6 +124,16 @@ def biased_scores(q, k, bias_ptr, cols, APPLY_BIAS: tl.constexpr, DOT_PREC: tl.c
 
 
 @triton.jit
+def softmax_tile(l_i, m_i, qk, qk_scale):
+    """``(p, alpha, l_i, m_ij)`` of one tile: its probabilities against the new running max
+    ``m_ij``, the factor ``alpha`` that rescales what came before, and the new row sums."""
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_ij
+
+
+@triton.jit
 def online_softmax_step(acc, l_i, m_i, qk, qk_scale, v, DOT_PREC: tl.constexpr):
     """One flash-attention update with unscaled scores ``qk`` and values ``v``.
 
@@ -116,10 +142,26 @@ def online_softmax_step(acc, l_i, m_i, qk, qk_scale, v, DOT_PREC: tl.constexpr):
     the exponent's FMA: no multiply per score. ``m_i`` starts at a large finite negative, so
     fully masked tiles give ``p = 0`` and ``alpha = 1`` (never ``inf - inf``).
     """
-    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-    alpha = tl.math.exp2(m_i - m_ij)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    p, alpha, l_i, m_ij = softmax_tile(l_i, m_i, qk, qk_scale)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, l_i, m_ij
+
+
+@triton.jit
+def online_softmax_step_fp8(acc, l_i, m_i, qk, qk_scale, v, LOG2_P_SCALE: tl.constexpr,
+                            ROUND_P: tl.constexpr):
+    """:func:`online_softmax_step` with FP8 values. The probabilities are taken times
+    ``2 ** LOG2_P_SCALE`` (folded into the exponent) and, with ``ROUND_P``, rounded to ``v``'s
+    FP8 dtype for ``p @ v``, whose product is added to ``acc`` in fp32 (FP8 dots accumulate with
+    fewer mantissa bits); ``l_i`` sums the same scaled, unrounded probabilities. Without
+    ``ROUND_P`` (Triton's interpreter, whose FP8 rounding is not round-to-nearest) ``p`` stays
+    fp32."""
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - (m_ij - LOG2_P_SCALE)[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    if ROUND_P:
+        pv = tl.dot(p.to(v.dtype), v)
+    else:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    return acc * alpha[:, None] + pv, l_i * alpha + tl.sum(p, 1), m_ij

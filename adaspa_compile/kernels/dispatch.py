@@ -19,7 +19,8 @@ import torch
 from . import _common
 
 __all__ = ["Call", "LaunchOptions", "SparsePlan", "dense_pass_order", "attention_lse_options",
-           "block_mass_options", "block_sparse_plan", "supported_block_sizes"]
+           "block_mass_options", "block_sparse_plan", "supported_block_sizes", "fp8_refusal",
+           "FP8_HEAD_DIMS"]
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 # Head dims at which FlashAttention-4 was measured (CogVideoX 64; HunyuanVideo and Wan 128).
@@ -32,7 +33,8 @@ GLUON_HEAD_DIMS = (128,)
 ROTATE_PROGRAMS_PER_SM = 4
 # (num_warps, num_stages) per kernel and (padded head dim, block size), tuned on the H100 with
 # ``benchmarks/kernel_speed.py --tune`` (the block size 128 rows of "mass" and "sparse" are
-# untuned); small head dims take the 64 entry, anything missing ``_DEFAULT_WARPS_STAGES``.
+# untuned; "sparse-fp8" at head dim 128 only); small head dims take the 64 entry, anything
+# missing ``_DEFAULT_WARPS_STAGES``.
 WARPS_STAGES = {
     ("attn", 128, 64): (8, 3), ("attn", 128, 128): (8, 3),
     ("attn", 64, 64): (8, 3), ("attn", 64, 128): (8, 3),
@@ -40,6 +42,7 @@ WARPS_STAGES = {
     ("mass", 64, 64): (4, 3), ("mass", 64, 128): (4, 3),
     ("sparse", 128, 64): (4, 2), ("sparse", 128, 128): (8, 2),
     ("sparse", 64, 64): (4, 2), ("sparse", 64, 128): (8, 2),
+    ("sparse-fp8", 128, 64): (4, 3), ("sparse-fp8", 128, 128): (8, 2),
 }
 _DEFAULT_WARPS_STAGES = (4, 2)
 # Register caps where one more program then fits an SM and ran faster: the mass pass at head
@@ -48,6 +51,10 @@ MAX_REGISTERS = {("mass", 64, 64): 96}
 # The Gluon kernel: 2 K buffers, 1 V buffer and 168 registers fit 3 programs per SM at head dim
 # 128 (5-10% faster than 2 per SM with 2 / 2 buffers and no cap).
 GLUON_OPTIONS = dict(num_warps=4, k_stages=2, v_stages=1, max_registers=168)
+# The FP8 block-sparse kernel: head dims whose tiles FP8 tensor cores take (the reduction dim of
+# an FP8 dot is at least 32 wide), and the first architecture with FP8 tensor cores (Ada, sm89).
+FP8_HEAD_DIMS = (64, 128)
+FP8_MIN_ARCH = (8, 9)
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,7 @@ class Call:
     ``arch`` is the CUDA compute capability, ``(0, 0)`` off the GPU (Triton's interpreter);
     ``sm_count`` the GPU's multiprocessors (0 off the GPU); ``padded``: a key-padding mask is
     given; ``full_mask``: the block mask keeps every block; ``tma_ok``: the tensors' strides and
-    bases suit tensor descriptors.
+    bases suit tensor descriptors; ``fp8``: the block-sparse attention runs in FP8.
     """
 
     arch: Tuple[int, int]
@@ -68,17 +75,19 @@ class Call:
     padded: bool = False
     full_mask: bool = False
     tma_ok: bool = True
+    fp8: bool = False
 
     @classmethod
     def of(cls, q: torch.Tensor, block_size: int, key_valid: Optional[torch.Tensor] = None, *,
-           full_mask: bool = False, tensors: Tuple[torch.Tensor, ...] = ()) -> "Call":
+           full_mask: bool = False, tensors: Tuple[torch.Tensor, ...] = (),
+           fp8: bool = False) -> "Call":
         """The description of a call on ``q`` (``tensors``: those read through TMA)."""
         on_gpu = q.is_cuda and not _common.interpreting()
         arch = torch.cuda.get_device_capability(q.device) if on_gpu else (0, 0)
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if on_gpu else 0
         return cls(arch=tuple(arch), sm_count=sms, dtype=q.dtype, head_dim=q.shape[-1],
                    block_size=block_size, padded=key_valid is not None, full_mask=full_mask,
-                   tma_ok=all(_common.tma_compatible(t) for t in tensors))
+                   tma_ok=all(_common.tma_compatible(t) for t in tensors), fp8=fp8)
 
     @property
     def head_dim_pad(self) -> int:
@@ -132,7 +141,8 @@ class LaunchOptions:
 
 @dataclass(frozen=True)
 class SparsePlan:
-    """The block-sparse executor (``"gluon"`` or ``"triton"``) and its options."""
+    """The block-sparse executor (``"gluon"``, ``"triton"`` or ``"triton-fp8"``) and its
+    options."""
 
     executor: str
     options: LaunchOptions
@@ -183,6 +193,11 @@ def block_sparse_plan(call: Call, gluon_available: bool = True) -> SparsePlan:
     128 with key padding, the key bias only inside the padded blocks' range (87-90 -> 80-82 ms
     at the HunyuanVideo shape; at head dim 64 it was mixed, so every block keeps the bias)."""
     rotate = ROTATE_PROGRAMS_PER_SM * call.sm_count
+    if call.fp8:  # its operands are ours: contiguous, padded to whole blocks, TMA-compatible
+        return SparsePlan("triton-fp8", LaunchOptions(
+            tma=call.arch[0] >= 9, rotate_period=rotate,
+            bias_range=call.padded and call.head_dim_pad >= 128,
+            **_warps_stages("sparse-fp8", call)))
     if gluon_available and call.head_dim in GLUON_HEAD_DIMS and gluon_takes(call):
         return SparsePlan("gluon", LaunchOptions(
             tma=True, rotate_period=0 if call.full_mask else rotate, **GLUON_OPTIONS))
@@ -190,6 +205,18 @@ def block_sparse_plan(call: Call, gluon_available: bool = True) -> SparsePlan:
         tma=call.tma_measured(), rotate_period=rotate,
         bias_range=call.padded and call.head_dim_pad >= 128,
         **_warps_stages("sparse", call)))
+
+
+def fp8_refusal(arch: Tuple[int, int], head_dim: int) -> str:
+    """Why the FP8 kernel cannot run this head dim on a GPU of this architecture (``""``: it
+    can). ``arch`` ``(0, 0)`` is Triton's interpreter, which runs it at any supported dim."""
+    if head_dim not in FP8_HEAD_DIMS:
+        return (f"the FP8 kernel runs head dims {FP8_HEAD_DIMS}, and this model's attention has "
+                f"head dim {head_dim}")
+    if arch != (0, 0) and tuple(arch) < FP8_MIN_ARCH:
+        return (f"this GPU (compute capability {arch[0]}.{arch[1]}) has no FP8 tensor cores; "
+                f"they need {FP8_MIN_ARCH[0]}.{FP8_MIN_ARCH[1]} or newer (Ada, Hopper)")
+    return ""
 
 
 def supported_block_sizes(arch: Tuple[int, int]) -> Tuple[int, ...]:

@@ -257,3 +257,21 @@ def test_nan_at_a_search_step_keeps_the_site_dense_and_says_so():
     report = adaspa_compile.report(m)
     for site in report.rewritten:
         assert site.phases == {0: "DDDD"} and "NaN or Inf at step 2" in site.reason, str(report)
+
+
+def test_fp8_precision_changes_only_the_sparse_steps():
+    """On the CPU ``precision="fp8"`` runs the FP8 reference: the dense and search steps are
+    those of the default precision, the sparse steps near them."""
+    inputs = tiny_dit_inputs()
+    options = dict(OPTIONS, inner_backend="aot_eager")
+    default = run_steps(torch.compile(model(), backend="adaspa", fullgraph=True,
+                                      options=options), inputs)
+    fp8 = run_steps(torch.compile(model(), backend="adaspa", fullgraph=True,
+                                  options=dict(options, precision="fp8")), inputs)
+    assert all(s.phases == {0: "DDFSCSS"} for s in adaspa_compile.report().rewritten)
+    for step, (a, b) in enumerate(zip(default, fp8)):
+        if step < 3:  # dense, dense, fused search
+            assert torch.equal(a, b)
+        else:
+            err = float((a - b).norm() / a.norm())
+            assert 0 < err < 0.05, f"step {step}: relative difference {err:.3f}"

@@ -44,7 +44,8 @@ def test_paired_difference_interval(monkeypatch):
 
 
 SUMMARY_KEYS = {"resolution", "density", "method", "pairs", "psnr", "ssim", "density_achieved",
-                "recall", "vs_window_db", "vs_window_ci95", "vs_pooled_db", "vs_pooled_ci95"}
+                "recall", "vs_window_db", "vs_window_ci95", "vs_pooled_db", "vs_pooled_ci95",
+                "vs_default_db", "vs_default_ci95"}
 
 
 def test_quick_end_to_end(tmp_path):
@@ -63,7 +64,10 @@ def test_quick_end_to_end(tmp_path):
     done = [r for r in report["results"] if not r.get("skipped")]
     methods = {r["method"] for r in done}
     assert methods == {"default", "paper", "window", "pooled", "recall0.9", "cfg-cond", "cfg-sum",
-                       "layer-budget", "no-tiers"}
+                       "layer-budget", "no-tiers", "fp8"}
+    errors = report["attention_error"]["4x32x32"]
+    assert errors["calls"] > 0 and errors["step"] == 1
+    assert 0 < errors["densities"]["0.2"]["fp8_vs_bf16"] < 0.1
     assert all(r["same_as"] == "default @ 0.2" for r in done if r["method"] == "paper")
     big = [r for r in done if r["resolution"] == "4x32x32"]
     for r in big:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -121,11 +122,60 @@ def test_backend_refuses_a_block_size_no_cuda_kernel_runs(monkeypatch, block_siz
     from adaspa_compile import backend
     from adaspa_compile.config import AdaSpaConfig
 
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
     cfg = AdaSpaConfig(block_size=block_size)
     if refused:
         with pytest.raises(ValueError, match=r"block_size=32 has no CUDA kernel.*\(64, 128\)"):
-            backend._check_block_size_has_a_kernel([torch.zeros(1)], cfg)
+            backend._check_block_size_has_a_kernel(torch.device("cuda"), cfg)
     else:
-        backend._check_block_size_has_a_kernel([torch.zeros(1)], cfg)
+        backend._check_block_size_has_a_kernel(torch.device("cuda"), cfg)
+
+
+def test_fp8_runs_its_own_triton_kernel_with_tma_on_hopper():
+    hopper = Call(arch=(9, 0), sm_count=132, dtype=torch.bfloat16, head_dim=128, block_size=64,
+                  padded=True, fp8=True)
+    plan = dispatch.block_sparse_plan(hopper)
+    assert plan.executor == "triton-fp8"
+    assert plan.options.tma and plan.options.bias_range
+    assert plan.options.rotate_period == dispatch.ROTATE_PROGRAMS_PER_SM * 132
+    ada = dataclasses.replace(hopper, arch=(8, 9), head_dim=64, padded=False)
+    assert not dispatch.block_sparse_plan(ada).options.tma
+
+
+@pytest.mark.parametrize("arch,head_dim,reason", [
+    ((9, 0), 128, ""), ((8, 9), 64, ""), ((0, 0), 64, ""), ((10, 0), 128, ""),
+    ((8, 0), 128, r"compute capability 8\.0\) has no FP8 tensor cores"),
+    ((9, 0), 80, r"head dims \(64, 128\).*head dim 80"),
+    ((0, 0), 32, r"head dim 32")])
+def test_fp8_refusal_reasons(arch, head_dim, reason):
+    got = dispatch.fp8_refusal(arch, head_dim)
+    assert (got == "") if not reason else re.search(reason, got)
+
+
+def _graph_with_a_site(head_dim: int) -> torch.fx.GraphModule:
+    from adaspa_compile import op  # noqa: F401  (registers adaspa::attention)
+
+    graph = torch.fx.Graph()
+    q = graph.placeholder("q")
+    q.meta["val"] = torch.empty(1, 2, 4096, head_dim)
+    graph.output(graph.call_function(torch.ops.adaspa.attention.default,
+                                     (q, q, q, None, None, 0)))
+    return torch.fx.GraphModule(torch.nn.Module(), graph)
+
+
+@pytest.mark.parametrize("capability,head_dim,precision,refused", [
+    ((8, 0), 128, "fp8", r"no FP8 tensor cores.*Use precision='bf16'"),
+    ((9, 0), 96, "fp8", r"head dims \(64, 128\)"),
+    ((9, 0), 128, "fp8", None), ((8, 0), 128, "bf16", None)])
+def test_backend_refuses_fp8_where_its_kernel_cannot_run(monkeypatch, capability, head_dim,
+                                                         precision, refused):
+    from adaspa_compile import backend
+    from adaspa_compile.config import AdaSpaConfig
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    gm, cfg = _graph_with_a_site(head_dim), AdaSpaConfig(precision=precision)
+    if refused:
+        with pytest.raises(ValueError, match=refused):
+            backend._check_precision_has_a_kernel(gm, torch.device("cuda"), cfg)
+    else:
+        backend._check_precision_has_a_kernel(gm, torch.device("cuda"), cfg)
