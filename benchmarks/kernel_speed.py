@@ -61,6 +61,9 @@ from _common import SHAPES, bench, random_qkv, rel_err, run_meta, write_results
 DENSITIES = ("1.0", "0.5", "0.2", "0.2-tiers", "0.1")
 # Densities with ``precision="fp8"`` rows (where the FP8 kernel runs: head dims 64 and 128).
 FP8_DENSITIES = ("1.0", "0.2")
+# The FP8 output's relative error against bf16 allowed by the checks: it measured 0.054 on these
+# random inputs (near-uniform attention), where rounding V and the probabilities shows most.
+FP8_TOLERANCE = 0.08
 
 
 def text_blocks(L: int, bs: int, text: int, where: str, device) -> torch.Tensor:
@@ -630,7 +633,7 @@ def main():
                "checks": [{"shape": s, "what": w, "rel_err": e} for s, w, e in checks],
                "tuning": tuning, "peers": args.peers}
     write_results("kernels.json", payload)
-    bad = [c for c in checks if not (c[2] < 2e-2)]
+    bad = [c for c in checks if not (c[2] < (FP8_TOLERANCE if "FP8" in c[1] else 2e-2))]
     if bad:
         print(f"CHECK FAILURES: {bad}")
         sys.exit(1)
