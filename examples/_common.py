@@ -79,6 +79,9 @@ def build_parser(description: str, defaults: Defaults) -> argparse.ArgumentParse
     a.add_argument("--mode", choices=("sparsity", "recall"), default="sparsity",
                    help="'recall': each head keeps the fewest blocks reaching --recall")
     a.add_argument("--recall", type=float, default=0.95, help="target recall in --mode recall")
+    a.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
+                   help="'fp8': the block-sparse steps in FP8 (GPUs from Ada and Hopper on, head "
+                        "dims 64 and 128)")
     a.add_argument("--search-steps", type=int, nargs="+", default=[9, 29],
                    help="zero-based search steps: fused search at the first, LSE-cached search "
                         "at the others; dense before the first")
@@ -143,7 +146,8 @@ def video_writer_available() -> bool:
 def adaspa_options(args: argparse.Namespace) -> Dict[str, Any]:
     """The ``options=`` of ``torch.compile(..., backend="adaspa")``, validated."""
     options: Dict[str, Any] = {"sparsity": args.sparsity, "mode": args.mode,
-                               "recall": args.recall, "search_steps": tuple(args.search_steps)}
+                               "recall": args.recall, "search_steps": tuple(args.search_steps),
+                               "precision": args.precision}
     if args.min_seq_len is not None:
         options["min_seq_len"] = args.min_seq_len
     adaspa_compile.AdaSpaConfig.from_options(options)  # raises ValueError naming a bad key

@@ -433,6 +433,15 @@ def test_bad_command_lines_fail_before_loading(argv, message, monkeypatch, capsy
     assert message in capsys.readouterr().err
 
 
+def test_precision_reaches_the_backend_options(monkeypatch):
+    example = load_example("wan", monkeypatch)
+    parser = example._common.build_parser("x", example.DEFAULTS)
+    args = parser.parse_args(["--model", "m", "--precision", "fp8"])
+    assert example._common.adaspa_options(args)["precision"] == "fp8"
+    assert example._common.adaspa_options(parser.parse_args(["--model", "m"]))["precision"] == \
+        "bf16"
+
+
 def test_mp4_without_a_writer_fails_before_loading(monkeypatch, capsys):
     example = load_example("hunyuan_video", monkeypatch)
     monkeypatch.setattr(example._common, "video_writer_available", lambda: False)
