@@ -47,7 +47,7 @@ class ModelReport:
 
     ``clock`` is what detects a call of the model (``"timestep"`` or ``"forward count"``),
     ``steps_from`` what numbers the steps (``"calls"``, or ``"scheduler"``: the step index of
-    the diffusers pipeline that calls the model).
+    the diffusers pipeline that calls the model); ``precision`` that of its sparse steps.
     """
 
     label: str
@@ -56,6 +56,7 @@ class ModelReport:
     generation: int
     step: int
     notes: List[str] = field(default_factory=list)
+    precision: str = "bf16"
 
 
 @dataclass
@@ -104,8 +105,9 @@ class Report:
         lines = [f"adaspa report: {len(self.models)} model(s), {len(self.rewritten)} site(s) "
                  f"rewritten, {len(self.skipped)} left dense"]
         for m in self.models:
+            precision = "; sparse steps in FP8" if m.precision == "fp8" else ""
             lines.append(f"{m.label}: steps counted by {m.clock}, numbered by {m.steps_from}; "
-                         f"generation {m.generation}, step {m.step}")
+                         f"generation {m.generation}, step {m.step}{precision}")
         several = len(self.models) > 1
         header = ("site", "name", "shape [B,H,L,D]", "text", "density", "recall", "search ms",
                   "phases (D dense, F fused search, C cached search, S sparse)")

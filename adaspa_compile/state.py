@@ -222,7 +222,8 @@ class ModelState:
             notes.append("the model takes no timestep: denoising steps are counted as model "
                          "calls (CFG branches cannot be told apart)")
         return ModelReport(label=label, clock=self.clock.source, steps_from=self.clock.steps_from,
-                           generation=self.clock.generation, step=self.clock.step, notes=notes)
+                           generation=self.clock.generation, step=self.clock.step, notes=notes,
+                           precision=self.cfg.precision)
 
 
 NO_SDPA_NOTE = "a compiled graph has no scaled_dot_product_attention call"

@@ -264,11 +264,15 @@ def test_fp8_precision_changes_only_the_sparse_steps():
     those of the default precision, the sparse steps near them."""
     inputs = tiny_dit_inputs()
     options = dict(OPTIONS, inner_backend="aot_eager")
-    default = run_steps(torch.compile(model(), backend="adaspa", fullgraph=True,
-                                      options=options), inputs)
-    fp8 = run_steps(torch.compile(model(), backend="adaspa", fullgraph=True,
-                                  options=dict(options, precision="fp8")), inputs)
-    assert all(s.phases == {0: "DDFSCSS"} for s in adaspa_compile.report().rewritten)
+    default_model = torch.compile(model(), backend="adaspa", fullgraph=True, options=options)
+    fp8_model = torch.compile(model(), backend="adaspa", fullgraph=True,
+                              options=dict(options, precision="fp8"))
+    default, fp8 = run_steps(default_model, inputs), run_steps(fp8_model, inputs)
+    report = adaspa_compile.report()
+    assert len(report.rewritten) == 4
+    assert all(s.phases == {0: "DDFSCSS"} for s in report.rewritten)
+    assert sorted(m.precision for m in report.models) == ["bf16", "fp8"]
+    assert "sparse steps in FP8" in str(report)
     for step, (a, b) in enumerate(zip(default, fp8)):
         if step < 3:  # dense, dense, fused search
             assert torch.equal(a, b)
