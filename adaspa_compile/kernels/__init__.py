@@ -18,7 +18,8 @@ Conventions of the attention kernels (attention+LSE, block mass, block-sparse), 
   strides (the diffusers BSHD memory viewed as BHSD included); K (and V) through tensor
   descriptors (TMA) where the launch options ask for it and the strides allow it;
 - fp16 / bf16 with fp32 accumulation (``p`` cast to the input dtype for ``p @ v``), or fp32
-  with IEEE fp32 dots (the interpreter path);
+  with IEEE fp32 dots (the interpreter path); ``block_sparse_fp8`` takes the same inputs and
+  computes in FP8 (head dims 64 and 128), as ``reference.block_sparse_attention_fp8_ref`` says;
 - head dims 1..128: 64 and 128 are tuned, others padded to a power of two (>= 16) by masks;
 - block sizes 64 and 128, the key tiles of the mass and block-sparse kernels;
 - key padding as bool ``key_valid [B, L]`` (True = attend); padded keys add nothing, and a row
