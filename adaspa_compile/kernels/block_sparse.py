@@ -238,6 +238,7 @@ def _launch(q, k, v, descs, out, counts, indices, scale: float, block_size: int,
     block_range = bias  # never read unless MASK_RANGE
     if options.bias_range and key_valid is not None:
         mask_mode, block_range = _common.MASK_RANGE, _common.bias_block_range(bias, block_size)
+    # Without fp8 the scale pointers are never read.
     scales = (fp8.q_scale, fp8.k_scale, fp8.v_scale) if fp8 is not None else (bias,) * 3
     _block_sparse_kernel[(B * H * nb,)](
         q, k_arg, v_arg, out, counts, indices, _common.work_order(counts), bias, block_range,
