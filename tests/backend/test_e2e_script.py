@@ -122,3 +122,16 @@ def test_full_depth_halves_after_out_of_memory(monkeypatch):
     assert spec.layers == 10 and len(model.blocks) == 10 and len(branches) == 2
     assert depth == {"layers": 10, "full": 40, "label": "10",
                      "reason": "out of memory at 40 and at 20 layers"}
+
+
+def test_fp8_method_runs_the_sparse_steps_in_fp8(tmp_path):
+    """``adaspa-0.8-fp8``: the options carry the precision, the phases are the default's, and
+    its report says the sparse steps ran in FP8 (on the CPU: the FP8 reference)."""
+    pytest.importorskip("diffusers")
+    payload = run_e2e(tmp_path, "--models", "wan", "--methods", "adaspa-0.8,adaspa-0.8-fp8")
+    methods = payload["models"]["wan"]["methods"]
+    assert methods["adaspa-0.8-fp8"]["options"]["precision"] == "fp8"
+    assert "precision" not in methods["adaspa-0.8"]["options"]
+    assert methods["adaspa-0.8-fp8"]["phases_seen"] == methods["adaspa-0.8"]["phases_seen"]
+    assert "sparse steps in FP8" in methods["adaspa-0.8-fp8"]["report"]
+    assert methods["adaspa-0.8-fp8"]["projected_50_s"] > 0
