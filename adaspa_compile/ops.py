@@ -137,19 +137,17 @@ def sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bloc
     """
     fp8 = precision == "fp8"
     kernels = _kernels_for(q, mask.block_size, scale)
-    if kernels is not None and fp8:
-        refusal = kernels.dispatch.fp8_refusal(_arch(q), q.shape[-1])
-        if refusal:
-            log_once(logger, f"adaspa: precision='fp8' runs the PyTorch reference: {refusal}")
-            kernels = None
-    if kernels is None:
+    call = None if kernels is None else kernels.dispatch.Call.of(
+        q, mask.block_size, key_valid, full_mask=mask.is_full, tensors=(q, k, v), fp8=fp8)
+    refusal = kernels.dispatch.fp8_refusal(call.arch, call.head_dim) if call and fp8 else ""
+    if refusal:
+        log_once(logger, f"adaspa: precision='fp8' runs the PyTorch reference: {refusal}")
+    if kernels is None or refusal:
         counts, indices = mask.to_indices()
         ref = reference.block_sparse_attention_fp8_ref if fp8 \
             else reference.block_sparse_attention_ref
         return ref(q, k, v, counts, indices, scale, mask.block_size, key_valid)
     counts, indices = kernels.mask_to_indices(mask.bits, mask.num_kv_blocks, mask.max_kept)
-    call = kernels.dispatch.Call.of(q, mask.block_size, key_valid, full_mask=mask.is_full,
-                                    tensors=(q, k, v), fp8=fp8)
     plan = kernels.dispatch.block_sparse_plan(call, kernels.GLUON_AVAILABLE)
     if plan.executor == "gluon":
         return kernels.block_sparse_gluon(q, k, v, counts, indices, scale, key_valid,
@@ -157,15 +155,6 @@ def sparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bloc
     launch = kernels.block_sparse_fp8 if plan.executor == "triton-fp8" \
         else kernels.block_sparse_triton
     return launch(q, k, v, counts, indices, scale, mask.block_size, key_valid, plan.options)
-
-
-def _arch(q: torch.Tensor) -> Tuple[int, int]:
-    """``q``'s GPU compute capability, ``(0, 0)`` under Triton's interpreter."""
-    from .kernels import _common
-
-    if not q.is_cuda or _common.interpreting():
-        return (0, 0)
-    return tuple(torch.cuda.get_device_capability(q.device))
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,

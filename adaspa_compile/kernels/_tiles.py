@@ -124,11 +124,12 @@ def biased_scores(q, k, bias_ptr, cols, APPLY_BIAS: tl.constexpr, DOT_PREC: tl.c
 
 
 @triton.jit
-def softmax_tile(l_i, m_i, qk, qk_scale):
+def softmax_tile(l_i, m_i, qk, qk_scale, LOG2_P_SCALE: tl.constexpr):
     """``(p, alpha, l_i, m_ij)`` of one tile: its probabilities against the new running max
-    ``m_ij``, the factor ``alpha`` that rescales what came before, and the new row sums."""
+    ``m_ij``, times ``2 ** LOG2_P_SCALE`` (folded into the per-row exponent offset), the factor
+    ``alpha`` that rescales what came before, and the new row sums of those probabilities."""
     m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+    p = tl.math.exp2(qk * qk_scale - (m_ij - LOG2_P_SCALE)[:, None])
     alpha = tl.math.exp2(m_i - m_ij)
     return p, alpha, l_i * alpha + tl.sum(p, 1), m_ij
 
@@ -142,7 +143,7 @@ def online_softmax_step(acc, l_i, m_i, qk, qk_scale, v, DOT_PREC: tl.constexpr):
     the exponent's FMA: no multiply per score. ``m_i`` starts at a large finite negative, so
     fully masked tiles give ``p = 0`` and ``alpha = 1`` (never ``inf - inf``).
     """
-    p, alpha, l_i, m_ij = softmax_tile(l_i, m_i, qk, qk_scale)
+    p, alpha, l_i, m_ij = softmax_tile(l_i, m_i, qk, qk_scale, 0.0)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, l_i, m_ij
@@ -157,11 +158,9 @@ def online_softmax_step_fp8(acc, l_i, m_i, qk, qk_scale, v, LOG2_P_SCALE: tl.con
     fewer mantissa bits); ``l_i`` sums the same scaled, unrounded probabilities. Without
     ``ROUND_P`` (Triton's interpreter, whose FP8 rounding is not round-to-nearest) ``p`` stays
     fp32."""
-    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - (m_ij - LOG2_P_SCALE)[:, None])
-    alpha = tl.math.exp2(m_i - m_ij)
+    p, alpha, l_i, m_ij = softmax_tile(l_i, m_i, qk, qk_scale, LOG2_P_SCALE)
     if ROUND_P:
         pv = tl.dot(p.to(v.dtype), v)
     else:
         pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-    return acc * alpha[:, None] + pv, l_i * alpha + tl.sum(p, 1), m_ij
+    return acc * alpha[:, None] + pv, l_i, m_ij
